@@ -1,0 +1,37 @@
+# HAIF — set-up and everyday commands. Every target installs what is missing first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.haif-installed
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-unit test-integration test-chaos bench clean
+
+install: $(STAMP)
+
+# torch is pinned and installed first, alone, so that pip takes the CPU build from the
+# machine's disk instead of resolving a CUDA build for a looser range.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+serve: install
+	exec $(BIN)/haif serve --config configs/local.yaml
+
+test: install
+	$(BIN)/python -m pytest -m "unit or integration or chaos" $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+test-integration: install
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .haif .pytest_cache

@@ -1,0 +1,1 @@
+"""Ray actors of HAIF: the model workers the Orchestrator creates and owns."""

@@ -1,0 +1,231 @@
+"""The model worker: a Ray actor that owns one loaded runtime.
+
+The Orchestrator creates workers with ``num_gpus=1`` when the model runs on a GPU,
+so Ray pins each worker to its own device (``CUDA_VISIBLE_DEVICES``); CPU workers
+reserve ``num_cpus``. A worker loads its model once, then serves any number of
+concurrent requests from its event loop (an async actor); streaming methods are
+Ray streaming generators, and cancelling one (client gone, deadline) stops the
+generation in the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from haif.envelope import EmbeddingResult
+from haif.exceptions import (
+    HaifError,
+    InternalError,
+    ModelLoadFailed,
+    ModelNotReady,
+    UnprocessableRequest,
+)
+from haif.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from haif.runtimes import RuntimeContext, SamplingParams, create_runtime
+from haif.runtimes.base import ChatMessage, GenerationOutput, StreamEvent
+
+if TYPE_CHECKING:
+    from haif.config import ModelConfig
+    from haif.envelope import WorkItem
+    from haif.runtimes import Runtime
+
+logger = logging.getLogger("haif.worker")
+
+_TORCH_RUNTIMES = frozenset({"torch", "embeddings", "vllm"})
+
+
+def _pick_device(runtime: str, gpu_ids: list[Any]) -> str:
+    if not gpu_ids or runtime not in _TORCH_RUNTIMES:
+        return "cpu"
+    import torch  # lazy: only GPU-capable runtimes pay for it
+
+    if torch.cuda.is_available():
+        return "cuda"
+    # Logical GPUs (a test cluster declaring num_gpus) without a CUDA device.
+    logger.warning("worker holds GPU ids %s but CUDA is unavailable; running on CPU", gpu_ids)
+    return "cpu"
+
+
+class ModelWorker:
+    """One model, loaded once, served concurrently."""
+
+    def __init__(self, model: ModelConfig, max_prompt_tokens: int, base_dir: str, worker_id: str):
+        self.model = model
+        self.worker_id = worker_id
+        self._base_dir = base_dir
+        self._max_prompt_tokens = max_prompt_tokens
+        self._object_ref_threshold = 64 * 1024
+        self._runtime: Runtime | None = None
+        self._state = "created"
+        self._error: str | None = None
+        self._device = "cpu"
+        self._in_flight = 0
+        self._served = 0
+        self._cancelled = 0
+        self._started = time.time()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def load(self, object_ref_threshold_bytes: int = 64 * 1024) -> dict[str, Any]:
+        """Load the model; raise ModelLoadFailed (never leave a half-loaded worker)."""
+        from pathlib import Path
+
+        self._object_ref_threshold = object_ref_threshold_bytes
+        self._state = "loading"
+        try:
+            self._device = _pick_device(self.model.runtime, ray.get_gpu_ids())
+            model_dir = None
+            if self.model.path is not None:
+                path = self.model.resolved_path(Path(self._base_dir))
+                if not path.is_dir():
+                    raise ModelLoadFailed(
+                        f"model {self.model.name!r}: directory {path} does not exist"
+                    )
+                model_dir = str(path)
+            ctx = RuntimeContext(
+                model=self.model,
+                model_dir=model_dir,
+                device=self._device,
+                max_prompt_tokens=self._max_prompt_tokens,
+            )
+            runtime = create_runtime(ctx)
+            await runtime.load()
+        except HaifError as exc:
+            self._state, self._error = "failed", exc.message
+            raise ModelLoadFailed(f"model {self.model.name!r} failed to load: {exc.message}") from exc
+        except Exception as exc:  # any loader failure must surface as a typed, named error
+            self._state, self._error = "failed", f"{type(exc).__name__}: {exc}"
+            logger.exception("model %s failed to load", self.model.name)
+            raise ModelLoadFailed(
+                f"model {self.model.name!r} failed to load: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._runtime = runtime
+        self._state = "ready"
+        return self.info()
+
+    async def unload(self) -> None:
+        runtime, self._runtime = self._runtime, None
+        self._state = "unloaded"
+        if runtime is not None:
+            await runtime.unload()
+
+    def info(self) -> dict[str, Any]:
+        """Placement and load facts (used by health checks, routing and tests)."""
+        stats_fn = getattr(self._runtime, "stats", None)
+        return {
+            "worker_id": self.worker_id,
+            "model": self.model.name,
+            "state": self._state,
+            "error": self._error,
+            "device": self._device,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "in_flight": self._in_flight,
+            "served": self._served,
+            "cancelled": self._cancelled,
+            "runtime_stats": stats_fn() if callable(stats_fn) else {},
+        }
+
+    # --- serving ---------------------------------------------------------------------
+
+    def _ready_runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise ModelNotReady(f"model {self.model.name!r} is not loaded on {self.worker_id}")
+        return self._runtime
+
+    @staticmethod
+    async def _body(item: WorkItem) -> Any:
+        return await item.body if item.by_reference else item.body
+
+    @staticmethod
+    def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop_list(),
+            seed=body.seed,
+        )
+
+    def _prompts(self, runtime: Runtime, body: Any) -> list[str]:
+        if isinstance(body, CompletionRequest):
+            return body.prompts()
+        if isinstance(body, ChatCompletionRequest):
+            messages = [ChatMessage(role=m.role, content=m.text(), name=m.name) for m in body.messages]
+            return [runtime.render_chat(messages)]
+        raise UnprocessableRequest(f"model {self.model.name!r} generates text; use /v1/embeddings elsewhere")
+
+    async def generate(self, item: WorkItem) -> list[GenerationOutput]:
+        """Complete every prompt of the request (one output per prompt)."""
+        runtime = self._ready_runtime()
+        self._in_flight += 1
+        try:
+            body = await self._body(item)
+            params = self._params(body, item.max_tokens)
+            outputs = [await runtime.generate(p, params) for p in self._prompts(runtime, body)]
+            self._served += 1
+            return outputs
+        except HaifError:
+            raise
+        except Exception as exc:
+            logger.exception("generate failed for request %s", item.ctx.request_id)
+            raise InternalError(f"worker {self.worker_id} failed: {type(exc).__name__}") from exc
+        finally:
+            self._in_flight -= 1
+
+    async def generate_stream(self, item: WorkItem) -> AsyncIterator[StreamEvent]:
+        """Stream the completion of a single-prompt request, one event per decoded piece."""
+        runtime = self._ready_runtime()
+        self._in_flight += 1
+        finished = False
+        try:
+            body = await self._body(item)
+            params = self._params(body, item.max_tokens)
+            (prompt,) = self._prompts(runtime, body)
+            async for event in runtime.stream(prompt, params):
+                yield event
+            finished = True
+            self._served += 1
+        except HaifError:
+            raise
+        except Exception as exc:
+            logger.exception("stream failed for request %s", item.ctx.request_id)
+            raise InternalError(f"worker {self.worker_id} failed: {type(exc).__name__}") from exc
+        finally:
+            if not finished:
+                self._cancelled += 1
+            self._in_flight -= 1
+
+    async def embed(self, item: WorkItem) -> EmbeddingResult:
+        runtime = self._ready_runtime()
+        self._in_flight += 1
+        try:
+            body = await self._body(item)
+            if not isinstance(body, EmbeddingRequest):
+                raise UnprocessableRequest(f"model {self.model.name!r} only produces embeddings")
+            output = await runtime.embed(body.inputs())
+            vectors: Any = output.vectors
+            if body.dimensions is not None and body.dimensions != vectors.shape[1]:
+                raise UnprocessableRequest(
+                    f"model {self.model.name!r} produces {vectors.shape[1]} dimensions; "
+                    f"'dimensions'={body.dimensions} is not supported"
+                )
+            if vectors.nbytes >= self._object_ref_threshold:
+                vectors = ray.put(vectors)
+            self._served += 1
+            return EmbeddingResult(model=self.model.name, vectors=vectors, prompt_tokens=output.prompt_tokens)
+        except HaifError:
+            raise
+        except Exception as exc:
+            logger.exception("embed failed for request %s", item.ctx.request_id)
+            raise InternalError(f"worker {self.worker_id} failed: {type(exc).__name__}") from exc
+        finally:
+            self._in_flight -= 1

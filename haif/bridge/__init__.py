@@ -1,0 +1,1 @@
+"""HAIF bridge."""

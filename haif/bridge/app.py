@@ -1,0 +1,32 @@
+"""Builds the Bridge's FastAPI application (the OpenAI-compatible HTTP surface)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+
+from haif import __version__
+from haif.bridge.errors import install_error_handlers
+from haif.bridge.middleware import EdgeMiddleware
+from haif.bridge.routers import chat, completions, embeddings, health, models
+from haif.bridge.serving import BridgeService
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+    from haif.config import HaifConfig
+
+
+def build_app(config: HaifConfig, gateway: DeploymentHandle) -> FastAPI:
+    app = FastAPI(
+        title="HAIF",
+        version=__version__,
+        description="OpenAI-compatible inference API of HAIF.",
+    )
+    app.state.service = BridgeService(config, gateway)
+    for module in (health, models, completions, chat, embeddings):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    app.add_middleware(EdgeMiddleware, max_body_bytes=config.limits.max_body_bytes)
+    return app

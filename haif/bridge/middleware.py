@@ -1,0 +1,99 @@
+"""ASGI middleware of the Bridge: request ids and the body-size limit.
+
+Pure ASGI (not Starlette's BaseHTTPMiddleware) so that streaming responses and
+client disconnects pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from haif.envelope import request_id_from
+from haif.exceptions import PayloadTooLarge
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class EdgeMiddleware:
+    """Assigns/echoes ``X-Request-ID`` and answers 413 to bodies over ``max_body_bytes``."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        raw_id = headers.get(REQUEST_ID_HEADER)
+        request_id = request_id_from(raw_id.decode("latin-1") if raw_id is not None else None)
+        scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+        # Under Ray Serve the proxy has already put the client's (or its own) id on the
+        # request and echoes it on the response; only add it when nobody did.
+        echo_needed = raw_id is None
+
+        async def send_with_id(message: Message) -> None:
+            if echo_needed and message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_large = int(declared) > self.max_body_bytes
+            except ValueError:
+                too_large = False  # the server rejects a malformed length itself
+            if too_large:
+                await self._reject(send_with_id)
+                return
+
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send_with_id(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._reject(send_with_id)
+
+    async def _reject(self, send: Send) -> None:
+        err = PayloadTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes")
+        body = json.dumps(err.to_body()).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": err.status_code,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

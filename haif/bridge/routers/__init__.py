@@ -1,0 +1,1 @@
+"""Thin HTTP routers: parse, hand over to ``BridgeService``, nothing else."""

@@ -1,0 +1,145 @@
+"""The Bridge's request logic: build the envelope, call the Gateway, write HTTP/SSE."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import ray
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from haif.bridge.errors import as_haif_error
+from haif.envelope import RequestContext, build_work_item
+from haif.gateway.serving import embedding_response
+
+if TYPE_CHECKING:
+    from fastapi import Request
+    from ray.serve.handle import DeploymentHandle
+
+    from haif.config import HaifConfig
+    from haif.envelope import Body, EmbeddingResult, Kind
+    from haif.protocol import EmbeddingRequest
+
+logger = logging.getLogger("haif.bridge")
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def api_key_from(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+async def resolve_vectors(result: EmbeddingResult) -> Any:
+    """The embedding array, fetched from the object store when it came by reference."""
+    vectors = result.vectors
+    if isinstance(vectors, ray.ObjectRef):
+        vectors = await vectors
+    return vectors
+
+
+def sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+class BridgeService:
+    """What the routers call; holds the Gateway handles and the config."""
+
+    def __init__(self, config: HaifConfig, gateway: DeploymentHandle) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.stream_gateway = gateway.options(stream=True)
+
+    def context(self, request: Request) -> RequestContext:
+        return RequestContext.new(
+            timeout_s=self.config.server.request_timeout_s,
+            api_key=api_key_from(request),
+            request_id=request.state.request_id,
+            traceparent=request.headers.get("traceparent"),
+        )
+
+    def _item(self, kind: Kind, body: Body, request: Request) -> Any:
+        return build_work_item(kind, body, self.context(request), self.config.limits, put=ray.put)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            listing = await self.gateway.models.remote(self.context(request))
+        except Exception as exc:
+            raise as_haif_error(exc) from None
+        return Response(listing.model_dump_json(), media_type="application/json")
+
+    async def model(self, name: str, request: Request) -> Response:
+        try:
+            card = await self.gateway.model.remote(name, self.context(request))
+        except Exception as exc:
+            raise as_haif_error(exc) from None
+        return Response(card.model_dump_json(), media_type="application/json")
+
+    async def generate(self, kind: Kind, body: Body, request: Request) -> Response:
+        item = self._item(kind, body, request)
+        if item.stream:
+            return await self._stream(item)
+        try:
+            result = await self.gateway.generate.remote(item)
+        except Exception as exc:
+            raise as_haif_error(exc) from None
+        return Response(result.model_dump_json(), media_type="application/json")
+
+    async def _stream(self, item: Any) -> Response:
+        gen = self.stream_gateway.stream.remote(item)
+        try:
+            # Pull the first chunk before answering, so that errors that happen before
+            # any token (unknown model, bad key, prompt too long) are plain HTTP errors.
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as exc:
+            raise as_haif_error(exc) from None
+        return StreamingResponse(
+            _sse_body(gen, first, item.ctx.request_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
+        item = self._item("embedding", body, request)
+        try:
+            result = await self.gateway.embed.remote(item)
+            vectors = await resolve_vectors(result)
+        except Exception as exc:
+            raise as_haif_error(exc) from None
+        response = embedding_response(result, vectors, body.encoding_format)
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    async def ready(self) -> JSONResponse:
+        try:
+            status = await self.gateway.status.remote()
+        except Exception as exc:
+            err = as_haif_error(exc)
+            return JSONResponse({"ready": False, "error": err.message}, status_code=503)
+        return JSONResponse(status, status_code=200 if status["ready"] else 503)
+
+
+async def _sse_body(gen: Any, first: Any, request_id: str) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        if first is not None:
+            yield sse(first.model_dump_json().encode())
+            async for chunk in gen:
+                yield sse(chunk.model_dump_json().encode())
+        finished = True
+    except Exception as exc:
+        # Headers are sent: the error travels as a final SSE event in OpenAI's shape.
+        err = as_haif_error(exc)
+        logger.warning("stream %s failed: %s", request_id, err.message)
+        yield sse(json.dumps(err.to_body()).encode())
+        finished = True
+    finally:
+        if not finished:
+            gen.cancel()  # the client went away: stop the generation downstream
+    yield SSE_DONE

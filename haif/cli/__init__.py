@@ -1,0 +1,1 @@
+"""The `haif` operator CLI."""

@@ -1,0 +1,96 @@
+"""`haif serve`: run the platform until Ctrl-C / SIGTERM, then stop what it started."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    from haif.config import HaifConfig
+
+READY_POLL_S = 0.5
+PR_SET_PDEATHSIG = 1
+
+
+def wait_ready(url: str, timeout_s: float) -> dict[str, Any]:
+    """Poll ``/readyz`` until no model is still loading; return the last status.
+
+    Raises:
+        TimeoutError: the deadline passed with models still loading or the proxy down.
+    """
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            resp = httpx.get(f"{url}/readyz", timeout=5.0)
+            last = resp.json()
+            models = last.get("models", {})
+            if resp.status_code == 200 or (
+                models and all(m.get("state") != "loading" for m in models.values())
+            ):
+                return last
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(READY_POLL_S)
+    raise TimeoutError(f"HAIF at {url} was not ready within {timeout_s:.0f}s: {last}")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when our parent (e.g. `make`) dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass  # best effort; Ctrl-C and SIGTERM to this process still work
+
+
+def run(config: HaifConfig, ready_timeout_s: float = 900.0) -> int:
+    import ray
+    from ray import serve
+
+    from serve_app import deploy
+
+    _die_with_parent()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    address = os.environ.get("RAY_ADDRESS") or config.ray.address
+    owns_cluster = address is None
+    ray.init(
+        address=address,
+        namespace=config.ray.namespace,
+        num_cpus=config.ray.num_cpus if owns_cluster else None,
+        num_gpus=config.ray.num_gpus if owns_cluster else None,
+        include_dashboard=config.ray.include_dashboard if owns_cluster else None,
+        log_to_driver=True,
+    )
+    try:
+        config = deploy(config)
+        url = f"http://{config.server.host}:{config.server.port}"
+        status = wait_ready(url, ready_timeout_s)
+        for name, model in status.get("models", {}).items():
+            if model.get("state") != "ready":
+                print(f"WARNING: model {name} is {model.get('state')}: {model.get('error')}", flush=True)
+        print(f"URL: {url}", flush=True)
+        print(f"API key: {config.auth.dev_api_key}", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("stopping HAIF ...", flush=True)
+        return 0
+    finally:
+        try:
+            if owns_cluster:
+                serve.shutdown()
+            else:
+                serve.delete(config.server.app_name)
+        finally:
+            ray.shutdown()

@@ -1,0 +1,304 @@
+"""HAIF configuration: one pydantic tree, loaded from YAML, overridden by ``HAIF_*``.
+
+Overrides use ``__`` as the path separator and YAML syntax for values::
+
+    HAIF_SERVER__PORT=8001
+    HAIF_LIMITS__MAX_TOKENS=256
+    HAIF_AUTH__DEV_API_KEY=secret
+
+Every model forbids unknown keys, so a typo is an error rather than a silently
+ignored setting. Every timeout, queue and size has a named, bounded default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from haif.exceptions import ConfigError
+
+ENV_PREFIX = "HAIF_"
+ENV_CONFIG_PATH = "HAIF_CONFIG"
+DEFAULT_CONFIG_PATH = "configs/local.yaml"
+PACKAGE_SCHEME = "python-package:"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    host: str = Field("127.0.0.1", description="Address the HTTP Bridge listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP Bridge.")
+    app_name: str = Field("haif", description="Name of the Ray Serve application.")
+    bridge_replicas: int = Field(1, ge=1, le=64, description="Replicas of the HTTP Bridge.")
+    gateway_replicas: int = Field(1, ge=1, le=64, description="Replicas of the Gateway.")
+    orchestrator_replicas: int = Field(1, ge=1, le=16, description="Replicas of the Orchestrator.")
+    max_ongoing_requests: int = Field(
+        256, ge=1, le=100_000, description="Concurrent requests one Serve replica accepts."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="End-to-end deadline of one request."
+    )
+    state_dir: str = Field(".haif", description="Directory for local state (dev key, caches).")
+
+
+class LimitsConfig(_Model):
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest accepted HTTP body (413 above)."
+    )
+    max_prompt_tokens: int = Field(
+        4096, ge=1, le=1_048_576, description="Largest prompt, in the model's tokens (422 above)."
+    )
+    max_tokens: int = Field(
+        2048, ge=1, le=1_048_576, description="Largest `max_tokens` a request may ask for."
+    )
+    default_max_tokens: int = Field(
+        128, ge=1, le=1_048_576, description="`max_tokens` when a request gives none."
+    )
+    max_embedding_inputs: int = Field(
+        256, ge=1, le=100_000, description="Most inputs in one embeddings request."
+    )
+    max_prompts_per_request: int = Field(
+        16, ge=1, le=1024, description="Most prompts in one /v1/completions request."
+    )
+    max_stop_sequences: int = Field(4, ge=0, le=64, description="Most `stop` strings.")
+    object_ref_threshold_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        le=1024**3,
+        description="Payloads at least this large cross Ray hops as object references.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> LimitsConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("limits.default_max_tokens must not exceed limits.max_tokens")
+        return self
+
+
+class AuthConfig(_Model):
+    dev_api_key: str | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        description="Development API key of the `default` tenant; generated into state_dir when unset.",
+    )
+    dev_tenant: str = Field("default", description="Tenant the development key belongs to.")
+
+
+class RayConfig(_Model):
+    address: str | None = Field(
+        None, description="Ray cluster to join; a local one is started when unset and RAY_ADDRESS is unset."
+    )
+    namespace: str = Field("haif", description="Ray namespace of HAIF's actors.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started cluster.")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a locally started cluster.")
+    include_dashboard: bool = Field(False, description="Start the Ray dashboard with a local cluster.")
+
+
+class ModelConfig(_Model):
+    name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$",
+                      description="Model id clients send in `model`.")
+    runtime: Literal["echo", "torch", "embeddings", "vllm"] = Field(
+        ..., description="Runtime that executes the model."
+    )
+    path: str | None = Field(
+        None,
+        description="Model directory, or `python-package:PKG/SUBDIR` for weights shipped in a package.",
+    )
+    version: str = Field("1", description="Version of the model served.")
+    build: Literal["tiny-llama"] | None = Field(
+        None, description="Build this development model into `path` on start when it is missing."
+    )
+    enabled: bool = Field(True, description="Serve this model.")
+    workers: int = Field(1, ge=1, le=256, description="Worker actors of this model.")
+    device: Literal["cpu", "gpu", "auto"] = Field(
+        "auto", description="cpu, gpu (one GPU per worker), or auto (gpu when the cluster has one)."
+    )
+    allow_cpu_fallback: bool = Field(
+        False, description="With device=gpu on a cluster without GPUs, run on CPU instead of failing."
+    )
+    num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs reserved per worker actor.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights dtype.")
+    max_model_len: int = Field(2048, ge=16, le=1_048_576, description="Prompt + completion tokens.")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests batched into one step.")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="Wait for a batch to fill.")
+    max_concurrency: int = Field(
+        512, ge=1, le=100_000, description="Requests one worker actor accepts at once."
+    )
+    token_delay_ms: float = Field(
+        0.0, ge=0, le=10_000, description="echo runtime only: delay per streamed token."
+    )
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads.")
+    load_timeout_s: float = Field(600.0, gt=0, le=7200, description="Model load deadline.")
+
+    @model_validator(mode="after")
+    def _path_required(self) -> ModelConfig:
+        if self.runtime != "echo" and not self.path:
+            raise ValueError(f"model {self.name!r}: runtime {self.runtime!r} needs `path`")
+        return self
+
+    @property
+    def kind(self) -> Literal["generate", "embed"]:
+        return "embed" if self.runtime == "embeddings" else "generate"
+
+    def resolved_path(self, base: Path | None = None) -> Path:
+        """The model directory on this node.
+
+        Raises:
+            ConfigError: the path names nothing.
+        """
+        if self.path is None:
+            raise ConfigError(f"model {self.name!r} has no path")
+        if self.path.startswith(PACKAGE_SCHEME):
+            package, _, sub = self.path[len(PACKAGE_SCHEME):].partition("/")
+            try:
+                root = Path(str(resources.files(package)))
+            except ModuleNotFoundError as exc:
+                raise ConfigError(f"model {self.name!r}: package {package!r} is not installed") from exc
+            return root / sub if sub else root
+        path = Path(self.path).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        return path.resolve()
+
+
+class DatabaseConfig(_Model):
+    url: str = Field("sqlite:///.haif/haif.db", description="SQLAlchemy URL of the metadata store.")
+    pool_size: int = Field(10, ge=1, le=1000, description="Connections per process.")
+    connect_timeout_s: float = Field(5.0, gt=0, le=120, description="Connect deadline.")
+
+
+class RedisConfig(_Model):
+    url: str | None = Field(None, description="Redis URL (DLQ, rate limits); none in the embedded default.")
+    socket_timeout_s: float = Field(2.0, gt=0, le=60, description="Socket deadline.")
+
+
+class ArtifactsConfig(_Model):
+    replicas: list[str] = Field(
+        default_factory=lambda: [".haif/artifacts"],
+        min_length=1,
+        description="fsspec URLs of the artifact store replicas.",
+    )
+    write_quorum: int = Field(1, ge=1, le=32, description="Replicas a publish must reach.")
+    cache_dir: str = Field(".haif/cache", description="Per-node content-addressed cache.")
+    cache_max_bytes: int = Field(20 * 1024**3, ge=1024**2, description="Cache size cap.")
+    trusted_keys: list[str] = Field(default_factory=list, description="Trusted signer public keys.")
+
+    @model_validator(mode="after")
+    def _quorum_fits(self) -> ArtifactsConfig:
+        if self.write_quorum > len(self.replicas):
+            raise ValueError("artifacts.write_quorum exceeds the number of replicas")
+        return self
+
+
+class RegionConfig(_Model):
+    name: str = Field(..., min_length=1, max_length=64, description="Region name.")
+    resource: str | None = Field(None, description="Ray custom resource that marks this region's nodes.")
+
+
+class TelemetryConfig(_Model):
+    service_name: str = Field("haif", description="OpenTelemetry service name prefix.")
+    otlp_endpoint: str | None = Field(None, description="OTLP endpoint; no export when unset.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+
+class HaifConfig(_Model):
+    server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP and Serve settings.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Authentication.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
+    models: list[ModelConfig] = Field(default_factory=list, description="Models served.")
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig, description="Metadata store.")
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="Redis.")
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig, description="Artifact store.")
+    regions: list[RegionConfig] = Field(
+        default_factory=lambda: [RegionConfig(name="local")], min_length=1, description="Regions."
+    )
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry.")
+    base_dir: str | None = Field(
+        None, description="Directory relative paths resolve against (the config file's repo root)."
+    )
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> HaifConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model names: {', '.join(dupes)}")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def base_path(self) -> Path:
+        return Path(self.base_dir) if self.base_dir else Path.cwd()
+
+    def state_path(self) -> Path:
+        path = Path(self.server.state_dir)
+        return path if path.is_absolute() else self.base_path() / path
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return ``data`` with every ``HAIF_A__B=value`` applied at path ``a.b``."""
+    result: dict[str, Any] = dict(data)
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX) or key == ENV_CONFIG_PATH:
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX):].split("__") if part]
+        if not path or path[0] not in HaifConfig.model_fields:
+            continue
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = _parse_env_value(raw)
+    return result
+
+
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> HaifConfig:
+    """Load the config file at ``path`` (or ``$HAIF_CONFIG``, or the default) with overrides.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or does not validate.
+    """
+    environ = os.environ if environ is None else environ
+    config_path = Path(path or environ.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH)
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {config_path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {config_path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {config_path} must be a mapping at the top level")
+    data = apply_env_overrides(data, environ)
+    # Relative paths in a config under configs/ are relative to the project root.
+    root = config_path.resolve().parent
+    if root.name == "configs":
+        root = root.parent
+    data.setdefault("base_dir", str(root))
+    try:
+        return HaifConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"config {config_path} is invalid:\n{exc}") from exc

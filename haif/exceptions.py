@@ -1,0 +1,192 @@
+"""HAIF's exceptions: one tree, each class mapped to one HTTP status and OpenAI error.
+
+::
+
+    HaifError
+    ├── ConfigError                      operator error at start-up (fatal)
+    ├── RequestError                     the client's fault, never retried
+    │   ├── InvalidRequest          400  invalid_request_error
+    │   ├── AuthenticationFailed    401  authentication_error / invalid_api_key
+    │   ├── PermissionDenied        403  permission_error
+    │   ├── NotFound                404  not_found_error
+    │   │   └── ModelNotFound       404  model_not_found
+    │   ├── Conflict                409  conflict_error
+    │   ├── PayloadTooLarge         413  request_too_large
+    │   ├── UnprocessableRequest    422  invalid_request_error
+    │   │   ├── PromptTooLong       422  context_length_exceeded
+    │   │   └── UnsupportedOperation 422 unsupported_operation
+    │   └── RateLimited             429  rate_limit_error (Retry-After)
+    └── ServiceError                     the platform's side
+        ├── RetryableError               safe to retry (nothing ran, or it is idempotent)
+        │   ├── ModelNotReady       503  model_not_ready
+        │   ├── WorkerUnavailable   503  worker_unavailable
+        │   └── Overloaded          429  overloaded (Retry-After)
+        ├── DeadlineExceeded        504  timeout
+        ├── GpuUnavailable          503  gpu_unavailable (placement failed, fatal for the model)
+        ├── ModelLoadFailed         503  model_load_failed (fatal for the model)
+        └── InternalError           500  internal_error (a bug; message never holds a trace)
+
+Exceptions cross Ray hops by pickling, so every class takes only ``message`` (and for
+the rate-limit family ``retry_after_s``) as constructor arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class HaifError(Exception):
+    """Base of every error HAIF raises on purpose."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,))
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI-shaped error body."""
+        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class ConfigError(HaifError):
+    code = "config_error"
+
+
+class RequestError(HaifError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidRequest(RequestError):
+    pass
+
+
+class AuthenticationFailed(RequestError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(RequestError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(RequestError):
+    status_code = 404
+    error_type = "not_found_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Conflict(RequestError):
+    status_code = 409
+    error_type = "conflict_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(RequestError):
+    status_code = 413
+    code = "request_too_large"
+
+
+class UnprocessableRequest(RequestError):
+    status_code = 422
+    code = "invalid_value"
+
+
+class PromptTooLong(UnprocessableRequest):
+    code = "context_length_exceeded"
+
+
+class UnsupportedOperation(UnprocessableRequest):
+    code = "unsupported_operation"
+
+
+class _RetryAfter(HaifError):
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.retry_after_s))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class RateLimited(_RetryAfter, RequestError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ServiceError(HaifError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class RetryableError(ServiceError):
+    pass
+
+
+class ModelNotReady(RetryableError):
+    code = "model_not_ready"
+
+
+class WorkerUnavailable(RetryableError):
+    code = "worker_unavailable"
+
+
+class Overloaded(_RetryAfter, RetryableError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    status_code = 504
+    error_type = "timeout_error"
+    code = "timeout"
+
+
+class GpuUnavailable(ServiceError):
+    code = "gpu_unavailable"
+
+
+class ModelLoadFailed(ServiceError):
+    code = "model_load_failed"
+
+
+class InternalError(ServiceError):
+    status_code = 500
+    error_type = "internal_error"
+    code = "internal_error"
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The HAIF error inside a Ray task error, or ``exc`` itself.
+
+    Ray re-raises an actor's exception as a class deriving from both ``RayTaskError``
+    and the original; older paths hand over only ``cause``.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return unwrap(cause)
+    return exc

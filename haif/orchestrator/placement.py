@@ -1,0 +1,69 @@
+"""Where worker actors run: GPU pinning, CPU fallback, and fail-fast on impossible asks.
+
+A worker on a GPU reserves exactly one (``num_gpus=1``): Ray then gives each worker
+its own device id and sets ``CUDA_VISIBLE_DEVICES`` for it. Placement is decided
+once per model from the cluster's resources, before any actor is created, so that a
+model that cannot be placed fails at once with a message that says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from haif.exceptions import GpuUnavailable
+
+if TYPE_CHECKING:
+    from haif.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Placement:
+    model: str
+    use_gpu: bool
+    num_cpus: float
+    fell_back_to_cpu: bool = False
+
+    def actor_options(self, max_concurrency: int) -> dict[str, Any]:
+        return {
+            "num_gpus": 1 if self.use_gpu else 0,
+            "num_cpus": self.num_cpus,
+            "max_concurrency": max_concurrency,
+            # A worker that dies is replaced by the Orchestrator, which knows its model.
+            "max_restarts": 0,
+        }
+
+
+def plan_placements(
+    models: list[ModelConfig], cluster_gpus: float
+) -> dict[str, Placement | GpuUnavailable]:
+    """Decide each enabled model's placement, in config order.
+
+    GPUs are handed out to models in the order they are listed; a model that asks
+    for GPUs (``device: gpu``) when too few are left falls back to CPU if its config
+    allows, else gets a ``GpuUnavailable`` naming what it asked and what was there.
+    ``device: auto`` takes GPUs when enough are left, CPUs otherwise.
+    """
+    free = int(cluster_gpus)
+    plans: dict[str, Placement | GpuUnavailable] = {}
+    for model in models:
+        if not model.enabled:
+            continue
+        if model.device == "cpu":
+            plans[model.name] = Placement(model.name, False, model.num_cpus)
+            continue
+        if free >= model.workers:
+            free -= model.workers
+            plans[model.name] = Placement(model.name, True, model.num_cpus)
+            continue
+        if model.device == "auto":
+            plans[model.name] = Placement(model.name, False, model.num_cpus)
+        elif model.allow_cpu_fallback:
+            plans[model.name] = Placement(model.name, False, model.num_cpus, fell_back_to_cpu=True)
+        else:
+            plans[model.name] = GpuUnavailable(
+                f"model {model.name!r} asks for {model.workers} GPU worker(s) (device: gpu) but "
+                f"the Ray cluster has {free} free GPU(s) of {int(cluster_gpus)}; add GPUs, "
+                f"lower `workers`, or set `allow_cpu_fallback: true`"
+            )
+    return plans

@@ -1,0 +1,195 @@
+"""The runtime interface every model backend implements (echo, torch, embeddings, vLLM).
+
+A runtime lives inside one worker actor. The worker calls ``load`` once, then any
+number of ``stream`` / ``generate`` / ``embed`` calls concurrently from its event
+loop, then ``unload``. Runtimes must be cancellation-safe: when the consumer of
+``stream`` stops iterating (client gone, deadline), the runtime frees what the
+request held.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from haif.exceptions import PromptTooLong, UnsupportedOperation
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from haif.config import ModelConfig
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a generation request asks of the sampler (OpenAI semantics)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class RuntimeContext:
+    """Everything a runtime needs besides its model config."""
+
+    model: ModelConfig
+    model_dir: str | None
+    device: str  # "cpu" or "cuda"
+    max_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One step of a stream: new text and how many tokens it took.
+
+    The last event of a stream carries ``finish_reason``; every event carries the
+    prompt's token count so that usage is known whenever the stream stops.
+    """
+
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass
+class EmbeddingOutput:
+    vectors: np.ndarray  # float32, shape (n_inputs, dim), L2-normalised where the model says so
+    prompt_tokens: int
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str
+    name: str | None = field(default=None)
+
+
+class Runtime(abc.ABC):
+    """One loaded model. Subclasses set ``capabilities`` and implement what they offer."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]]  # subset of {"generate", "embed"}
+
+    def __init__(self, ctx: RuntimeContext) -> None:
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    async def load(self) -> None:
+        """Load weights and tokenizer; raise on any failure (never a half-loaded model)."""
+
+    async def unload(self) -> None:
+        """Free what ``load`` took. Default: nothing to free."""
+        return None
+
+    # --- generation ---------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """Turn chat messages into one prompt with the model's chat template."""
+        raise UnsupportedOperation(f"model {self.ctx.model.name!r} does not support chat")
+
+    def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        """Yield the completion of ``prompt`` as it is produced.
+
+        Raises:
+            PromptTooLong: the prompt exceeds the limits.
+            UnsupportedOperation: the model does not generate text.
+        """
+        raise UnsupportedOperation(f"model {self.ctx.model.name!r} does not generate text")
+
+    async def generate(self, prompt: str, params: SamplingParams) -> GenerationOutput:
+        """The whole completion at once. Default: drain ``stream``."""
+        parts: list[str] = []
+        last: StreamEvent | None = None
+        async for event in self.stream(prompt, params):
+            parts.append(event.text)
+            last = event
+        if last is None:  # a stream always ends with a finish_reason event
+            raise RuntimeError("runtime stream ended without events")
+        return GenerationOutput(
+            text="".join(parts),
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            finish_reason=last.finish_reason or "length",
+        )
+
+    # --- embeddings -----------------------------------------------------------------
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
+        """Embed each text.
+
+        Raises:
+            PromptTooLong: an input exceeds the limits.
+            UnsupportedOperation: the model does not embed.
+        """
+        raise UnsupportedOperation(f"model {self.ctx.model.name!r} does not produce embeddings")
+
+    # --- helpers for subclasses ---------------------------------------------------------
+
+    def check_prompt(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise PromptTooLong when the prompt breaks the token limits."""
+        limit = self.ctx.max_prompt_tokens
+        if prompt_tokens > limit:
+            raise PromptTooLong(
+                f"prompt has {prompt_tokens} tokens; the limit is {limit}"
+            )
+        budget = self.ctx.model.max_model_len
+        if prompt_tokens + max_tokens > budget:
+            raise PromptTooLong(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"the model's context of {budget} tokens"
+            )
+
+
+class StopMatcher:
+    """Finds OpenAI `stop` strings in streamed text without emitting any part of them.
+
+    Text that could still be the start of a stop string is held back until the next
+    piece decides it.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._buffer = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add ``text``; return (text safe to emit, whether a stop string was hit)."""
+        if not self._stops:
+            return text, False
+        self._buffer += text
+        hits = [i for i in (self._buffer.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            out = self._buffer[: min(hits)]
+            self._buffer = ""
+            return out, True
+        if self._hold == 0:
+            out, self._buffer = self._buffer, ""
+            return out, False
+        cut = max(0, len(self._buffer) - self._hold)
+        out, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """Text held back when the stream ends without a stop string."""
+        out, self._buffer = self._buffer, ""
+        return out

@@ -1,0 +1,89 @@
+"""Ray Serve wiring of HAIF: Bridge (HTTP ingress) → Gateway → Orchestrator → worker actors.
+
+Ways to deploy:
+
+* ``haif serve [--config PATH]`` (starts a local Ray cluster unless RAY_ADDRESS names one);
+* ``serve run serve_app:app`` (config from ``$HAIF_CONFIG`` or ``configs/local.yaml``);
+* ``ray job submit --working-dir . -- python serve_app.py --config configs/local.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ray import serve
+
+from haif.bootstrap import prepare
+from haif.bridge.deployment import Bridge
+from haif.config import HaifConfig, load_config
+from haif.gateway.deployment import Gateway
+from haif.orchestrator.deployment import Orchestrator
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+# Serve replicas are I/O-bound coordinators: they reserve no CPU, so that the
+# CPUs of the cluster go to the worker actors that run models.
+_COORDINATOR_OPTIONS = {"num_cpus": 0}
+
+
+def build_app(config: HaifConfig) -> Application:
+    """The Serve application graph for ``config`` (already prepared)."""
+    server = config.server
+    orchestrator = serve.deployment(
+        Orchestrator,
+        name="Orchestrator",
+        num_replicas=server.orchestrator_replicas,
+        max_ongoing_requests=server.max_ongoing_requests * 4,
+        ray_actor_options=_COORDINATOR_OPTIONS,
+    ).bind(config)
+    gateway = serve.deployment(
+        Gateway,
+        name="Gateway",
+        num_replicas=server.gateway_replicas,
+        max_ongoing_requests=server.max_ongoing_requests * 2,
+        ray_actor_options=_COORDINATOR_OPTIONS,
+    ).bind(config, orchestrator)
+    return serve.deployment(
+        Bridge,
+        name="Bridge",
+        num_replicas=server.bridge_replicas,
+        max_ongoing_requests=server.max_ongoing_requests,
+        ray_actor_options=_COORDINATOR_OPTIONS,
+    ).bind(config, gateway)
+
+
+def deploy(config: HaifConfig, *, blocking: bool = False) -> HaifConfig:
+    """Prepare ``config``, start Serve's HTTP proxy on its host/port and run the app."""
+    config = prepare(config)
+    serve.start(http_options={"host": config.server.host, "port": config.server.port})
+    serve.run(build_app(config), name=config.server.app_name, route_prefix="/", blocking=blocking)
+    return config
+
+
+def __getattr__(name: str) -> Any:
+    # `serve run serve_app:app` reads this attribute; building it lazily keeps the
+    # import free of side effects for `haif serve` and the tests.
+    if name == "app":
+        return build_app(prepare(load_config()))
+    raise AttributeError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Deploy HAIF onto the current Ray cluster.")
+    parser.add_argument("--config", default=None, help="config file (default: $HAIF_CONFIG or configs/local.yaml)")
+    args = parser.parse_args(argv)
+    from haif.cli.serve import wait_ready
+
+    config = deploy(load_config(args.config))
+    url = f"http://{config.server.host}:{config.server.port}"
+    wait_ready(url, timeout_s=600)
+    print(f"URL: {url}", flush=True)
+    print(f"API key: {config.auth.dev_api_key}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
