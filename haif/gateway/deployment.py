@@ -18,7 +18,7 @@ from haif.protocol import ModelCard, ModelList, now
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
-    from haif.config import HaifConfig
+    from haif.config import HaifConfig, LimitsConfig
     from haif.envelope import EmbeddingResult, Principal, RequestContext, WorkItem
     from haif.protocol import ChatCompletionChunk, CompletionChunk
 
@@ -107,6 +107,10 @@ class Gateway:
     async def embed(self, item: WorkItem) -> EmbeddingResult:
         item = await self._admit(item)
         return await self._orchestrator.embed.remote(item)
+
+    def limits(self) -> LimitsConfig:
+        """The request limits, so that in-cluster clients build envelopes as the Bridge does."""
+        return self._config.limits
 
     async def status(self) -> dict[str, Any]:
         return await self._orchestrator.status.remote()

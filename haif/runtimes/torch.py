@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import logging
 import threading
@@ -115,6 +116,7 @@ class _Row:
         self.matcher = StopMatcher(req.params.stop)
         self.eos_ids = eos_ids
         self.done = False
+        self.count = 0
         self.generator: torch.Generator | None = None
         if not req.params.greedy:
             self.generator = torch.Generator()
@@ -125,9 +127,10 @@ class _Row:
 
     def advance(self, token_id: int) -> StreamEvent | None:
         """Take the next token; return the event it makes (the final one sets ``done``)."""
-        delta = self.decoder.push(token_id)
-        n = len(self.decoder.ids)
         eos = token_id in self.eos_ids
+        delta = "" if eos else self.decoder.push(token_id)  # EOS counts but shows no text
+        self.count += 1
+        n = self.count
         if eos or n >= self.req.params.max_tokens:
             delta += self.decoder.flush()
         text, stopped = self.matcher.feed(delta)
@@ -180,16 +183,25 @@ class _Batcher:
         self.pending: collections.deque[_Request] = collections.deque()
         self.wakeup = asyncio.Event()
         self.task = loop.create_task(self._run(), name=f"haif-batcher-{runtime.ctx.model.name}")
+        self.task.add_done_callback(self._on_done)
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return  # cancelled by close() or by its event loop shutting down
+        logger.error("model %r: batching loop died", self.runtime.ctx.model.name,
+                     exc_info=task.exception())
+        while self.pending:  # never leave a queued request waiting for a dead loop
+            self.pending.popleft().send(
+                InternalError(f"batching loop failed: {task.exception()!r}"), final=True
+            )
 
     def submit(self, req: _Request) -> None:
         self.pending.append(req)
         self.wakeup.set()
 
     def discard(self, req: _Request) -> None:
-        try:
+        with contextlib.suppress(ValueError):  # ValueError: already taken into a batch
             self.pending.remove(req)
-        except ValueError:  # already taken into a batch
-            pass
 
     async def close(self, reason: HaifError) -> None:
         self.task.cancel()
@@ -295,7 +307,8 @@ class TorchRuntime(Runtime):
         )
         model.to(device).eval()
         eos: set[int] = set()
-        for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        generation_eos = getattr(model.generation_config, "eos_token_id", None)
+        for value in (tokenizer.eos_token_id, generation_eos):
             if isinstance(value, int):
                 eos.add(value)
             elif value:
@@ -306,8 +319,9 @@ class TorchRuntime(Runtime):
         self._new_cache = lambda: DynamicCache(config=model.config)
         self._eos_ids = frozenset(eos)
         self._bos_id = tokenizer.bos_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._pad_id = pad if pad is not None else 0
+        # Pad ids are masked out; any valid id will do.
+        pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        self._pad_id = pad
         self._device = device
         self._tokenizer = tokenizer
         self._model = model
@@ -320,8 +334,8 @@ class TorchRuntime(Runtime):
         if batcher is not None and not batcher.loop.is_closed():
             if batcher.loop is asyncio.get_running_loop():
                 await batcher.close(reason)
-            else:
-                batcher.loop.call_soon_threadsafe(batcher.task.cancel)
+            else:  # its loop runs in another thread: close it there
+                asyncio.run_coroutine_threadsafe(batcher.close(reason), batcher.loop)
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True)
@@ -339,9 +353,9 @@ class TorchRuntime(Runtime):
         out["pending"] = len(self._batcher.pending) if self._batcher is not None else 0
         return out
 
-    def _bump(self, key: str, by: int = 1) -> None:
+    def _bump(self, key: str) -> None:
         with self._lock:
-            self._stats[key] += by
+            self._stats[key] += 1
 
     def _record_batch(self, size: int) -> None:
         with self._lock:
@@ -401,9 +415,8 @@ class TorchRuntime(Runtime):
                 if isinstance(item, HaifError):
                     raise item
                 if isinstance(item, BaseException):
-                    raise InternalError(
-                        f"generation failed: {type(item).__name__}: {item}"
-                    ) from item
+                    message = f"generation failed: {type(item).__name__}: {item}"
+                    raise InternalError(message) from item
                 yield item
                 if item.finish_reason is not None:
                     return
@@ -420,10 +433,9 @@ class TorchRuntime(Runtime):
 
     def _batcher_for(self, loop: asyncio.AbstractEventLoop) -> _Batcher:
         batcher = self._batcher
+        # One loop per event loop (a worker has one; tests run several in turn), and a
+        # fresh one if the last died (its requests were failed by its done callback).
         if batcher is None or batcher.loop is not loop or batcher.task.done():
-            if batcher is not None and batcher.task.done() and not batcher.task.cancelled():
-                logger.error("model %r: batching loop died: %r", self.ctx.model.name,
-                             batcher.task.exception())
             batcher = self._batcher = _Batcher(self, loop)
         return batcher
 

@@ -1,0 +1,123 @@
+"""One Ray cluster and one HAIF deployment per test session.
+
+The cluster declares 2 logical GPUs (GPU pinning is tested without a GPU). HAIF is
+deployed the way an operator deploys onto an existing cluster:
+``ray job submit --working-dir . -- python serve_app.py --config tests/configs/integration.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = "tests/configs/integration.yaml"
+DEPLOY_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class Deployment:
+    url: str
+    api_key: str
+    dashboard_url: str
+    app_name: str = "haif"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.1, what: str = "condition"):  # noqa: ANN001, ANN201
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value: {last!r}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    import ray
+
+    # Job entrypoints run `python` from the PATH the cluster was started with.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    dashboard_port = _free_port()
+    ray.init(
+        num_cpus=8,
+        num_gpus=2,
+        namespace="haif-test",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        log_to_driver=False,
+    )
+    url = f"http://127.0.0.1:{dashboard_port}"
+    wait_for(lambda: _up(f"{url}/api/version"), 60, 0.5, "the Ray dashboard")
+    yield url
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _up(url: str) -> bool:
+    # Any HTTP answer means the dashboard is serving (it may demand Ray's auth token).
+    try:
+        return httpx.get(url, timeout=2).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def submit_job(dashboard_url: str, *entrypoint: str, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
+    """Run ``ray job submit --working-dir . -- ENTRYPOINT`` and return its output."""
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit",
+        "--address", dashboard_url, "--working-dir", str(ROOT), "--", *entrypoint,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"job failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def haif(ray_cluster: str) -> Deployment:
+    out = submit_job(ray_cluster, "python", "serve_app.py", "--config", CONFIG)
+    url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("URL: "))
+    key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("API key: "))
+    return Deployment(url=url.strip(), api_key=key.strip(), dashboard_url=ray_cluster)
+
+
+@pytest.fixture(scope="session")
+def http(haif: Deployment):  # noqa: ANN201
+    with httpx.Client(base_url=haif.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def auth(haif: Deployment) -> dict[str, str]:
+    return haif.headers()
+
+
+@pytest.fixture(scope="session")
+def orchestrator(haif: Deployment):  # noqa: ANN201
+    from ray import serve
+
+    return serve.get_deployment_handle("Orchestrator", app_name=haif.app_name)
