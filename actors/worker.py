@@ -10,6 +10,7 @@ generation in the runtime.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -190,8 +191,11 @@ class ModelWorker:
             body = await self._body(item)
             params = self._params(body, item.max_tokens)
             (prompt,) = self._prompts(runtime, body)
-            async for event in runtime.stream(prompt, params):
-                yield event
+            # aclosing: a cancelled consumer must free the runtime's batch slot now,
+            # not whenever the generator happens to be garbage-collected.
+            async with contextlib.aclosing(runtime.stream(prompt, params)) as events:
+                async for event in events:
+                    yield event
             finished = True
             self._served += 1
         except HaifError:

@@ -4,7 +4,11 @@ Overrides use ``__`` as the path separator and YAML syntax for values::
 
     HAIF_SERVER__PORT=8001
     HAIF_LIMITS__MAX_TOKENS=256
-    HAIF_AUTH__DEV_API_KEY=secret
+    HAIF_AUTH__DEV_API_KEY=my-development-key-0001
+
+Values parse as YAML scalars: quote a string that YAML would read as a number
+(``HAIF_AUTH__DEV_API_KEY='"1234567890123456"'``). Relative paths in the config
+resolve against the directory the process starts in (``base_dir``).
 
 Every model forbids unknown keys, so a typo is an error rather than a silently
 ignored setting. Every timeout, queue and size has a named, bounded default.
@@ -293,11 +297,7 @@ def load_config(
     if not isinstance(data, dict):
         raise ConfigError(f"config {config_path} must be a mapping at the top level")
     data = apply_env_overrides(data, environ)
-    # Relative paths in a config under configs/ are relative to the project root.
-    root = config_path.resolve().parent
-    if root.name == "configs":
-        root = root.parent
-    data.setdefault("base_dir", str(root))
+    data.setdefault("base_dir", str(Path.cwd()))
     try:
         return HaifConfig.model_validate(data)
     except ValidationError as exc:

@@ -38,9 +38,15 @@ def request_id_from(header: str | None) -> str:
 
 def traceparent_from(header: str | None) -> str | None:
     """A W3C traceparent header when well-formed (invalid ones are ignored, per the spec)."""
-    if header and _TRACEPARENT.match(header.strip().lower()):
-        return header.strip().lower()
-    return None
+    if not header:
+        return None
+    value = header.strip().lower()
+    if not _TRACEPARENT.match(value):
+        return None
+    version, trace_id, parent_id, _ = value.split("-")
+    if version == "ff" or trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None
+    return value
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ the rate-limit family ``retry_after_s``) as constructor arguments.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -127,7 +128,7 @@ class _RetryAfter(HaifError):
         return (type(self), (self.message, self.retry_after_s))
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class RateLimited(_RetryAfter, RequestError):

@@ -9,7 +9,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from haif.exceptions import HaifError, InternalError, InvalidRequest, Overloaded, unwrap
+from haif.exceptions import (
+    HaifError,
+    InternalError,
+    InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    unwrap,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -44,8 +52,6 @@ def as_haif_error(exc: BaseException) -> HaifError:
     if name == "BackPressureError":  # Serve's replica queues are full
         return Overloaded("the service is at capacity; retry later", retry_after_s=1.0)
     if name in {"DeploymentUnavailableError", "RayServeException"}:
-        from haif.exceptions import ServiceError
-
         return ServiceError("the service is not available; retry later")
     logger.error("unhandled error while serving: %r", err, exc_info=err)
     return InternalError("internal error")
@@ -86,6 +92,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
+        if status == 413:
+            return error_response(PayloadTooLarge(str(exc.detail)))
         message = exc.detail if isinstance(exc.detail, str) else "invalid request"
         body = {
             "error": {

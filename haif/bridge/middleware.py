@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from starlette.exceptions import HTTPException
+
 from haif.envelope import request_id_from
 from haif.exceptions import PayloadTooLarge
 
@@ -18,8 +20,11 @@ if TYPE_CHECKING:
 REQUEST_ID_HEADER = b"x-request-id"
 
 
-class _BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised while the body is read; FastAPI re-raises HTTPExceptions from body parsing."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"request body exceeds the limit of {limit} bytes")
 
 
 class EdgeMiddleware:
@@ -67,7 +72,7 @@ class EdgeMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise _BodyTooLarge
+                    raise BodyTooLarge(self.max_body_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -78,7 +83,7 @@ class EdgeMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
+        except BodyTooLarge:
             if not started:
                 await self._reject(send_with_id)
 

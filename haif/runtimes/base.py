@@ -10,6 +10,7 @@ request held.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -120,9 +121,10 @@ class Runtime(abc.ABC):
         """The whole completion at once. Default: drain ``stream``."""
         parts: list[str] = []
         last: StreamEvent | None = None
-        async for event in self.stream(prompt, params):
-            parts.append(event.text)
-            last = event
+        async with contextlib.aclosing(self.stream(prompt, params)) as events:
+            async for event in events:
+                parts.append(event.text)
+                last = event
         if last is None:  # a stream always ends with a finish_reason event
             raise RuntimeError("runtime stream ended without events")
         return GenerationOutput(

@@ -319,9 +319,8 @@ class TorchRuntime(Runtime):
         self._new_cache = lambda: DynamicCache(config=model.config)
         self._eos_ids = frozenset(eos)
         self._bos_id = tokenizer.bos_token_id
-        # Pad ids are masked out; any valid id will do.
-        pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        self._pad_id = pad
+        candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+        self._pad_id = next((t for t in candidates if t is not None), 0)  # masked out anyway
         self._device = device
         self._tokenizer = tokenizer
         self._model = model

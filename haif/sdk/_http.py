@@ -37,6 +37,9 @@ _BY_CODE: dict[str, type[errors.HaifError]] = {
         errors.ModelLoadFailed,
         errors.PayloadTooLarge,
         errors.AuthenticationFailed,
+        errors.DeadlineExceeded,
+        errors.RateLimited,
+        errors.InternalError,
     )
 }
 _BY_STATUS: dict[int, type[errors.HaifError]] = {
@@ -54,7 +57,9 @@ _BY_STATUS: dict[int, type[errors.HaifError]] = {
 
 
 def error_from(status: int, body: Any) -> errors.HaifError:
-    detail = body.get("error", {}) if isinstance(body, dict) else {}
+    detail = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(detail, dict):
+        detail = {}
     message = str(detail.get("message") or f"HTTP {status}")
     cls = _BY_CODE.get(str(detail.get("code"))) or _BY_STATUS.get(status, errors.InternalError)
     return cls(message)

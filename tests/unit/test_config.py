@@ -43,7 +43,7 @@ def test_local_config_validates() -> None:
     assert config.model("minilm").kind == "embed"
     assert config.model("tiny-llama").kind == "generate"
     assert config.model("nope") is None
-    # A config under configs/ resolves relative paths against the repo root.
+    # Relative paths resolve against the directory the process starts in (the tests run from the root).
     assert Path(config.base_dir) == ROOT.resolve()
     assert config.state_path() == ROOT.resolve() / ".haif"
 
@@ -207,7 +207,7 @@ def test_config_is_frozen() -> None:
 
 def test_defaults_without_file_content(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, ""), environ={})
-    assert config == HaifConfig(base_dir=str(tmp_path.resolve()))
+    assert config == HaifConfig(base_dir=str(Path.cwd()))
     assert config.models == []
     assert [r.name for r in config.regions] == ["local"]
 

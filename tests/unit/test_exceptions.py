@@ -92,7 +92,7 @@ def test_retry_after_survives_pickling(cls: type[HaifError]) -> None:
     assert type(back) is cls
     assert back.retry_after_s == 7.4
     assert back.message == "slow down"
-    assert back.headers() == {"Retry-After": "7"}
+    assert back.headers() == {"Retry-After": "8"}  # rounded up: never retry too early
 
 
 def test_retry_after_header_is_at_least_one_second() -> None:
