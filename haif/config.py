@@ -51,6 +51,9 @@ class ServerConfig(_Model):
         120.0, gt=0, le=3600, description="End-to-end deadline of one request."
     )
     state_dir: str = Field(".haif", description="Directory for local state (dev key, caches).")
+    access_log: bool = Field(
+        False, description="Ray Serve per-call access logs in every replica (costly on the hot path)."
+    )
 
 
 class LimitsConfig(_Model):

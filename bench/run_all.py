@@ -1,0 +1,43 @@
+"""`make bench`: run every benchmark, each in its own process, and merge their results.
+
+Writes ``bench/results/latest.json``: a list of rows
+``{"bench", "metric", "haif", "baseline", "baseline_name", "ratio", "higher_is_better", "target"}``,
+both sides of each row measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from bench.common import RESULTS_DIR, Row, print_table
+
+SUITE = ["overhead", "torch_batching"]
+
+
+def main() -> int:
+    rows: list[dict] = []
+    failed: list[str] = []
+    for bench in SUITE:
+        print(f"\n=== bench.{bench} ===", flush=True)
+        result = RESULTS_DIR / f"{bench}.json"
+        result.unlink(missing_ok=True)
+        proc = subprocess.run([sys.executable, "-m", f"bench.{bench}"], check=False)
+        if proc.returncode != 0 or not result.exists():
+            failed.append(bench)
+            continue
+        rows.extend(json.loads(result.read_text()))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "latest.json").write_text(json.dumps(rows, indent=2) + "\n")
+    fields = ("bench", "metric", "haif", "baseline", "baseline_name", "higher_is_better", "target")
+    print_table("all benchmarks (ratio = haif / baseline)", [Row(**{k: r[k] for k in fields}) for r in rows])
+    print(f"\nwrote {RESULTS_DIR / 'latest.json'}")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
