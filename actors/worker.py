@@ -10,6 +10,7 @@ generation in the runtime.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -171,7 +172,10 @@ class ModelWorker:
         try:
             body = await self._body(item)
             params = self._params(body, item.max_tokens)
-            outputs = [await runtime.generate(p, params) for p in self._prompts(runtime, body)]
+            # Concurrently, so that the runtime can batch the prompts of one request.
+            outputs = list(
+                await asyncio.gather(*(runtime.generate(p, params) for p in self._prompts(runtime, body)))
+            )
             self._served += 1
             return outputs
         except HaifError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ class WorkerSlot:
     state: str = "loading"  # loading | ready | failed | dead
     error: str | None = None
     in_flight: int = 0
+    load_started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -54,6 +56,13 @@ class ModelPool:
         done_set = set(done)
         for slot in pending:
             if slot.load_ref not in done_set:
+                waited = time.monotonic() - slot.load_started
+                if waited > self.model.load_timeout_s:
+                    slot.state = "failed"
+                    slot.error = f"load did not finish within load_timeout_s={self.model.load_timeout_s:g}"
+                    slot.load_ref = None
+                    ray.kill(slot.actor)
+                    logger.error("worker %s: %s", slot.worker_id, slot.error)
                 continue
             try:
                 ray.get(slot.load_ref)
