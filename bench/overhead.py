@@ -103,6 +103,43 @@ async def _measure(rounds: int, n_latency: int, n_throughput: int, concurrency: 
     return {"lat": lat, "rps": rps}
 
 
+def _breakdown(limits: Any, n: int = 200) -> dict[str, float]:
+    """Where HAIF's time goes, hop by hop, measured from this driver (p50, ms)."""
+    from ray import serve
+
+    from haif.envelope import RequestContext, build_work_item
+    from haif.protocol import CompletionRequest
+
+    gateway = serve.get_deployment_handle("Gateway", app_name="haif")
+    orchestrator = serve.get_deployment_handle("Orchestrator", app_name="haif")
+    body = CompletionRequest(**BODY)
+
+    def item() -> Any:
+        ctx = RequestContext.new(timeout_s=30, api_key=API_KEY)
+        return build_work_item("completion", body, ctx, limits)
+
+    def p50(fn: Any) -> float:
+        for _ in range(20):
+            fn()
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1000)
+        return percentile(samples, 50)
+
+    http = httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"})
+    base = f"http://127.0.0.1:{PORT}"
+    return {
+        "HTTP GET /healthz (proxy + Bridge, no hop)": p50(lambda: http.get(f"{base}/healthz")),
+        "HTTP POST /bare (proxy + body + 1 replica)": p50(lambda: http.post(f"{base}/bare", json=BODY)),
+        "HTTP POST /v1/completions (full path)": p50(lambda: http.post(f"{base}/v1/completions", json=BODY)),
+        "handle: Orchestrator.models (1 Serve hop)": p50(lambda: orchestrator.models.remote().result()),
+        "handle: Orchestrator.generate (hop + actor)": p50(lambda: orchestrator.generate.remote(item()).result()),
+        "handle: Gateway.generate (2 hops + actor)": p50(lambda: gateway.generate.remote(item()).result()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -133,6 +170,7 @@ def main() -> None:
         data = asyncio.run(
             _measure(args.rounds, args.latency_requests, args.throughput_requests, args.concurrency)
         )
+        breakdown = _breakdown(config.limits)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -147,7 +185,12 @@ def main() -> None:
             "bare Ray Serve deployment", True, ">= 0.7x"),
     ]
     print_table(f"overhead: echo through HAIF vs bare Serve ({config.server.app_name}, {args.rounds} rounds)", rows)
-    path = write_results(BENCH, rows)
+    print("\nwhere the time goes (p50 ms, sequential, from the benchmark driver)")
+    for name, value in breakdown.items():
+        print(f"  {name:<48} {value:8.2f}")
+    (path := write_results(BENCH, rows)).with_name("overhead_breakdown.json").write_text(
+        json.dumps(breakdown, indent=2) + "\n"
+    )
     print(f"\nwrote {path}")
     print(json.dumps([r.to_json() for r in rows]))
 

@@ -7,6 +7,7 @@ deployed the way an operator deploys onto an existing cluster:
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -85,12 +86,20 @@ def _up(url: str) -> bool:
         return False
 
 
-def submit_job(dashboard_url: str, *entrypoint: str, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
+def submit_job(
+    dashboard_url: str,
+    *entrypoint: str,
+    timeout_s: float = DEPLOY_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+) -> str:
     """Run ``ray job submit --working-dir . -- ENTRYPOINT`` and return its output."""
     cmd = [
         str(Path(sys.executable).parent / "ray"), "job", "submit",
-        "--address", dashboard_url, "--working-dir", str(ROOT), "--", *entrypoint,
+        "--address", dashboard_url, "--working-dir", str(ROOT),
     ]
+    if env:
+        cmd += ["--runtime-env-json", json.dumps({"env_vars": env})]
+    cmd += ["--", *entrypoint]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
     if proc.returncode != 0:
         raise AssertionError(f"job failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -99,7 +108,11 @@ def submit_job(dashboard_url: str, *entrypoint: str, timeout_s: float = DEPLOY_T
 
 @pytest.fixture(scope="session")
 def haif(ray_cluster: str) -> Deployment:
-    out = submit_job(ray_cluster, "python", "serve_app.py", "--config", CONFIG)
+    # A free port, so that test sessions (and a running `make serve`) never collide.
+    port = _free_port()
+    out = submit_job(
+        ray_cluster, "python", "serve_app.py", "--config", CONFIG, env={"HAIF_SERVER__PORT": str(port)}
+    )
     url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("URL: "))
     key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("API key: "))
     return Deployment(url=url.strip(), api_key=key.strip(), dashboard_url=ray_cluster)
