@@ -31,9 +31,9 @@ from haif.exceptions import (
     InvalidRequest,
     ModelLoadFailed,
     ModelNotReady,
-    UnsupportedOperation,
     WorkerUnavailable,
 )
+from haif.runtimes import hf
 from haif.runtimes.base import (
     ChatMessage,
     FinishReason,
@@ -369,32 +369,11 @@ class TorchRuntime(Runtime):
     # --- requests -----------------------------------------------------------------------
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        tokenizer = self._require_loaded()
-        if not getattr(tokenizer, "chat_template", None):
-            raise UnsupportedOperation(f"model {self.ctx.model.name!r} has no chat template")
-        if not messages:
-            raise InvalidRequest("`messages` must not be empty")
-        from jinja2 import TemplateError
-
-        conversation = [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-            for m in messages
-        ]
-        try:
-            return tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=True
-            )
-        except (TemplateError, ValueError, TypeError) as exc:  # e.g. the template's raise_exception
-            raise InvalidRequest(f"the chat template rejected the messages: {exc}") from exc
+        return hf.render_chat(self._require_loaded(), messages, self.ctx.model.name)
 
     def encode(self, prompt: str) -> list[int]:
         """The prompt's token ids as generation sees them (with at most one BOS)."""
-        tokenizer = self._require_loaded()
-        ids: list[int] = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        # A chat template that writes the BOS itself plus the tokenizer's own BOS.
-        if self._bos_id is not None and ids[:2] == [self._bos_id, self._bos_id]:
-            ids = ids[1:]
-        return ids
+        return hf.encode_prompt(self._require_loaded(), prompt, self._bos_id)
 
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[StreamEvent]:
         prompt_ids = self.encode(prompt)

