@@ -17,16 +17,32 @@ if TYPE_CHECKING:
     from haif.config import ModelConfig
 
 
+def gpus_per_worker(model: ModelConfig) -> int:
+    """GPUs one worker of ``model`` spans: its tensor-parallel size for vLLM, else one."""
+    return model.tensor_parallel_size if model.runtime == "vllm" else 1
+
+
 @dataclass(frozen=True)
 class Placement:
     model: str
     use_gpu: bool
     num_cpus: float
     fell_back_to_cpu: bool = False
+    gpus_per_worker: int = 1
+
+    @property
+    def needs_placement_group(self) -> bool:
+        """A tensor-parallel worker reserves its GPUs as one placement group of bundles."""
+        return self.use_gpu and self.gpus_per_worker > 1
+
+    def placement_group_bundles(self) -> list[dict[str, float]]:
+        return [{"GPU": 1, "CPU": 1}] * self.gpus_per_worker
 
     def actor_options(self, max_concurrency: int) -> dict[str, Any]:
+        # With a placement group, the GPUs belong to the bundles (the engine's
+        # tensor-parallel workers take them); the worker actor itself holds none.
         return {
-            "num_gpus": 1 if self.use_gpu else 0,
+            "num_gpus": 1 if self.use_gpu and not self.needs_placement_group else 0,
             "num_cpus": self.num_cpus,
             "max_concurrency": max_concurrency,
             # A worker that dies is replaced by the Orchestrator, which knows its model.
@@ -52,9 +68,10 @@ def plan_placements(
         if model.device == "cpu":
             plans[model.name] = Placement(model.name, False, model.num_cpus)
             continue
-        if free >= model.workers:
-            free -= model.workers
-            plans[model.name] = Placement(model.name, True, model.num_cpus)
+        per_worker = gpus_per_worker(model)
+        if free >= model.workers * per_worker:
+            free -= model.workers * per_worker
+            plans[model.name] = Placement(model.name, True, model.num_cpus, gpus_per_worker=per_worker)
             continue
         if model.device == "auto":
             plans[model.name] = Placement(model.name, False, model.num_cpus)
@@ -62,7 +79,8 @@ def plan_placements(
             plans[model.name] = Placement(model.name, False, model.num_cpus, fell_back_to_cpu=True)
         else:
             plans[model.name] = GpuUnavailable(
-                f"model {model.name!r} asks for {model.workers} GPU worker(s) (device: gpu) but "
+                f"model {model.name!r} asks for {model.workers} GPU worker(s) of {per_worker} GPU(s) "
+                f"each (device: gpu) but "
                 f"the Ray cluster has {free} free GPU(s) of {int(cluster_gpus)}; add GPUs, "
                 f"lower `workers`, or set `allow_cpu_fallback: true`"
             )

@@ -102,3 +102,24 @@ def test_disabled_models_are_skipped_and_take_no_gpu() -> None:
     )
     assert "off" not in plans
     assert plans["on"].use_gpu is True
+
+
+def test_tensor_parallel_vllm_worker_reserves_a_placement_group() -> None:
+    model = ModelConfig(name="big", runtime="vllm", path="/m", device="gpu", workers=2, tensor_parallel_size=2)
+    plans = plan_placements([model], cluster_gpus=4)
+    plan = plans["big"]
+    assert plan.gpus_per_worker == 2 and plan.needs_placement_group
+    assert plan.placement_group_bundles() == [{"GPU": 1, "CPU": 1}, {"GPU": 1, "CPU": 1}]
+    # The bundles hold the GPUs; the worker actor itself takes none.
+    assert plan.actor_options(8)["num_gpus"] == 0
+
+
+def test_tensor_parallel_counts_every_gpu_of_every_worker() -> None:
+    model = ModelConfig(name="big", runtime="vllm", path="/m", device="gpu", workers=2, tensor_parallel_size=2)
+    err = plan_placements([model], cluster_gpus=3)["big"]
+    assert "2 GPU(s) each" in err.message
+
+
+def test_tensor_parallel_size_is_ignored_by_non_vllm_runtimes() -> None:
+    model = ModelConfig(name="t", runtime="torch", path="/m", device="gpu", tensor_parallel_size=4)
+    assert plan_placements([model], cluster_gpus=1)["t"].gpus_per_worker == 1
