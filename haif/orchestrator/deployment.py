@@ -60,7 +60,10 @@ class Orchestrator:
             pool = ModelPool(model, plan)
             for i in range(model.workers):
                 worker_id = f"{model.name}/{replica}/{i}"
-                actor = remote_worker.options(**plan.actor_options(model.max_concurrency)).remote(
+                options = plan.actor_options(model.max_concurrency)
+                if plan.needs_placement_group:
+                    options["scheduling_strategy"] = _tensor_parallel_strategy(plan)
+                actor = remote_worker.options(**options).remote(
                     model, config.limits.max_prompt_tokens, str(config.base_path()), worker_id
                 )
                 load_ref = actor.load.remote(config.limits.object_ref_threshold_bytes)
@@ -152,6 +155,18 @@ class Orchestrator:
             if not finished:
                 # Client gone, deadline passed or error: stop the generation on the worker.
                 ray.cancel(gen)
+
+
+def _tensor_parallel_strategy(plan: Placement) -> Any:
+    """A placement group with one GPU bundle per tensor-parallel rank, packed on one node.
+
+    Child tasks are captured, so the engine's Ray workers land in its bundles.
+    """
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group(plan.placement_group_bundles(), strategy="STRICT_PACK")
+    return PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
 
 
 async def _resolve(ref: Any) -> Any:
