@@ -10,6 +10,7 @@ request held.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -195,3 +196,52 @@ class StopMatcher:
         """Text held back when the stream ends without a stop string."""
         out, self._buffer = self._buffer, ""
         return out
+
+
+async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    """Merge the events that pile up while the consumer is busy into one.
+
+    Every event yielded by a worker becomes a Ray object that crosses three hops; when
+    the consumer (that chain) is slower than the engine, forwarding tokens one by one
+    costs CPU the engine needs. This reader drains ``events`` into a queue and hands
+    over everything that is there, so a fast consumer still sees every token as soon
+    as it exists, and a slow one sees fewer, larger pieces. Closing the returned
+    generator closes ``events``.
+    """
+    queue: asyncio.Queue[StreamEvent | BaseException | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async with contextlib.aclosing(events) as source:
+                async for event in source:
+                    queue.put_nowait(event)
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            queue.put_nowait(exc)
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            item = await queue.get()
+            merged: StreamEvent | None = None
+            while True:
+                if item is None or isinstance(item, BaseException):
+                    if merged is not None:
+                        yield merged
+                    if item is None:
+                        return
+                    raise item
+                merged = item if merged is None else StreamEvent(
+                    merged.text + item.text, item.completion_tokens, item.prompt_tokens, item.finish_reason
+                )
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            yield merged
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

