@@ -13,7 +13,7 @@ import sys
 
 from bench.common import RESULTS_DIR, Row, print_table
 
-SUITE = ["overhead", "torch_batching"]
+SUITE = ["overhead", "engine", "torch_batching", "embeddings"]
 
 
 def main() -> int:
