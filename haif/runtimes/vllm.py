@@ -85,6 +85,12 @@ class VllmRuntime(Runtime):
         if engine is not None:
             engine.shutdown()
 
+    def stats(self) -> dict[str, int]:
+        """Requests the engine still holds (0 once every stream ended or was aborted)."""
+        if self._engine is None:
+            return {"unfinished": 0}
+        return {"unfinished": self._engine.output_processor.get_num_unfinished_requests()}
+
     def _require_engine(self) -> Any:
         if self._engine is None:
             raise ModelNotReady(f"model {self.ctx.model.name!r} is not loaded")

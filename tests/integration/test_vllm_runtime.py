@@ -1,0 +1,109 @@
+"""The vLLM runtime on the CPU wheel, driven directly (no Ray): one engine per module."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from haif.config import ModelConfig
+from haif.devmodels.tiny_llama import build_tiny_llama
+from haif.exceptions import PromptTooLong
+from haif.runtimes import RuntimeContext, SamplingParams, create_runtime
+from haif.runtimes.base import ChatMessage
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    model_dir = build_tiny_llama(tmp_path_factory.mktemp("vllm") / "tiny-llama")
+    cfg = ModelConfig(
+        name="tiny-llama", runtime="vllm", path=str(model_dir), enforce_eager=True,
+        kv_cache_space_gib=1, max_batch_size=16, max_model_len=512,
+    )
+    runtime = create_runtime(
+        RuntimeContext(model=cfg, model_dir=str(model_dir), device="cpu", max_prompt_tokens=256)
+    )
+    loop = asyncio.new_event_loop()  # vLLM's engine lives on one event loop
+    loop.run_until_complete(runtime.load())
+    yield runtime, loop
+    loop.run_until_complete(runtime.unload())
+    loop.close()
+
+
+def _run(engine: tuple, coro):  # noqa: ANN001, ANN202
+    return engine[1].run_until_complete(coro)
+
+
+async def _collect(runtime, prompt: str, params: SamplingParams) -> list:  # noqa: ANN001
+    return [e async for e in runtime.stream(prompt, params)]
+
+
+def test_greedy_is_deterministic_and_stream_matches_generate(engine: tuple) -> None:
+    runtime = engine[0]
+    first = _run(engine, runtime.generate("Once upon a time", GREEDY))
+    second = _run(engine, runtime.generate("Once upon a time", GREEDY))
+    events = _run(engine, _collect(runtime, "Once upon a time", GREEDY))
+    assert first == second
+    assert "".join(e.text for e in events) == first.text
+    assert events[-1].finish_reason == first.finish_reason
+    assert events[-1].completion_tokens == first.completion_tokens
+    assert first.prompt_tokens == len(runtime._tokenizer("Once upon a time")["input_ids"])
+
+
+def test_max_tokens_and_stop(engine: tuple) -> None:
+    runtime = engine[0]
+    out = _run(engine, runtime.generate("The farmer", SamplingParams(max_tokens=5, temperature=0.0)))
+    if out.finish_reason == "length":
+        assert out.completion_tokens == 5
+    full = _run(engine, runtime.generate("The farmer", GREEDY)).text
+    start = next(i for i in range(len(full) // 2, len(full)) if not full[i].isspace())
+    stop = full[start : start + 2]
+    cut = _run(engine, runtime.generate("The farmer", SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,))))
+    assert cut.finish_reason == "stop"
+    assert stop not in cut.text
+    assert full.startswith(cut.text) and len(cut.text) < len(full)
+
+
+def test_seeded_sampling_is_reproducible(engine: tuple) -> None:
+    runtime = engine[0]
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    a = _run(engine, runtime.generate("A story:", params))
+    b = _run(engine, runtime.generate("A story:", params))
+    assert a.text == b.text
+
+
+def test_concurrent_requests_all_complete(engine: tuple) -> None:
+    runtime = engine[0]
+
+    async def many() -> list:
+        return await asyncio.gather(*(runtime.generate(f"Prompt number {i}", GREEDY) for i in range(12)))
+
+    outs = _run(engine, many())
+    assert all(o.completion_tokens >= 1 for o in outs)
+    assert runtime.stats()["unfinished"] == 0
+
+
+def test_closing_a_stream_aborts_the_request(engine: tuple) -> None:
+    runtime = engine[0]
+
+    async def partial() -> int:
+        async with contextlib.aclosing(runtime.stream("Tell me", SamplingParams(max_tokens=200, temperature=0.0))) as s:
+            async for event in s:
+                if event.completion_tokens >= 2:
+                    break
+        return runtime.stats()["unfinished"]
+
+    assert _run(engine, partial()) == 0
+
+
+def test_prompt_limits_and_chat_template(engine: tuple) -> None:
+    runtime = engine[0]
+    with pytest.raises(PromptTooLong):
+        _run(engine, runtime.generate("word " * 400, GREEDY))
+    prompt = runtime.render_chat([ChatMessage("user", "Hello")])
+    assert "<|im_start|>user" in prompt and prompt.rstrip().endswith("assistant")
