@@ -6,6 +6,12 @@ reserve ``num_cpus``. A worker loads its model once, then serves any number of
 concurrent requests from its event loop (an async actor); streaming methods are
 Ray streaming generators, and cancelling one (client gone, deadline) stops the
 generation in the runtime.
+
+A model given as an ``artifact`` is loaded only through the artifact store: pulled into
+the node cache, its manifest signature and every blob digest verified, then loaded from
+a directory of the cache. A failed check refuses the model (``ArtifactRejected``); there
+is no fallback to unverified bytes. Loaded models stay in a bounded LRU
+(``artifacts.loaded_models_max``): loading one that is still there is instant.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 
+from actors.loaded import LoadedModel, LoadedModels
 from haif.envelope import EmbeddingResult
 from haif.exceptions import (
+    ConfigError,
     HaifError,
     InternalError,
     ModelLoadFailed,
@@ -30,10 +39,11 @@ from haif.exceptions import (
 )
 from haif.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from haif.runtimes import RuntimeContext, SamplingParams, create_runtime
-from haif.runtimes.base import ChatMessage, GenerationOutput, StreamEvent
+from haif.runtimes.base import ChatMessage, GenerationOutput, StreamEvent, coalesce
 
 if TYPE_CHECKING:
-    from haif.config import ModelConfig
+    from haif.artifacts import ArtifactLoader
+    from haif.config import ArtifactsConfig, ModelConfig
     from haif.envelope import WorkItem
     from haif.runtimes import Runtime
 
@@ -57,12 +67,24 @@ def _pick_device(runtime: str, gpu_ids: list[Any]) -> str:
 class ModelWorker:
     """One model, loaded once, served concurrently."""
 
-    def __init__(self, model: ModelConfig, max_prompt_tokens: int, base_dir: str, worker_id: str):
+    def __init__(
+        self,
+        model: ModelConfig,
+        max_prompt_tokens: int,
+        base_dir: str,
+        worker_id: str,
+        artifacts: ArtifactsConfig | None = None,
+    ):
         self.model = model
         self.worker_id = worker_id
         self._base_dir = base_dir
         self._max_prompt_tokens = max_prompt_tokens
         self._object_ref_threshold = 64 * 1024
+        self._artifacts = artifacts
+        self._loader: ArtifactLoader | None = None
+        self._loaded = LoadedModels(artifacts.loaded_models_max if artifacts is not None else 1)
+        self._current: LoadedModel | None = None
+        self._last_load_warm = False
         self._runtime: Runtime | None = None
         self._state = "created"
         self._error: str | None = None
@@ -74,16 +96,32 @@ class ModelWorker:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    async def load(self, object_ref_threshold_bytes: int = 64 * 1024) -> dict[str, Any]:
-        """Load the model; raise ModelLoadFailed (never leave a half-loaded worker)."""
-        from pathlib import Path
+    async def load(
+        self, object_ref_threshold_bytes: int = 64 * 1024, artifact: str | None = None
+    ) -> dict[str, Any]:
+        """Load the model, or make ``artifact`` (another version of it) the one served.
 
+        A model still in this worker's LRU of loaded models is served at once. A failed
+        load raises ModelLoadFailed (ArtifactRejected when the bytes fail a check) and
+        leaves the worker as it was: never half-loaded, never on unverified bytes.
+        """
         self._object_ref_threshold = object_ref_threshold_bytes
+        target = artifact or self.model.artifact
+        key = f"artifact:{target}" if target else f"path:{self.model.path}" if self.model.path else "builtin"
+        warm = self._loaded.get(key)
+        if warm is not None:
+            self._activate(warm, warm=True)
+            return self.info()
         self._state = "loading"
+        started = time.perf_counter()
+        pulled = None
         try:
             self._device = _pick_device(self.model.runtime, ray.get_gpu_ids())
             model_dir = None
-            if self.model.path is not None:
+            if target is not None:
+                pulled = await asyncio.to_thread(self._artifact_loader().acquire, target)
+                model_dir = str(pulled.path)
+            elif self.model.path is not None:
                 path = self.model.resolved_path(Path(self._base_dir))
                 if not path.is_dir():
                     raise ModelLoadFailed(
@@ -99,27 +137,61 @@ class ModelWorker:
             runtime = create_runtime(ctx)
             await runtime.load()
         except HaifError as exc:
-            self._state, self._error = "failed", exc.message
-            raise ModelLoadFailed(f"model {self.model.name!r} failed to load: {exc.message}") from exc
+            self._load_failed(exc.message, pulled)
+            cls = type(exc) if isinstance(exc, ModelLoadFailed) else ModelLoadFailed
+            raise cls(f"model {self.model.name!r} failed to load: {exc.message}") from exc
         except Exception as exc:  # any loader failure must surface as a typed, named error
-            self._state, self._error = "failed", f"{type(exc).__name__}: {exc}"
+            self._load_failed(f"{type(exc).__name__}: {exc}", pulled)
             logger.exception("model %s failed to load", self.model.name)
             raise ModelLoadFailed(
                 f"model {self.model.name!r} failed to load: {type(exc).__name__}: {exc}"
             ) from exc
-        self._runtime = runtime
-        self._state = "ready"
+        loaded = LoadedModel(key=key, runtime=runtime, artifact=pulled, load_s=time.perf_counter() - started)
+        for old in self._loaded.put(loaded):
+            await self._unload_one(old)
+        self._activate(loaded, warm=False)
         return self.info()
 
+    def _artifact_loader(self) -> ArtifactLoader:
+        if self._artifacts is None:
+            raise ConfigError(f"model {self.model.name!r} names an artifact but the worker has no artifacts config")
+        if self._loader is None:
+            from haif.artifacts import ArtifactLoader  # lazy: fsspec and cryptography
+
+            self._loader = ArtifactLoader(self._artifacts, Path(self._base_dir), self.model.name)
+        return self._loader
+
+    def _activate(self, loaded: LoadedModel, *, warm: bool) -> None:
+        self._current = loaded
+        self._runtime = loaded.runtime
+        self._state, self._error = "ready", None
+        self._last_load_warm = warm
+
+    def _load_failed(self, message: str, pulled: Any) -> None:
+        if pulled is not None:
+            pulled.release()
+        # A worker that already serves a model keeps serving it.
+        self._state = "ready" if self._current is not None else "failed"
+        self._error = message
+
+    @staticmethod
+    async def _unload_one(loaded: LoadedModel) -> None:
+        try:
+            await loaded.runtime.unload()
+        finally:
+            if loaded.artifact is not None:
+                loaded.artifact.release()
+
     async def unload(self) -> None:
-        runtime, self._runtime = self._runtime, None
+        self._runtime, self._current = None, None
         self._state = "unloaded"
-        if runtime is not None:
-            await runtime.unload()
+        for loaded in self._loaded.clear():
+            await self._unload_one(loaded)
 
     def info(self) -> dict[str, Any]:
         """Placement and load facts (used by health checks, routing and tests)."""
         stats_fn = getattr(self._runtime, "stats", None)
+        current = self._current
         return {
             "worker_id": self.worker_id,
             "model": self.model.name,
@@ -134,6 +206,11 @@ class ModelWorker:
             "served": self._served,
             "cancelled": self._cancelled,
             "runtime_stats": stats_fn() if callable(stats_fn) else {},
+            "artifact": current.artifact.summary() if current and current.artifact else None,
+            "loaded": self._loaded.keys(),
+            "load_s": round(current.load_s, 4) if current else None,
+            "warm": self._last_load_warm,
+            "artifact_events": list(self._loader.events.recent) if self._loader else [],
         }
 
     # --- serving ---------------------------------------------------------------------
@@ -197,7 +274,9 @@ class ModelWorker:
             (prompt,) = self._prompts(runtime, body)
             # aclosing: a cancelled consumer must free the runtime's batch slot now,
             # not whenever the generator happens to be garbage-collected.
-            async with contextlib.aclosing(runtime.stream(prompt, params)) as events:
+            # coalesce: tokens that pile up while the hops downstream are busy travel
+            # together, one Ray object instead of one per token.
+            async with contextlib.aclosing(coalesce(runtime.stream(prompt, params))) as events:
                 async for event in events:
                     yield event
             finished = True

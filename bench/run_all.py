@@ -13,7 +13,7 @@ import sys
 
 from bench.common import RESULTS_DIR, Row, print_table
 
-SUITE = ["overhead", "engine", "torch_batching", "embeddings"]
+SUITE = ["overhead", "engine", "torch_batching", "embeddings", "artifacts"]
 
 
 def main() -> int:

@@ -53,4 +53,6 @@ def prepare(config: HaifConfig) -> HaifConfig:
     """Everything ``haif serve`` / ``serve run`` needs before deploying."""
     config = ensure_dev_key(config)
     ensure_dev_models(config)
-    return config
+    from haif.artifacts.dev import ensure_dev_artifacts  # lazy: fsspec, cryptography
+
+    return ensure_dev_artifacts(config)

@@ -110,6 +110,30 @@ class RayConfig(_Model):
     include_dashboard: bool = Field(False, description="Start the Ray dashboard with a local cluster.")
 
 
+ARTIFACT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+NAME_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}:[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+ARTIFACT_REF_PATTERN = r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127}:[A-Za-z0-9][A-Za-z0-9._+-]{0,127}|sha256:[0-9a-f]{64})$"
+
+
+def resolve_source(spec: str, base: Path | None = None) -> Path:
+    """A directory on this node: a path (relative to ``base``) or ``python-package:PKG/SUBDIR``.
+
+    Raises:
+        ConfigError: the package is not installed.
+    """
+    if spec.startswith(PACKAGE_SCHEME):
+        package, _, sub = spec[len(PACKAGE_SCHEME):].partition("/")
+        try:
+            root = Path(str(resources.files(package)))
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"package {package!r} of {spec!r} is not installed") from exc
+        return root / sub if sub else root
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return path.resolve()
+
+
 class ModelConfig(_Model):
     name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$",
                       description="Model id clients send in `model`.")
@@ -119,6 +143,11 @@ class ModelConfig(_Model):
     path: str | None = Field(
         None,
         description="Model directory, or `python-package:PKG/SUBDIR` for weights shipped in a package.",
+    )
+    artifact: str | None = Field(
+        None,
+        pattern=ARTIFACT_REF_PATTERN,
+        description="Signed artifact served: `name:version` or `sha256:<manifest digest>` (instead of `path`).",
     )
     version: str = Field("1", description="Version of the model served.")
     build: Literal["tiny-llama"] | None = Field(
@@ -147,9 +176,15 @@ class ModelConfig(_Model):
     load_timeout_s: float = Field(600.0, gt=0, le=7200, description="Model load deadline.")
 
     @model_validator(mode="after")
-    def _path_required(self) -> ModelConfig:
-        if self.runtime != "echo" and not self.path:
-            raise ValueError(f"model {self.name!r}: runtime {self.runtime!r} needs `path`")
+    def _one_source(self) -> ModelConfig:
+        if self.path and self.artifact:
+            raise ValueError(f"model {self.name!r}: give `artifact` or `path`, not both")
+        if self.runtime != "echo" and not (self.path or self.artifact):
+            raise ValueError(
+                f"model {self.name!r}: runtime {self.runtime!r} needs `artifact` (or `path` in development)"
+            )
+        if self.build is not None and not self.path:
+            raise ValueError(f"model {self.name!r}: `build` needs `path`")
         return self
 
     @property
@@ -164,17 +199,10 @@ class ModelConfig(_Model):
         """
         if self.path is None:
             raise ConfigError(f"model {self.name!r} has no path")
-        if self.path.startswith(PACKAGE_SCHEME):
-            package, _, sub = self.path[len(PACKAGE_SCHEME):].partition("/")
-            try:
-                root = Path(str(resources.files(package)))
-            except ModuleNotFoundError as exc:
-                raise ConfigError(f"model {self.name!r}: package {package!r} is not installed") from exc
-            return root / sub if sub else root
-        path = Path(self.path).expanduser()
-        if not path.is_absolute() and base is not None:
-            path = base / path
-        return path.resolve()
+        try:
+            return resolve_source(self.path, base)
+        except ConfigError as exc:
+            raise ConfigError(f"model {self.name!r}: {exc.message}") from exc
 
 
 class DatabaseConfig(_Model):
@@ -188,22 +216,105 @@ class RedisConfig(_Model):
     socket_timeout_s: float = Field(2.0, gt=0, le=60, description="Socket deadline.")
 
 
-class ArtifactsConfig(_Model):
-    replicas: list[str] = Field(
-        default_factory=lambda: [".haif/artifacts"],
-        min_length=1,
-        description="fsspec URLs of the artifact store replicas.",
+class ReplicaConfig(_Model):
+    url: str = Field(
+        ..., min_length=1, description="fsspec URL of the replica: a directory, `s3://bucket/prefix`, ..."
     )
-    write_quorum: int = Field(1, ge=1, le=32, description="Replicas a publish must reach.")
-    cache_dir: str = Field(".haif/cache", description="Per-node content-addressed cache.")
-    cache_max_bytes: int = Field(20 * 1024**3, ge=1024**2, description="Cache size cap.")
-    trusted_keys: list[str] = Field(default_factory=list, description="Trusted signer public keys.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options of this replica, over artifacts.storage_options."
+    )
+
+
+class DevArtifactConfig(_Model):
+    artifact: str = Field(..., pattern=NAME_VERSION_PATTERN, description="`name:version` it is published as.")
+    source: str = Field(
+        ..., min_length=1, description="Directory, or `python-package:PKG/SUBDIR`, published from."
+    )
+    build: Literal["tiny-llama"] | None = Field(
+        None, description="Build this development model into `source` when it is missing."
+    )
+    runtime: Literal["echo", "torch", "embeddings", "vllm"] | None = Field(
+        None, description="Runtime hint recorded in the manifest."
+    )
+
+
+class ArtifactsConfig(_Model):
+    """The artifact store: signed manifests and sha256 blobs on replicas, a cache per node."""
+
+    replicas: list[str | ReplicaConfig] = Field(
+        default_factory=lambda: [".haif/artifacts/replica-1", ".haif/artifacts/replica-2",
+                                 ".haif/artifacts/replica-3"],
+        min_length=1,
+        max_length=32,
+        description="fsspec URLs of the replicas (relative paths: local directories), read in this order.",
+    )
+    write_quorum: int | None = Field(
+        None, ge=1, le=32, description="Replicas a publish must reach to succeed (default: a majority)."
+    )
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fsspec options per protocol, e.g. `{s3: {endpoint_url: ..., key: ..., secret: ...}}`.",
+    )
+    cache_dir: str = Field(".haif/cache", description="Per-node content-addressed cache, shared by its workers.")
+    cache_max_bytes: int = Field(
+        20 * 1024**3, ge=1024**2, le=1024**5, description="Cache size cap; unpinned entries are evicted LRU."
+    )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="Public keys trusted to sign any artifact: `ed25519:<base64>` or a public key file.",
+    )
+    model_trusted_keys: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per artifact name: the only keys trusted for it (instead of trusted_keys).",
+    )
+    dev_signing_key: str | None = Field(
+        None,
+        description="Development signing key, generated when missing; trusted, signs dev_publish. "
+        "Leave unset in production.",
+    )
+    dev_publish: list[DevArtifactConfig] = Field(
+        default_factory=list,
+        description="Bundled models published on start (idempotent), signed by dev_signing_key.",
+    )
+    chunk_bytes: int = Field(
+        8 * 1024**2, ge=64 * 1024, le=256 * 1024**2, description="Unit of streamed reads, hashes and writes."
+    )
+    max_parallel_transfers: int = Field(
+        4, ge=1, le=64, description="Blobs transferred at once by one pull, publish or repair."
+    )
+    loaded_models_max: int = Field(
+        2, ge=1, le=64, description="Loaded models a worker keeps in memory (LRU); a warm one skips loading."
+    )
+    lock_timeout_s: float = Field(
+        900.0, gt=0, le=86_400, description="Longest wait for another process's download of the same blob."
+    )
+    fsync: bool = Field(True, description="fsync cached blobs before they become visible (crash-safe cache).")
+    rehash_cache_hits: bool = Field(
+        False,
+        description="Re-hash cached blobs on every load (default: only when their recorded inode, size "
+        "or times changed).",
+    )
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> ArtifactsConfig:
-        if self.write_quorum > len(self.replicas):
+        if self.write_quorum is not None and self.write_quorum > len(self.replicas):
             raise ValueError("artifacts.write_quorum exceeds the number of replicas")
+        if self.dev_publish and not self.dev_signing_key:
+            raise ValueError("artifacts.dev_publish needs artifacts.dev_signing_key")
         return self
+
+    def quorum(self) -> int:
+        return self.write_quorum if self.write_quorum is not None else len(self.replicas) // 2 + 1
+
+    def replica_configs(self) -> list[ReplicaConfig]:
+        """Every replica as a ReplicaConfig, global storage options merged under its own."""
+        out = []
+        for replica in self.replicas:
+            spec = replica if isinstance(replica, ReplicaConfig) else ReplicaConfig(url=replica)
+            protocol = spec.url.split("://", 1)[0] if "://" in spec.url else "file"
+            options = {**self.storage_options.get(protocol, {}), **spec.storage_options}
+            out.append(spec.model_copy(update={"storage_options": options}))
+        return out
 
 
 class RegionConfig(_Model):

@@ -24,6 +24,15 @@
         ├── DeadlineExceeded        504  timeout
         ├── GpuUnavailable          503  gpu_unavailable (placement failed, fatal for the model)
         ├── ModelLoadFailed         503  model_load_failed (fatal for the model)
+        │   └── ArtifactRejected    503  artifact_rejected (a worker refused the model's bytes)
+        ├── ArtifactError           503  artifact_error (the artifact store)
+        │   ├── ArtifactNotFound    503  artifact_not_found (no replica holds the manifest or a blob)
+        │   ├── ArtifactCorrupt     503  artifact_corrupt (bytes differ from their digest in every replica)
+        │   ├── ManifestInvalid     503  manifest_invalid (malformed or edited: its signature fails)
+        │   ├── UntrustedSigner     503  untrusted_signer (signed by a key not trusted for it)
+        │   ├── ArtifactConflict    409  artifact_conflict (name:version already holds other bytes)
+        │   ├── QuorumNotReached    503  quorum_not_reached (a publish reached too few replicas)
+        │   └── CacheFull           503  cache_full (the node cache cannot hold it under its cap)
         └── InternalError           500  internal_error (a bug; message never holds a trace)
 
 Exceptions cross Ray hops by pickling, so every class takes only ``message`` (and for
@@ -179,6 +188,48 @@ class InternalError(ServiceError):
     status_code = 500
     error_type = "internal_error"
     code = "internal_error"
+
+
+class ArtifactRejected(ModelLoadFailed):
+    """A worker refused a model: its artifact failed a check (the message names it and why)."""
+
+    code = "artifact_rejected"
+
+
+class ArtifactError(ServiceError):
+    """The artifact store: publish, replicate, verify, cache. Fatal for a model that needs it."""
+
+    code = "artifact_error"
+
+
+class ArtifactNotFound(ArtifactError):
+    code = "artifact_not_found"
+
+
+class ArtifactCorrupt(ArtifactError):
+    code = "artifact_corrupt"
+
+
+class ManifestInvalid(ArtifactError):
+    code = "manifest_invalid"
+
+
+class UntrustedSigner(ArtifactError):
+    code = "untrusted_signer"
+
+
+class ArtifactConflict(ArtifactError):
+    status_code = 409
+    error_type = "conflict_error"
+    code = "artifact_conflict"
+
+
+class QuorumNotReached(ArtifactError):
+    code = "quorum_not_reached"
+
+
+class CacheFull(ArtifactError):
+    code = "cache_full"
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -7,11 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from haif.cli.models import keys_app, models_app
 from haif.exceptions import HaifError
 
 app = typer.Typer(help="HAIF: distributed, OpenAI-compatible AI inference.", no_args_is_help=True)
 dev_app = typer.Typer(help="Development helpers.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
+app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
 
 ConfigOption = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional here

@@ -64,7 +64,11 @@ class Orchestrator:
                 if plan.needs_placement_group:
                     options["scheduling_strategy"] = _tensor_parallel_strategy(plan)
                 actor = remote_worker.options(**options).remote(
-                    model, config.limits.max_prompt_tokens, str(config.base_path()), worker_id
+                    model,
+                    config.limits.max_prompt_tokens,
+                    str(config.base_path()),
+                    worker_id,
+                    config.artifacts,
                 )
                 load_ref = actor.load.remote(config.limits.object_ref_threshold_bytes)
                 pool.slots.append(WorkerSlot(worker_id, actor, load_ref))

