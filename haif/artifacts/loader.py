@@ -237,11 +237,13 @@ class ArtifactLoader:
         """
         try:
             ref = ArtifactRef.parse(artifact)
-            store, cache, trust = self._open()
-            return pull(store, cache, ref, trust)
         except ValueError as exc:
             error: ArtifactError = ArtifactError(str(exc))
-        except ArtifactError as exc:
-            error = exc
+        else:
+            try:
+                store, cache, trust = self._open()
+                return pull(store, cache, ref, trust)
+            except ArtifactError as exc:
+                error = exc
         self.events.refused(self._model, artifact, error)
         raise ArtifactRejected(f"refused artifact {artifact} [{error.code}]: {error.message}")
