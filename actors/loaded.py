@@ -1,4 +1,4 @@
-"""The models a worker keeps loaded: a bounded LRU, so that a warm model serves without reloading."""
+"""The models a worker keeps loaded: a bounded LRU, so a warm model serves without reloading."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class LoadedModels:
         return model
 
     def put(self, model: LoadedModel) -> list[LoadedModel]:
-        """Add ``model`` as the most recently used; return what fell out (for the caller to unload)."""
+        """Add ``model`` as the most recently used; return what fell out (the caller unloads it)."""
         self._models[model.key] = model
         self._models.move_to_end(model.key)
         evicted = []

@@ -107,7 +107,10 @@ class ModelWorker:
         """
         self._object_ref_threshold = object_ref_threshold_bytes
         target = artifact or self.model.artifact
-        key = f"artifact:{target}" if target else f"path:{self.model.path}" if self.model.path else "builtin"
+        if target is not None:
+            key = f"artifact:{target}"
+        else:
+            key = f"path:{self.model.path}" if self.model.path else "builtin"
         warm = self._loaded.get(key)
         if warm is not None:
             self._activate(warm, warm=True)
@@ -146,7 +149,8 @@ class ModelWorker:
             raise ModelLoadFailed(
                 f"model {self.model.name!r} failed to load: {type(exc).__name__}: {exc}"
             ) from exc
-        loaded = LoadedModel(key=key, runtime=runtime, artifact=pulled, load_s=time.perf_counter() - started)
+        load_s = time.perf_counter() - started
+        loaded = LoadedModel(key=key, runtime=runtime, artifact=pulled, load_s=load_s)
         for old in self._loaded.put(loaded):
             await self._unload_one(old)
         self._activate(loaded, warm=False)
@@ -154,9 +158,11 @@ class ModelWorker:
 
     def _artifact_loader(self) -> ArtifactLoader:
         if self._artifacts is None:
-            raise ConfigError(f"model {self.model.name!r} names an artifact but the worker has no artifacts config")
+            raise ConfigError(
+                f"model {self.model.name!r} names an artifact; the worker has no artifacts config"
+            )
         if self._loader is None:
-            from haif.artifacts import ArtifactLoader  # lazy: fsspec and cryptography
+            from haif.artifacts import ArtifactLoader  # lazy: fsspec, cryptography
 
             self._loader = ArtifactLoader(self._artifacts, Path(self._base_dir), self.model.name)
         return self._loader

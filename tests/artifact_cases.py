@@ -69,8 +69,12 @@ class Env:
         return TrustPolicy(global_keys=tuple(k.public_key for k in (keys or (self.key,))))
 
     def cache(self, name: str | None = None, max_bytes: int = 1024**3) -> NodeCache:
-        return NodeCache(self.tmp / (name or f"cache-{uuid.uuid4().hex[:8]}"), max_bytes, chunk_bytes=CHUNK,
-                         fsync=False)
+        return NodeCache(
+            self.tmp / (name or f"cache-{uuid.uuid4().hex[:8]}"),
+            max_bytes,
+            chunk_bytes=CHUNK,
+            fsync=False,
+        )
 
     def source(self, files: dict[str, bytes]) -> Path:
         root = self.tmp / f"src-{uuid.uuid4().hex[:8]}"
@@ -79,8 +83,14 @@ class Env:
             (root / rel).write_bytes(data)
         return root
 
-    def publish(self, name: str, version: str, files: dict[str, bytes], key: SigningKey | None = None,
-                store: ArtifactStore | None = None) -> PublishReport:
+    def publish(
+        self,
+        name: str,
+        version: str,
+        files: dict[str, bytes],
+        key: SigningKey | None = None,
+        store: ArtifactStore | None = None,
+    ) -> PublishReport:
         return (store or self.store()).publish(self.source(files), name, version, key or self.key)
 
 
@@ -126,7 +136,11 @@ def case_publish_list_pull_roundtrip(env: Env) -> None:
     assert report.files == 4
     assert all(o.blobs_written == 3 for o in report.outcomes)  # 4 files, 3 distinct blobs
     (listed,) = store.list()
-    assert (listed.ref, listed.manifest_digest, len(listed.replicas)) == ("m:1", report.manifest_digest, 3)
+    assert (listed.ref, listed.manifest_digest, len(listed.replicas)) == (
+        "m:1",
+        report.manifest_digest,
+        3,
+    )
     assert listed.signer == env.key.key_id
 
     pulled = pull(store, env.cache(), ArtifactRef.parse("m:1"), env.trust())
@@ -134,7 +148,9 @@ def case_publish_list_pull_roundtrip(env: Env) -> None:
         assert (pulled.path / rel).read_bytes() == data
     assert pulled.manifest_digest == report.manifest_digest
     assert pulled.blobs_fetched == 3 and pulled.blobs_hit == 0
-    by_digest = pull(store, env.cache(), ArtifactRef.parse(f"sha256:{report.manifest_digest}"), env.trust())
+    by_digest = pull(
+        store, env.cache(), ArtifactRef.parse(f"sha256:{report.manifest_digest}"), env.trust()
+    )
     assert (by_digest.path / "weights.bin").read_bytes() == files["weights.bin"]
     report_check = store.verify(ArtifactRef.parse("m:1"), env.trust())
     assert report_check.clean, report_check.problems()
@@ -165,12 +181,16 @@ def case_republishing_other_bytes_is_refused(env: Env) -> None:
 
 def case_write_quorum(env: Env) -> None:
     replicas = [*env.replicas[:2], env.broken_replica]
-    report = env.store(replicas=replicas, write_quorum=2).publish(env.source(model_files()), "m", "1", env.key)
+    report = env.store(replicas=replicas, write_quorum=2).publish(
+        env.source(model_files()), "m", "1", env.key
+    )
     assert report.ok_replicas == 2
     broken = report.outcomes[2]
     assert (broken.ok, broken.replica) == (False, env.broken_replica) and broken.error
     with pytest.raises(QuorumNotReached, match=r"written to 2 of 3 replicas, write quorum is 3"):
-        env.store(replicas=replicas, write_quorum=3).publish(env.source(model_files()), "m", "2", env.key)
+        env.store(replicas=replicas, write_quorum=3).publish(
+            env.source(model_files()), "m", "2", env.key
+        )
 
 
 # --- reads: fallback, refusal, repair ---------------------------------------------------------
@@ -185,7 +205,9 @@ def case_flipped_byte_in_one_replica_falls_back_and_repair_fixes_it(env: Env) ->
 
     pulled = pull(store, env.cache(), ArtifactRef.parse("m:1"), env.trust())
     assert (pulled.path / "weights.bin").read_bytes() == files["weights.bin"]
-    assert pulled.sources.get(store.replicas[1].label) == 1  # the weights came from the second replica
+    assert (
+        pulled.sources.get(store.replicas[1].label) == 1
+    )  # the weights came from the second replica
 
     ref = ArtifactRef.parse("m:1")
     report = store.verify(ref, env.trust())
@@ -197,7 +219,10 @@ def case_flipped_byte_in_one_replica_falls_back_and_repair_fixes_it(env: Env) ->
     repaired = store.repair(ref, env.trust())
     assert [f.split(" → ")[0] for f in repaired.fixed] == ["weights.bin"]
     assert repaired.after.clean and not repaired.unrepairable
-    assert bytes(first.fs.cat_file(first.blob_path(blob_of(files["weights.bin"])))) == files["weights.bin"]
+    assert (
+        bytes(first.fs.cat_file(first.blob_path(blob_of(files["weights.bin"]))))
+        == files["weights.bin"]
+    )
 
 
 def case_flipped_byte_everywhere_is_refused(env: Env) -> None:
@@ -226,7 +251,9 @@ def case_edited_manifest_is_refused(env: Env) -> None:
     report = env.publish("m", "1", model_files(), store=store)
     for replica in store.replicas:
         edit_manifest(replica, replica.manifest_path("m", "1"))
-    with pytest.raises(ManifestInvalid, match=r"artifact m:1 has no valid manifest: .*signature does not match"):
+    with pytest.raises(
+        ManifestInvalid, match=r"artifact m:1 has no valid manifest: .*signature does not match"
+    ):
         pull(store, env.cache(), ArtifactRef.parse("m:1"), env.trust())
     # By digest the edited copies are also refused: their body no longer hashes to the digest.
     for replica in store.replicas:
@@ -251,12 +278,17 @@ def case_untrusted_signer_is_refused(env: Env) -> None:
     store = env.store()
     rogue = SigningKey.generate()
     env.publish("m", "1", model_files(), key=rogue, store=store)
-    with pytest.raises(UntrustedSigner, match=rf"artifact m:1 is not signed by a trusted key: .*{rogue.key_id}"):
+    with pytest.raises(
+        UntrustedSigner, match=rf"artifact m:1 is not signed by a trusted key: .*{rogue.key_id}"
+    ):
         pull(store, env.cache(), ArtifactRef.parse("m:1"), env.trust())
     assert not store.verify(ArtifactRef.parse("m:1"), env.trust()).valid
     # Per-model trust replaces the global list for that name.
     per_model = TrustPolicy(global_keys=(env.key.public_key,), per_name={"m": (rogue.public_key,)})
-    assert pull(store, env.cache(), ArtifactRef.parse("m:1"), per_model).manifest.signer == rogue.key_id
+    assert (
+        pull(store, env.cache(), ArtifactRef.parse("m:1"), per_model).manifest.signer
+        == rogue.key_id
+    )
     env.publish("n", "1", model_files(), store=store)
     strict = TrustPolicy(global_keys=(env.key.public_key,), per_name={"n": (rogue.public_key,)})
     with pytest.raises(UntrustedSigner):
@@ -269,11 +301,15 @@ def case_missing_blob(env: Env) -> None:
     env.publish("m", "1", files, store=store)
     digest = blob_of(files["config.json"])
     store.replicas[0].remove(store.replicas[0].blob_path(digest))
-    assert (pull(store, env.cache(), ArtifactRef.parse("m:1"), env.trust()).path / "config.json").exists()
+    assert (
+        pull(store, env.cache(), ArtifactRef.parse("m:1"), env.trust()).path / "config.json"
+    ).exists()
     assert store.repair(ArtifactRef.parse("m:1"), env.trust()).after.clean
     for replica in store.replicas:
         replica.remove(replica.blob_path(digest))
-    with pytest.raises(ArtifactNotFound, match=r"artifact m:1: config.json: no replica holds sha256:"):
+    with pytest.raises(
+        ArtifactNotFound, match=r"artifact m:1: config.json: no replica holds sha256:"
+    ):
         pull(store, env.cache(), ArtifactRef.parse("m:1"), env.trust())
     with pytest.raises(ArtifactNotFound, match=r"artifact nope:1 not found"):
         pull(store, env.cache(), ArtifactRef.parse("nope:1"), env.trust())
@@ -288,7 +324,9 @@ def case_warm_cache_reads_nothing_remote(env: Env) -> None:
     env.publish("m", "1", files, store=store)
     cache = env.cache("warm")
     pull(store, cache, ArtifactRef.parse("m:1"), env.trust()).release()
-    assert store.stats.bytes_read == sum(len(v) for k, v in files.items() if k != "tokenizer/copy.txt")
+    assert store.stats.bytes_read == sum(
+        len(v) for k, v in files.items() if k != "tokenizer/copy.txt"
+    )
     # Every replica gone: a warm node still serves the model, reading nothing remote.
     dead = env.store(replicas=[env.broken_replica] * 3, write_quorum=1)
     again = pull(dead, cache, ArtifactRef.parse("m:1"), env.trust())
@@ -335,7 +373,9 @@ def _pull_in_process(config_json: str, base: str, trusted: str, queue: Any) -> N
     config = ArtifactsConfig.model_validate_json(config_json)
     store = ArtifactStore.from_config(config, Path(base))
     cache = NodeCache.from_config(config, Path(base))
-    pulled = pull(store, cache, ArtifactRef.parse("m:1"), TrustPolicy(global_keys=(PublicKey.parse(trusted),)))
+    pulled = pull(
+        store, cache, ArtifactRef.parse("m:1"), TrustPolicy(global_keys=(PublicKey.parse(trusted),))
+    )
     queue.put((store.stats.bytes_read, pulled.blobs_fetched, str(pulled.path)))
 
 
@@ -346,7 +386,10 @@ def case_concurrent_pulls_from_processes_transfer_once(env: Env, pulls: int = 8)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_pull_in_process, args=(config.model_dump_json(), str(env.tmp), env.key.public_key.text(), queue))
+        ctx.Process(
+            target=_pull_in_process,
+            args=(config.model_dump_json(), str(env.tmp), env.key.public_key.text(), queue),
+        )
         for _ in range(pulls)
     ]
     for p in procs:
@@ -379,9 +422,13 @@ def case_cache_stays_under_its_cap(env: Env) -> None:
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        held = pull(store, cache, ArtifactRef.parse("m:1"), env.trust())  # stays pinned (a loaded model)
+        held = pull(
+            store, cache, ArtifactRef.parse("m:1"), env.trust()
+        )  # stays pinned (a loaded model)
         pull(store, cache, ArtifactRef.parse("m:2"), env.trust()).release()
-        pull(store, cache, ArtifactRef.parse("m:3"), env.trust()).release()  # evicts m:2, not pinned m:1
+        pull(
+            store, cache, ArtifactRef.parse("m:3"), env.trust()
+        ).release()  # evicts m:2, not pinned m:1
     finally:
         stop.set()
         sampler.join()
@@ -390,7 +437,9 @@ def case_cache_stays_under_its_cap(env: Env) -> None:
     assert (held.path / "weights.bin").stat().st_size == size  # pinned: still there
     pull(store, cache, ArtifactRef.parse("m:3"), env.trust()).release()
     assert cache.usage().blobs == 2  # m:1 and m:3
-    assert pull(store, cache, ArtifactRef.parse("m:2"), env.trust()).blobs_fetched == 1  # evicted, fetched again
+    assert (
+        pull(store, cache, ArtifactRef.parse("m:2"), env.trust()).blobs_fetched == 1
+    )  # evicted, fetched again
     # m:1 and m:2 are pinned (loaded) and m:3 was evicted for m:2: nothing can make room.
     env.publish("m", "4", {"weights.bin": os.urandom(size)}, store=store)
     with pytest.raises(CacheFull, match="pinned"):

@@ -74,7 +74,7 @@ def _fill(src: _Readable, buf: bytearray) -> int:
         else:
             data = src.read(len(buf) - filled)
             n = len(data)
-            view[filled:filled + n] = data
+            view[filled : filled + n] = data
         if not n:
             break
         filled += n
@@ -142,7 +142,9 @@ def copy_hashed(
     return digest.hexdigest(), total
 
 
-def hash_file(path: str | Path, chunk_bytes: int, on_bytes: ByteCallback | None = None) -> tuple[str, int]:
+def hash_file(
+    path: str | Path, chunk_bytes: int, on_bytes: ByteCallback | None = None
+) -> tuple[str, int]:
     """``(sha256 hex, size)`` of a local file, streamed."""
     with open(path, "rb", buffering=0) as fh:
         return copy_hashed(fh, None, chunk_bytes, on_bytes=on_bytes)
@@ -163,5 +165,7 @@ def group_reasons(reasons: list[str]) -> str:
     for reason in reasons:
         label, sep, why = reason.partition(": ")
         grouped.setdefault(why if sep else reason, []).append(label if sep else "")
-    return "; ".join(f"{', '.join(filter(None, labels))}: {why}" if any(labels) else why
-                     for why, labels in grouped.items())
+    return "; ".join(
+        f"{', '.join(filter(None, labels))}: {why}" if any(labels) else why
+        for why, labels in grouped.items()
+    )

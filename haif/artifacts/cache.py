@@ -50,7 +50,8 @@ _SCHEMA = (
     "last_used REAL NOT NULL, fingerprint TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS reservations (digest TEXT NOT NULL, owner TEXT NOT NULL, "
     "size INTEGER NOT NULL, PRIMARY KEY (digest, owner))",
-    "CREATE TABLE IF NOT EXISTS pins (digest TEXT NOT NULL, owner TEXT NOT NULL, PRIMARY KEY (digest, owner))",
+    "CREATE TABLE IF NOT EXISTS pins (digest TEXT NOT NULL, owner TEXT NOT NULL, "
+    "PRIMARY KEY (digest, owner))",
 )
 _LOCK_POLL_MAX_S = 0.1
 
@@ -160,7 +161,10 @@ class NodeCache:
         conn.execute("COMMIT")
 
     def _drop_stale(self, conn: sqlite3.Connection) -> None:
-        owners = {row[0] for row in conn.execute("SELECT owner FROM pins UNION SELECT owner FROM reservations")}
+        owners = {
+            row[0]
+            for row in conn.execute("SELECT owner FROM pins UNION SELECT owner FROM reservations")
+        }
         for owner in owners:
             if not _alive(owner):
                 conn.execute("DELETE FROM pins WHERE owner = ?", (owner,))
@@ -182,14 +186,21 @@ class NodeCache:
                         blob.unlink(missing_ok=True)
 
     def _indexed(self, digest: str) -> bool:
-        return self._connect().execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone() is not None
+        return (
+            self._connect().execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone()
+            is not None
+        )
 
     def usage(self) -> CacheUsage:
         conn = self._connect()
-        blob_bytes, blobs = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blobs").fetchone()
+        blob_bytes, blobs = conn.execute(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blobs"
+        ).fetchone()
         reserved = conn.execute("SELECT COALESCE(SUM(size), 0) FROM reservations").fetchone()[0]
         pinned = conn.execute("SELECT COUNT(DISTINCT digest) FROM pins").fetchone()[0]
-        return CacheUsage(blob_bytes=blob_bytes, reserved_bytes=reserved, blobs=blobs, pinned_blobs=pinned)
+        return CacheUsage(
+            blob_bytes=blob_bytes, reserved_bytes=reserved, blobs=blobs, pinned_blobs=pinned
+        )
 
     def disk_bytes(self) -> int:
         """Bytes of blobs and downloads on disk: what ``max_bytes`` bounds."""
@@ -206,7 +217,9 @@ class NodeCache:
     def pin(self, digests: Iterable[str], owner: str) -> None:
         """Keep these blobs from eviction until ``unpin(owner)`` or the owner's process ends."""
         with self._tx() as conn:
-            conn.executemany("INSERT OR IGNORE INTO pins VALUES (?, ?)", [(d, owner) for d in digests])
+            conn.executemany(
+                "INSERT OR IGNORE INTO pins VALUES (?, ?)", [(d, owner) for d in digests]
+            )
 
     def unpin(self, owner: str) -> None:
         with self._tx() as conn:
@@ -249,7 +262,8 @@ class NodeCache:
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise ArtifactError(
-                            f"waited {self.lock_timeout_s:g}s for another download of sha256:{digest[:12]}"
+                            f"waited {self.lock_timeout_s:g}s for another download of "
+                            f"sha256:{digest[:12]}"
                         ) from None
                     time.sleep(delay)  # another process is downloading it: wait for the lock
                     delay = min(delay * 2, _LOCK_POLL_MAX_S)
@@ -267,9 +281,14 @@ class NodeCache:
         if self.rehash_hits or not blobs:
             return set()
         marks = ",".join("?" * len(blobs))
-        rows = self._connect().execute(
-            f"SELECT digest, size, fingerprint FROM blobs WHERE digest IN ({marks})", list(blobs)
-        ).fetchall()
+        rows = (
+            self._connect()
+            .execute(
+                f"SELECT digest, size, fingerprint FROM blobs WHERE digest IN ({marks})",
+                list(blobs),
+            )
+            .fetchall()
+        )
         hits = set()
         for digest, size, fingerprint in rows:
             try:
@@ -281,7 +300,9 @@ class NodeCache:
         if hits:
             now = time.time()
             with self._tx() as conn:
-                conn.executemany("UPDATE blobs SET last_used = ? WHERE digest = ?", [(now, d) for d in hits])
+                conn.executemany(
+                    "UPDATE blobs SET last_used = ? WHERE digest = ?", [(now, d) for d in hits]
+                )
         return hits
 
     def has_blob(self, digest: str, size: int) -> bool:
@@ -297,7 +318,11 @@ class NodeCache:
             with self._tx() as conn:
                 conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
             return False
-        row = self._connect().execute("SELECT size, fingerprint FROM blobs WHERE digest = ?", (digest,)).fetchone()
+        row = (
+            self._connect()
+            .execute("SELECT size, fingerprint FROM blobs WHERE digest = ?", (digest,))
+            .fetchone()
+        )
         fingerprint = _fingerprint(st)
         if not (row == (size, fingerprint) and st.st_size == size and not self.rehash_hits):
             got, n = hash_file(path, self.chunk_bytes)
@@ -310,7 +335,8 @@ class NodeCache:
         with self._tx() as conn:
             conn.execute(
                 "INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
-                "last_used = excluded.last_used, fingerprint = excluded.fingerprint, size = excluded.size",
+                "last_used = excluded.last_used, fingerprint = excluded.fingerprint, "
+                "size = excluded.size",
                 (digest, size, time.time(), fingerprint),
             )
         return True
@@ -318,7 +344,8 @@ class NodeCache:
     def _reserve(self, digest: str, size: int, owner: str) -> None:
         if size > self.max_bytes:
             raise CacheFull(
-                f"blob sha256:{digest[:12]} has {size} bytes, more than the cache cap of {self.max_bytes}"
+                f"blob sha256:{digest[:12]} has {size} bytes, "
+                f"more than the cache cap of {self.max_bytes}"
             )
         with self._tx() as conn:
             self._drop_stale(conn)
@@ -336,13 +363,18 @@ class NodeCache:
                     self.blob_path(victim).unlink(missing_ok=True)
                     conn.execute("DELETE FROM blobs WHERE digest = ?", (victim,))
                     excess -= victim_size
-                    logger.info("evicted sha256:%s (%d bytes) from the node cache", victim[:12], victim_size)
+                    logger.info(
+                        "evicted sha256:%s (%d bytes) from the node cache", victim[:12], victim_size
+                    )
             if excess > 0:
                 raise CacheFull(
-                    f"cannot fit sha256:{digest[:12]} ({size} bytes) under the cache cap of {self.max_bytes} "
-                    f"bytes: {stored} stored, {reserved} downloading, the rest pinned by loaded models"
+                    f"cannot fit sha256:{digest[:12]} ({size} bytes) under the cache cap of "
+                    f"{self.max_bytes} bytes: {stored} stored, {reserved} downloading, "
+                    "the rest pinned by loaded models"
                 )
-            conn.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, ?)", (digest, owner, size))
+            conn.execute(
+                "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?)", (digest, owner, size)
+            )
 
     def _unreserve(self, digest: str, owner: str) -> None:
         with self._tx() as conn:
@@ -378,7 +410,11 @@ class NodeCache:
                 self._unreserve(digest, owner)
 
     def _download(
-        self, digest: str, size: int, sources: Sequence[BlobSource], owner: str,
+        self,
+        digest: str,
+        size: int,
+        sources: Sequence[BlobSource],
+        owner: str,
         on_bytes: Callable[[int], None] | None,
     ) -> BlobFetch:
         final = self.blob_path(digest)
@@ -406,7 +442,9 @@ class NodeCache:
                 continue
             except TooManyBytes:
                 got, n = "", size + 1
-            except Exception as exc:  # unreachable or failing mid-stream: fall back to the next replica
+            except (
+                Exception
+            ) as exc:  # unreachable or failing mid-stream: fall back to the next replica
                 failures.append(f"{source.label}: unreachable: {type(exc).__name__}: {exc}")
                 tmp.unlink(missing_ok=True)
                 if on_bytes is not None and done:
@@ -416,7 +454,9 @@ class NodeCache:
                 corrupt = True
                 what = f"{n} bytes, expected {size}" if n != size else f"sha256 {got[:12]}…"
                 failures.append(f"{source.label}: corrupt ({what})")
-                logger.warning("replica %s holds a corrupt copy of sha256:%s", source.label, digest[:12])
+                logger.warning(
+                    "replica %s holds a corrupt copy of sha256:%s", source.label, digest[:12]
+                )
                 tmp.unlink(missing_ok=True)
                 if on_bytes is not None and done:
                     on_bytes(-done)  # the progress bar goes back for the next try

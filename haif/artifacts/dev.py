@@ -1,4 +1,4 @@
-"""First start of a development deployment: a signing key, trusted, and the bundled models published.
+"""First start of a development deployment: a trusted signing key, the bundled models published.
 
 ``make serve`` serves MiniLM and the tiny test LLM from the artifact store like any other
 model. On first start this generates ``artifacts.dev_signing_key`` (when missing), trusts
@@ -57,7 +57,9 @@ def ensure_dev_artifacts(config: HaifConfig) -> HaifConfig:
     return config
 
 
-def _publish(store: ArtifactStore, trust: TrustPolicy, key: SigningKey, item: DevArtifactConfig, base: Path) -> None:
+def _publish(
+    store: ArtifactStore, trust: TrustPolicy, key: SigningKey, item: DevArtifactConfig, base: Path
+) -> None:
     ref = ArtifactRef.parse(item.artifact)
     _, statuses, _ = store.manifest_statuses(ref, trust)
     if all(s == OK for s in statuses.values()):
@@ -68,9 +70,15 @@ def _publish(store: ArtifactStore, trust: TrustPolicy, key: SigningKey, item: De
 
         build_tiny_llama(source)
     runtime = {"runtime": item.runtime} if item.runtime else {}
-    report = store.publish(source, ref.name or "", ref.version or "", key, runtime=runtime, trust=trust)
+    report = store.publish(
+        source, ref.name or "", ref.version or "", key, runtime=runtime, trust=trust
+    )
     written = sum(o.bytes_written for o in report.outcomes)
     logger.info(
         "published %s (manifest sha256:%s) to %d/%d replicas, %d bytes written",
-        report.ref, report.manifest_digest, report.ok_replicas, len(report.outcomes), written,
+        report.ref,
+        report.manifest_digest,
+        report.ok_replicas,
+        len(report.outcomes),
+        written,
     )

@@ -58,7 +58,7 @@ class PublicKey:
         text = text.strip()
         if text.startswith(KEY_PREFIX):
             try:
-                raw = base64.b64decode(text[len(KEY_PREFIX):], validate=True)
+                raw = base64.b64decode(text[len(KEY_PREFIX) :], validate=True)
             except binascii.Error as exc:
                 raise ValueError(f"bad base64 in public key: {exc}") from None
             if len(raw) != 32:
@@ -77,7 +77,9 @@ class SigningKey:
 
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
-        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
         self.public_key = PublicKey(raw)
 
     @property
@@ -101,7 +103,9 @@ class SigningKey:
             raise FileExistsError(f"{path} exists")
         path.parent.mkdir(parents=True, exist_ok=True)
         pem = self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -131,8 +131,13 @@ def pull(
     paths = {f.digest: f.path for f in manifest.files}
     cache.pin(blobs, owner)
     pulled = PulledArtifact(
-        ref=str(ref), manifest=manifest, manifest_digest=signed.digest, path=cache.root,
-        owner=owner, cache=cache, manifest_from_cache=from_cache,
+        ref=str(ref),
+        manifest=manifest,
+        manifest_digest=signed.digest,
+        path=cache.root,
+        owner=owner,
+        cache=cache,
+        manifest_from_cache=from_cache,
     )
     try:
         advance = progress.task(f"pull {ref}", manifest.total_bytes) if progress else None
@@ -158,7 +163,9 @@ def pull(
             advance(sum(blobs[d] for d in hits))
         missing = sorted((d, s) for d, s in blobs.items() if d not in hits)
         if missing:
-            with ThreadPoolExecutor(max_workers=store.max_parallel, thread_name_prefix="haif-pull") as pool:
+            with ThreadPoolExecutor(
+                max_workers=store.max_parallel, thread_name_prefix="haif-pull"
+            ) as pool:
                 list(pool.map(fetch, missing))
         pulled.path = cache.view(manifest, signed.digest)
     except BaseException:
@@ -168,7 +175,7 @@ def pull(
 
 
 class ArtifactEvents:
-    """Counts refused artifacts (a Ray metric, summed across processes) and logs each as a JSON event."""
+    """Counts refused artifacts (a Ray metric summed across processes), logs each as JSON."""
 
     def __init__(self, *, ray_metrics: bool) -> None:
         self._ray_metrics = ray_metrics
@@ -213,7 +220,9 @@ class ArtifactEvents:
 class ArtifactLoader:
     """A worker's way to its model's bytes: pull, verify, and refuse loudly."""
 
-    def __init__(self, config: ArtifactsConfig, base: Path, model: str, *, ray_metrics: bool = True) -> None:
+    def __init__(
+        self, config: ArtifactsConfig, base: Path, model: str, *, ray_metrics: bool = True
+    ) -> None:
         self._config = config
         self._base = base
         self._model = model
@@ -230,7 +239,7 @@ class ArtifactLoader:
         return self._parts
 
     def acquire(self, artifact: str) -> PulledArtifact:
-        """The verified, pinned model directory of ``artifact`` (``name:version`` or ``sha256:...``).
+        """The verified, pinned model directory of ``artifact`` (``name:version``/``sha256:...``).
 
         Raises:
             ArtifactRejected: the artifact failed a check; the message names it and why.

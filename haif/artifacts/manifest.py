@@ -43,7 +43,9 @@ _BODY_KEYS = {"schema", "name", "version", "runtime", "files", "created_at", "si
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8; floats are refused (no canonical form)."""
     _check_canonical(obj)
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8"
+    )
 
 
 def _check_canonical(obj: Any) -> None:
@@ -73,7 +75,7 @@ class ArtifactRef:
     def parse(cls, text: str) -> ArtifactRef:
         """Raises: ValueError: neither form."""
         if text.startswith("sha256:"):
-            digest = text[len("sha256:"):]
+            digest = text[len("sha256:") :]
             if not _HEX64.match(digest):
                 raise ValueError(f"{text!r}: a manifest digest is sha256:<64 hex digits>")
             return cls(digest=digest)
@@ -99,7 +101,9 @@ class Manifest:
     version: str
     files: tuple[FileEntry, ...]
     signer: str
-    created_at: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    created_at: str = field(
+        default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
     runtime: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -116,7 +120,10 @@ class Manifest:
 
     def same_content(self, other: Manifest) -> bool:
         return (self.name, self.version, self.files, self.runtime) == (
-            other.name, other.version, other.files, other.runtime
+            other.name,
+            other.version,
+            other.files,
+            other.runtime,
         )
 
     def body(self) -> dict[str, Any]:
@@ -125,7 +132,9 @@ class Manifest:
             "name": self.name,
             "version": self.version,
             "runtime": dict(self.runtime),
-            "files": [{"path": f.path, "digest": f"sha256:{f.digest}", "size": f.size} for f in self.files],
+            "files": [
+                {"path": f.path, "digest": f"sha256:{f.digest}", "size": f.size} for f in self.files
+            ],
             "created_at": self.created_at,
             "signer": self.signer,
         }
@@ -165,8 +174,12 @@ class Manifest:
             raise ValueError("a path is listed twice")
         _check_no_prefix_clash(paths)
         return cls(
-            name=name, version=version, files=files, signer=body["signer"],
-            created_at=body["created_at"], runtime=dict(runtime),
+            name=name,
+            version=version,
+            files=files,
+            signer=body["signer"],
+            created_at=body["created_at"],
+            runtime=dict(runtime),
         )
 
 
@@ -176,7 +189,11 @@ def _file_entry(item: Any) -> FileEntry:
     path, digest, size = item["path"], item["digest"], item["size"]
     if not isinstance(path, str) or not is_safe_path(path):
         raise ValueError(f"unsafe file path {path!r}")
-    if not isinstance(digest, str) or not digest.startswith("sha256:") or not _HEX64.match(digest[7:]):
+    if (
+        not isinstance(digest, str)
+        or not digest.startswith("sha256:")
+        or not _HEX64.match(digest[7:])
+    ):
         raise ValueError(f"bad digest {digest!r} of {path!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"bad size of {path!r}")
@@ -212,14 +229,16 @@ class SignedManifest:
         return self.manifest.digest
 
     def to_bytes(self) -> bytes:
-        return canonical_json({
-            "manifest": self.manifest.body(),
-            "signature": {
-                "algorithm": ALGORITHM,
-                "key_id": self.key_id,
-                "value": base64.b64encode(self.signature).decode("ascii"),
-            },
-        })
+        return canonical_json(
+            {
+                "manifest": self.manifest.body(),
+                "signature": {
+                    "algorithm": ALGORITHM,
+                    "key_id": self.key_id,
+                    "value": base64.b64encode(self.signature).decode("ascii"),
+                },
+            }
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> SignedManifest:
@@ -243,7 +262,13 @@ class SignedManifest:
                 raise ValueError("bad signature fields")
             signature = base64.b64decode(sig["value"], validate=True)
             manifest = Manifest.from_body(doc["manifest"])
-        except (UnicodeDecodeError, json.JSONDecodeError, binascii.Error, ValueError, TypeError) as exc:
+        except (
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            binascii.Error,
+            ValueError,
+            TypeError,
+        ) as exc:
             raise ManifestInvalid(f"{where}: malformed manifest: {exc}") from None
         return cls(manifest=manifest, key_id=sig["key_id"], signature=signature)
 
@@ -256,7 +281,9 @@ class SignedManifest:
         """
         m = self.manifest
         if self.key_id != m.signer:
-            raise ManifestInvalid(f"{where}: signature key {self.key_id} is not the signer {m.signer}")
+            raise ManifestInvalid(
+                f"{where}: signature key {self.key_id} is not the signer {m.signer}"
+            )
         keys = trust.keys_for(m.name)
         key = keys.get(self.key_id)
         if key is None:
@@ -265,7 +292,9 @@ class SignedManifest:
                 f"({len(keys)} trusted key(s))"
             )
         if not key.verify(self.signature, m.canonical()):
-            raise ManifestInvalid(f"{where}: signature does not match the manifest (edited or corrupt)")
+            raise ManifestInvalid(
+                f"{where}: signature does not match the manifest (edited or corrupt)"
+            )
         return m
 
     def check_ref(self, ref: ArtifactRef, where: str) -> None:
@@ -280,4 +309,6 @@ class SignedManifest:
 def sign_manifest(manifest: Manifest, key: SigningKey) -> SignedManifest:
     if manifest.signer != key.key_id:
         raise ValueError("the manifest's signer must be the signing key's id")
-    return SignedManifest(manifest=manifest, key_id=key.key_id, signature=key.sign(manifest.canonical()))
+    return SignedManifest(
+        manifest=manifest, key_id=key.key_id, signature=key.sign(manifest.canonical())
+    )

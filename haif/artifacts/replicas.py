@@ -37,8 +37,12 @@ class Replica:
     """A store root on one filesystem; ``label`` is how messages and counters name it."""
 
     def __init__(
-        self, url: str, storage_options: dict[str, Any] | None = None, base: Path | None = None,
-        *, fsync: bool = True,
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        base: Path | None = None,
+        *,
+        fsync: bool = True,
     ) -> None:
         options = dict(storage_options or {})
         self._fsync = fsync
@@ -90,7 +94,9 @@ class Replica:
         if self.local:
             return open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
         # Fewer, larger ranged GETs: an object store pays per request.
-        return self.fs.open(path, "rb", block_size=chunk_bytes * _REMOTE_READ_BLOCKS, cache_type="readahead")
+        return self.fs.open(
+            path, "rb", block_size=chunk_bytes * _REMOTE_READ_BLOCKS, cache_type="readahead"
+        )
 
     def read_bytes(self, path: str, limit: int) -> bytes | None:
         """A small file's bytes (manifests), or None when missing; at most ``limit`` + 1 bytes."""
@@ -166,7 +172,9 @@ class Replica:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(tmp)
 
-    def put_file(self, local: Path, path: str, chunk_bytes: int, on_bytes: Callable[[int], None] | None) -> None:
+    def put_file(
+        self, local: Path, path: str, chunk_bytes: int, on_bytes: Callable[[int], None] | None
+    ) -> None:
         """Copy a local file to ``path`` the fastest way the filesystem has (atomic as ``writer``).
 
         A local directory gets an in-kernel copy (``copy_file_range``); an object store a
@@ -180,7 +188,7 @@ class Replica:
             _kernel_copy(src, dst, chunk_bytes, on_bytes)
 
     def stage_file(self, local: Path, chunk_bytes: int) -> Path:
-        """Copy a local file into this (local) replica's ``tmp/``, invisible until ``commit_staged``."""
+        """Copy a local file into this local replica's ``tmp/``, unseen until ``commit_staged``."""
         tmp_dir = Path(self.root) / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = tmp_dir / f"{uuid.uuid4().hex}.staged"
@@ -223,7 +231,9 @@ class _Progress(Callback):
             self._on_bytes(inc)
 
 
-def _kernel_copy(src: BinaryIO, dst: BinaryIO, chunk_bytes: int, on_bytes: Callable[[int], None] | None) -> None:
+def _kernel_copy(
+    src: BinaryIO, dst: BinaryIO, chunk_bytes: int, on_bytes: Callable[[int], None] | None
+) -> None:
     """Copy in the kernel, chunk by chunk (progress); plain reads where the kernel cannot."""
     try:
         while n := os.copy_file_range(src.fileno(), dst.fileno(), chunk_bytes):

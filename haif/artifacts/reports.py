@@ -74,7 +74,11 @@ class VerifyReport:
     def problems(self) -> list[str]:
         out = [f"manifest in {label}: {s}" for label, s in self.manifest_status.items() if s != OK]
         for b in self.blobs:
-            out += [f"{b.path} (sha256:{b.digest[:12]}) in {label}: {s}" for label, s in b.status.items() if s != OK]
+            out += [
+                f"{b.path} (sha256:{b.digest[:12]}) in {label}: {s}"
+                for label, s in b.status.items()
+                if s != OK
+            ]
         return out
 
 

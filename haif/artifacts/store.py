@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("haif.artifacts")
 
+
 class Progress(Protocol):
     """Where long transfers report bytes (the CLI draws rich progress bars)."""
 
@@ -117,7 +118,8 @@ class ArtifactStore:
     @classmethod
     def from_config(cls, config: ArtifactsConfig, base: Path | None = None) -> ArtifactStore:
         replicas = [
-            Replica(r.url, r.storage_options, base, fsync=config.fsync) for r in config.replica_configs()
+            Replica(r.url, r.storage_options, base, fsync=config.fsync)
+            for r in config.replica_configs()
         ]
         return cls(
             replicas,
@@ -129,7 +131,11 @@ class ArtifactStore:
     # --- manifests ----------------------------------------------------------------
 
     def _manifest_at(self, replica: Replica, ref: ArtifactRef) -> SignedManifest | None:
-        path = replica.digest_path(ref.digest) if ref.digest else replica.manifest_path(ref.name, ref.version)
+        path = (
+            replica.digest_path(ref.digest)
+            if ref.digest
+            else replica.manifest_path(ref.name, ref.version)
+        )
         data = replica.read_bytes(path, MAX_MANIFEST_BYTES)
         if data is None:
             return None
@@ -158,7 +164,9 @@ class ArtifactStore:
                 continue
             except Exception as exc:  # an unreachable replica is a reason to fall back, not to fail
                 statuses[replica.label] = f"unreachable: {type(exc).__name__}: {exc}"
-                errors.append(ArtifactNotFound(f"{replica.label}: unreachable: {type(exc).__name__}: {exc}"))
+                errors.append(
+                    ArtifactNotFound(f"{replica.label}: unreachable: {type(exc).__name__}: {exc}")
+                )
                 continue
             if trusted is not None and signed.digest != trusted.digest:
                 statuses[replica.label] = f"differs: manifest sha256:{signed.digest[:12]}"
@@ -186,7 +194,9 @@ class ArtifactStore:
             except ArtifactError as exc:
                 errors.append(exc)
             except Exception as exc:  # unreachable: fall back to the next replica
-                errors.append(ArtifactNotFound(f"{replica.label}: unreachable: {type(exc).__name__}: {exc}"))
+                errors.append(
+                    ArtifactNotFound(f"{replica.label}: unreachable: {type(exc).__name__}: {exc}")
+                )
         raise manifest_failure(ref, errors)
 
     # --- blobs ----------------------------------------------------------------------
@@ -202,16 +212,21 @@ class ArtifactStore:
             for r in self.replicas
         ]
 
-    def check_blob(self, replica: Replica, entry: FileEntry, on_bytes: Callable[[int], None] | None = None) -> str:
+    def check_blob(
+        self, replica: Replica, entry: FileEntry, on_bytes: Callable[[int], None] | None = None
+    ) -> str:
         """``ok``, ``missing``, or what is wrong with one replica's copy (streamed, hashed)."""
         try:
             with replica.open_read(replica.blob_path(entry.digest), self.chunk_bytes) as fh:
+
                 def counted(n: int) -> None:
                     self.stats.add_read(replica.label, n)
                     if on_bytes is not None:
                         on_bytes(n)
 
-                digest, size = copy_hashed(fh, None, self.chunk_bytes, on_bytes=counted, limit=entry.size)
+                digest, size = copy_hashed(
+                    fh, None, self.chunk_bytes, on_bytes=counted, limit=entry.size
+                )
         except FileNotFoundError:
             return MISSING
         except TooManyBytes:
@@ -224,13 +239,19 @@ class ArtifactStore:
             return f"corrupt: sha256 {digest[:12]}…"
         return OK
 
-    def _copy_blob(self, src: Replica, dst: Replica, entry: FileEntry, on_bytes: Callable[[int], None] | None) -> None:
+    def _copy_blob(
+        self, src: Replica, dst: Replica, entry: FileEntry, on_bytes: Callable[[int], None] | None
+    ) -> None:
         """Stream one blob between replicas, verified on the way: a bad copy is never committed."""
         with src.open_read(src.blob_path(entry.digest), self.chunk_bytes) as fin:
             with dst.writer(dst.blob_path(entry.digest)) as fout:
-                digest, size = copy_hashed(fin, fout, self.chunk_bytes, on_bytes=on_bytes, limit=entry.size)
+                digest, size = copy_hashed(
+                    fin, fout, self.chunk_bytes, on_bytes=on_bytes, limit=entry.size
+                )
                 if (digest, size) != (entry.digest, entry.size):
-                    raise ArtifactCorrupt(f"{src.label} served a bad copy of sha256:{entry.digest[:12]}")
+                    raise ArtifactCorrupt(
+                        f"{src.label} served a bad copy of sha256:{entry.digest[:12]}"
+                    )
         self.stats.add_read(src.label, entry.size)
         self.stats.add_written(dst.label, entry.size)
 
@@ -265,20 +286,35 @@ class ArtifactStore:
         try:
             entries, local = self._hash_and_stage(files, staged, progress, ref)
             manifest = Manifest(
-                name=name, version=version, files=tuple(entries), signer=key.key_id, runtime=dict(runtime or {})
+                name=name,
+                version=version,
+                files=tuple(entries),
+                signer=key.key_id,
+                runtime=dict(runtime or {}),
             )
             signed = self._reuse_or_sign(ref, manifest, key, trust)
-            with ThreadPoolExecutor(max_workers=len(self.replicas), thread_name_prefix="haif-publish") as pool:
-                outcomes = list(pool.map(
-                    lambda r: self._publish_to(r, signed, local, staged.get(r.label, {}), progress), self.replicas
-                ))
+            with ThreadPoolExecutor(
+                max_workers=len(self.replicas), thread_name_prefix="haif-publish"
+            ) as pool:
+                outcomes = list(
+                    pool.map(
+                        lambda r: self._publish_to(
+                            r, signed, local, staged.get(r.label, {}), progress
+                        ),
+                        self.replicas,
+                    )
+                )
         finally:
             for copies in staged.values():
                 for tmp in copies.values():
                     tmp.unlink(missing_ok=True)
         report = PublishReport(
-            ref=str(ref), manifest_digest=signed.digest, files=len(entries),
-            total_bytes=manifest.total_bytes, signer=signed.key_id, outcomes=outcomes,
+            ref=str(ref),
+            manifest_digest=signed.digest,
+            files=len(entries),
+            total_bytes=manifest.total_bytes,
+            signer=signed.key_id,
+            outcomes=outcomes,
         )
         if report.ok_replicas < self.write_quorum:
             failed = "; ".join(f"{o.replica}: {o.error}" for o in outcomes if not o.ok)
@@ -305,15 +341,22 @@ class ArtifactStore:
         advance = progress.task(f"hash {ref}", total) if progress else None
         entries: list[FileEntry] = []
         local: dict[str, tuple[Path, tuple[int, ...]]] = {}
-        with ThreadPoolExecutor(max_workers=max(1, len(local_replicas)), thread_name_prefix="haif-stage") as pool:
+        with ThreadPoolExecutor(
+            max_workers=max(1, len(local_replicas)), thread_name_prefix="haif-stage"
+        ) as pool:
             for rel, path in files:
                 stamp = _stamp(path)
-                copies = {r.label: pool.submit(r.stage_file, path, self.chunk_bytes) for r in local_replicas}
+                copies = {
+                    r.label: pool.submit(r.stage_file, path, self.chunk_bytes)
+                    for r in local_replicas
+                }
                 digest, size = hash_file(path, self.chunk_bytes, on_bytes=advance)
                 for label, copy in copies.items():
                     try:
                         tmp = copy.result()
-                    except OSError as exc:  # that replica's own write reports it, without a staged copy
+                    except (
+                        OSError
+                    ) as exc:  # that replica's own write reports it, without a staged copy
                         logger.warning("cannot stage %s in %s: %s", path, label, exc)
                         continue
                     if digest in staged[label]:
@@ -371,7 +414,11 @@ class ArtifactStore:
             for digest, size in manifest.blobs().items():
                 if replica.size(replica.blob_path(digest)) != size:
                     missing[digest] = size
-            advance = progress.task(f"publish → {replica.label}", sum(missing.values())) if progress else None
+            advance = (
+                progress.task(f"publish → {replica.label}", sum(missing.values()))
+                if progress
+                else None
+            )
             for digest, size in missing.items():
                 path, stamp = local[digest]
                 target = replica.blob_path(digest)
@@ -394,7 +441,9 @@ class ArtifactStore:
             replica.write_bytes(replica.manifest_path(manifest.name, manifest.version), data)
         except Exception as exc:  # one replica failing is what the quorum is for: report it
             outcome.error = f"{type(exc).__name__}: {exc}"
-            logger.warning("publish of %s to %s failed: %s", manifest.ref, replica.label, outcome.error)
+            logger.warning(
+                "publish of %s to %s failed: %s", manifest.ref, replica.label, outcome.error
+            )
             return outcome
         outcome.ok = True
         return outcome
@@ -422,23 +471,38 @@ class ArtifactStore:
                 key = (name, version, signed.digest)
                 if key not in found:
                     found[key] = ListedArtifact(
-                        ref=m.ref, manifest_digest=signed.digest, files=len(m.files),
-                        total_bytes=m.total_bytes, signer=m.signer, created_at=m.created_at, replicas=[],
+                        ref=m.ref,
+                        manifest_digest=signed.digest,
+                        files=len(m.files),
+                        total_bytes=m.total_bytes,
+                        signer=m.signer,
+                        created_at=m.created_at,
+                        replicas=[],
                     )
                 found[key].replicas.append(replica.label)
         return sorted(found.values(), key=lambda a: (a.ref, a.created_at))
 
-    def verify(self, ref: ArtifactRef, trust: TrustPolicy, progress: Progress | None = None) -> VerifyReport:
+    def verify(
+        self, ref: ArtifactRef, trust: TrustPolicy, progress: Progress | None = None
+    ) -> VerifyReport:
         """Check the manifest and hash every blob on every replica."""
         signed, statuses, errors = self.manifest_statuses(ref, trust)
         if signed is None:
-            return VerifyReport(str(ref), None, None, statuses, [], error=manifest_failure(ref, errors))
+            return VerifyReport(
+                str(ref), None, None, statuses, [], error=manifest_failure(ref, errors)
+            )
         manifest = signed.manifest
         unique = {f.digest: f for f in manifest.files}
         checks = {d: BlobCheck(path=f.path, digest=d, size=f.size) for d, f in unique.items()}
         jobs = [(r, f) for r in self.replicas for f in unique.values()]
-        advance = progress.task(f"verify {ref}", manifest.total_bytes * len(self.replicas)) if progress else None
-        with ThreadPoolExecutor(max_workers=self.max_parallel, thread_name_prefix="haif-verify") as pool:
+        advance = (
+            progress.task(f"verify {ref}", manifest.total_bytes * len(self.replicas))
+            if progress
+            else None
+        )
+        with ThreadPoolExecutor(
+            max_workers=self.max_parallel, thread_name_prefix="haif-verify"
+        ) as pool:
             results = list(pool.map(lambda job: self.check_blob(job[0], job[1], advance), jobs))
         for (replica, entry), status in zip(jobs, results, strict=True):
             checks[entry.digest].status[replica.label] = status
@@ -447,7 +511,9 @@ class ArtifactStore:
             check.status = {r.label: check.status[r.label] for r in self.replicas}
         return VerifyReport(str(ref), manifest, signed.digest, statuses, ordered)
 
-    def repair(self, ref: ArtifactRef, trust: TrustPolicy, progress: Progress | None = None) -> RepairReport:
+    def repair(
+        self, ref: ArtifactRef, trust: TrustPolicy, progress: Progress | None = None
+    ) -> RepairReport:
         """Re-copy bad or missing manifests and blobs from a good replica, then verify again.
 
         Raises:
@@ -466,12 +532,18 @@ class ArtifactStore:
             if not bad:
                 continue
             if not good:
-                unrepairable.append(f"{check.path} (sha256:{check.digest[:12]}): no good copy in any replica")
+                unrepairable.append(
+                    f"{check.path} (sha256:{check.digest[:12]}): no good copy in any replica"
+                )
                 continue
             entry = FileEntry(check.path, check.digest, check.size)
-            advance = progress.task(f"repair {check.path}", check.size * len(bad)) if progress else None
+            advance = (
+                progress.task(f"repair {check.path}", check.size * len(bad)) if progress else None
+            )
             for label in bad:
-                if self._copy_from_any([by_label[g] for g in good], by_label[label], entry, advance):
+                if self._copy_from_any(
+                    [by_label[g] for g in good], by_label[label], entry, advance
+                ):
                     fixed.append(f"{check.path} → {label} (was {check.status[label]})")
                 else:
                     unrepairable.append(f"{check.path} → {label}: every copy attempt failed")
@@ -479,7 +551,10 @@ class ArtifactStore:
         data = signed.to_bytes()
         m = signed.manifest
         for replica in self.replicas:
-            for path in (replica.manifest_path(m.name, m.version), replica.digest_path(signed.digest)):
+            for path in (
+                replica.manifest_path(m.name, m.version),
+                replica.digest_path(signed.digest),
+            ):
                 try:
                     if replica.read_bytes(path, MAX_MANIFEST_BYTES) != data:
                         replica.write_bytes(path, data)
@@ -489,14 +564,20 @@ class ArtifactStore:
         return RepairReport(str(ref), fixed, unrepairable, self.verify(ref, trust))
 
     def _copy_from_any(
-        self, sources: list[Replica], dst: Replica, entry: FileEntry, on_bytes: Callable[[int], None] | None
+        self,
+        sources: list[Replica],
+        dst: Replica,
+        entry: FileEntry,
+        on_bytes: Callable[[int], None] | None,
     ) -> bool:
         for src in sources:
             try:
                 self._copy_blob(src, dst, entry, on_bytes)
                 return True
             except Exception as exc:  # try the next good copy; the caller reports total failure
-                logger.warning("copy of %s from %s to %s failed: %s", entry.path, src.label, dst.label, exc)
+                logger.warning(
+                    "copy of %s from %s to %s failed: %s", entry.path, src.label, dst.label, exc
+                )
         return False
 
 

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from haif.artifacts import ArtifactRef, ArtifactStore, TrustPolicy
     from haif.config import HaifConfig
 
-models_app = typer.Typer(help="Signed model artifacts: publish, list, verify, pull, repair.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Signed model artifacts: publish, list, verify, pull, repair.", no_args_is_help=True
+)
 keys_app = typer.Typer(help="Ed25519 signing keys for artifacts.", no_args_is_help=True)
 
 EXIT_FAILED = 1
@@ -63,8 +65,12 @@ def _progress() -> Iterator[_RichProgress]:
     )
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=_console(stderr=True),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=_console(stderr=True),
     ) as progress:
         yield _RichProgress(progress)
 
@@ -95,7 +101,9 @@ def _ref(text: str) -> ArtifactRef:
         raise _fail(str(exc), EXIT_USAGE) from None
 
 
-def _store_and_trust(cfg: HaifConfig, trusted_key: str | None = None) -> tuple[ArtifactStore, TrustPolicy]:
+def _store_and_trust(
+    cfg: HaifConfig, trusted_key: str | None = None
+) -> tuple[ArtifactStore, TrustPolicy]:
     from haif.artifacts import ArtifactStore, TrustPolicy, load_public_key
 
     base = cfg.base_path()
@@ -121,7 +129,9 @@ def _size(n: int) -> str:
 
 @keys_app.command("generate")
 def keys_generate(
-    out: Annotated[Path, typer.Option("--out", help="Private key file; the public key goes to PATH.pub.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Private key file; the public key goes to PATH.pub.")
+    ],
     force: Annotated[bool, typer.Option(help="Replace an existing key.")] = False,
     config: ConfigOption = None,  # noqa: ARG001 - every command takes --config
 ) -> None:
@@ -145,17 +155,23 @@ def keys_generate(
 
 @models_app.command("publish")
 def publish(
-    directory: Annotated[str, typer.Argument(metavar="DIR", help="Model directory or python-package:PKG/SUBDIR.")],
+    directory: Annotated[
+        str, typer.Argument(metavar="DIR", help="Model directory or python-package:PKG/SUBDIR.")
+    ],
     name: Annotated[str, typer.Option("--name", help="Artifact name.")],
-    version: Annotated[str, typer.Option("--version", help="Artifact version (immutable once published).")],
-    key: Annotated[Path, typer.Option("--key", help="Ed25519 private key that signs the manifest.")],
+    version: Annotated[
+        str, typer.Option("--version", help="Artifact version (immutable once published).")
+    ],
+    key: Annotated[
+        Path, typer.Option("--key", help="Ed25519 private key that signs the manifest.")
+    ],
     runtime: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Runtime hint recorded in the manifest (torch, embeddings, vllm, echo)."),
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Publish DIR as NAME:VERSION to every replica (streamed, deduplicated, at the write quorum)."""
+    """Publish DIR as NAME:VERSION to every replica (streamed, deduplicated, write quorum)."""
     from rich.table import Table
 
     from haif.artifacts import load_signing_key
@@ -174,17 +190,29 @@ def publish(
     try:
         with _progress() as progress:
             report = store.publish(
-                source, ref.name or "", ref.version or "", signing_key,
-                runtime={"runtime": runtime} if runtime else None, trust=trust, progress=progress,
+                source,
+                ref.name or "",
+                ref.version or "",
+                signing_key,
+                runtime={"runtime": runtime} if runtime else None,
+                trust=trust,
+                progress=progress,
             )
     except ArtifactError as exc:
         raise _fail(exc.message) from None
     table = Table("replica", "result", "blobs written", "bytes written")
     for o in report.outcomes:
-        table.add_row(o.replica, "ok" if o.ok else f"FAILED: {o.error}", str(o.blobs_written), _size(o.bytes_written))
+        table.add_row(
+            o.replica,
+            "ok" if o.ok else f"FAILED: {o.error}",
+            str(o.blobs_written),
+            _size(o.bytes_written),
+        )
     _console().print(table)
-    typer.echo(f"published {report.ref}: {report.files} files, {_size(report.total_bytes)}, "
-               f"{report.ok_replicas}/{len(report.outcomes)} replicas (quorum {store.write_quorum})")
+    typer.echo(
+        f"published {report.ref}: {report.files} files, {_size(report.total_bytes)}, "
+        f"{report.ok_replicas}/{len(report.outcomes)} replicas (quorum {store.write_quorum})"
+    )
     typer.echo(f"manifest: sha256:{report.manifest_digest}")
     typer.echo(f"signer: {report.signer}")
 
@@ -199,8 +227,13 @@ def list_models(config: ConfigOption = None) -> None:
     table = Table("artifact", "manifest", "files", "size", "signer", "created", "replicas")
     for a in store.list():
         table.add_row(
-            a.ref, f"sha256:{a.manifest_digest[:16]}", str(a.files), _size(a.total_bytes), a.signer[:16],
-            a.created_at, f"{len(a.replicas)}/{len(store.replicas)}",
+            a.ref,
+            f"sha256:{a.manifest_digest[:16]}",
+            str(a.files),
+            _size(a.total_bytes),
+            a.signer[:16],
+            a.created_at,
+            f"{len(a.replicas)}/{len(store.replicas)}",
         )
     _console().print(table)
 
@@ -210,7 +243,9 @@ def verify(
     ref: RefArgument,
     trusted_key: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--trusted-key", help="Check against this public key (file or ed25519:...) only."),
+        typer.Option(
+            "--trusted-key", help="Check against this public key (file or ed25519:...) only."
+        ),
     ] = None,
     config: ConfigOption = None,
 ) -> None:
@@ -228,20 +263,27 @@ def verify(
         table.add_row(label, status, f"{ok}/{len(report.blobs)}" if report.blobs else "-")
     _console().print(table)
     if report.manifest is None:
-        raise _fail(report.error.message if report.error else f"artifact {artifact}: no trusted manifest")
+        raise _fail(
+            report.error.message if report.error else f"artifact {artifact}: no trusted manifest"
+        )
     for problem in report.problems():
         typer.echo(f"problem: {problem}")
     if not report.valid:
         raise _fail(f"artifact {artifact}: some blobs have no good copy in any replica")
     if not report.clean:
-        raise _fail(f"artifact {artifact} is usable but degraded; run `haif models repair {artifact}`", EXIT_DEGRADED)
-    typer.echo(f"verified {report.ref} (sha256:{report.manifest_digest}): signature and "
-               f"{len(report.blobs)} blobs ok on {len(report.manifest_status)} replicas")
+        raise _fail(
+            f"artifact {artifact} is usable but degraded; run `haif models repair {artifact}`",
+            EXIT_DEGRADED,
+        )
+    typer.echo(
+        f"verified {report.ref} (sha256:{report.manifest_digest}): signature and "
+        f"{len(report.blobs)} blobs ok on {len(report.manifest_status)} replicas"
+    )
 
 
 @models_app.command("pull")
 def pull_model(ref: RefArgument, config: ConfigOption = None) -> None:
-    """Pull into this node's cache, verifying the signature and every blob; print the model directory."""
+    """Pull into this node's cache, verifying the signature and every blob; print the directory."""
     from haif.artifacts import NodeCache, pull
 
     cfg = _config(config)
@@ -255,8 +297,11 @@ def pull_model(ref: RefArgument, config: ConfigOption = None) -> None:
         raise _fail(exc.message) from None
     pulled.release()
     summary = pulled.summary()
-    typer.echo(f"pulled {summary['name']} (manifest {summary['manifest_digest']}): {summary['blobs_fetched']} "
-               f"blobs fetched ({_size(summary['bytes_fetched'])}), {summary['blobs_hit']} from the node cache")
+    typer.echo(
+        f"pulled {summary['name']} (manifest {summary['manifest_digest']}): "
+        f"{summary['blobs_fetched']} blobs fetched ({_size(summary['bytes_fetched'])}), "
+        f"{summary['blobs_hit']} from the node cache"
+    )
     for source, count in summary["sources"].items():
         typer.echo(f"  {count} blob(s) from {source}")
     typer.echo(str(pulled.path))
@@ -279,4 +324,7 @@ def repair(ref: RefArgument, config: ConfigOption = None) -> None:
         typer.echo(f"NOT repaired: {item}")
     if not report.after.clean:
         raise _fail(f"artifact {artifact} still has problems: {'; '.join(report.after.problems())}")
-    typer.echo(f"{report.ref}: every replica holds the manifest and every blob ({len(report.fixed)} repaired)")
+    typer.echo(
+        f"{report.ref}: every replica holds the manifest and every blob "
+        f"({len(report.fixed)} repaired)"
+    )

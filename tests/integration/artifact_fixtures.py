@@ -25,7 +25,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "configs" / "integration.yaml"
 S3_KEY = "testing"
-BAD_BLOB, BAD_MANIFEST, UNTRUSTED, SIGNED_ECHO = "tampered-blob", "tampered-manifest", "untrusted", "signed-echo"
+BAD_BLOB, BAD_MANIFEST, UNTRUSTED, SIGNED_ECHO = (
+    "tampered-blob",
+    "tampered-manifest",
+    "untrusted",
+    "signed-echo",
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,9 @@ def artifact_setup(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) ->
     for replica in store.replicas:
         flip_byte(replica, replica.blob_path(weights))
 
-    report = store.publish(write_payload(root / "src" / BAD_MANIFEST), BAD_MANIFEST, "1", key, runtime=echo)
+    report = store.publish(
+        write_payload(root / "src" / BAD_MANIFEST), BAD_MANIFEST, "1", key, runtime=echo
+    )
     for replica in store.replicas:
         edit_manifest(replica, replica.manifest_path(BAD_MANIFEST, "1"))
         edit_manifest(replica, replica.digest_path(report.manifest_digest))
@@ -121,5 +128,11 @@ def artifact_setup(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) ->
     store.publish(write_payload(root / "src" / UNTRUSTED), UNTRUSTED, "1", rogue, runtime=echo)
 
     for version in ("1", "2", "3"):
-        store.publish(write_payload(root / "src" / f"{SIGNED_ECHO}-{version}"), SIGNED_ECHO, version, key, runtime=echo)
+        store.publish(
+            write_payload(root / "src" / f"{SIGNED_ECHO}-{version}"),
+            SIGNED_ECHO,
+            version,
+            key,
+            runtime=echo,
+        )
     return ArtifactSetup(env=env, root=root, dev_key_id=key.key_id, signed_echo_blobs=2)

@@ -16,17 +16,27 @@ from tests.integration.artifact_fixtures import MotoS3, flip_byte
 
 def run(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     haif = Path(sys.executable).parent / "haif"
-    return subprocess.run([str(haif), *args, "--config", str(tmp / "haif.yaml")], capture_output=True,
-                          text=True, cwd=tmp, timeout=180, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [str(haif), *args, "--config", str(tmp / "haif.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        timeout=180,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def test_publish_verify_pull_repair_on_s3(moto_s3: MotoS3, tmp_path: Path) -> None:
     bucket = moto_s3.create_bucket()
     replicas = [f"s3://{bucket}/one", str(tmp_path / "local"), f"s3://{bucket}/two"]
-    config = {"artifacts": {
-        "replicas": replicas, "storage_options": {"s3": moto_s3.storage_options()},
-        "cache_dir": str(tmp_path / "cache"), "trusted_keys": [str(tmp_path / "release.key.pub")],
-    }}
+    config = {
+        "artifacts": {
+            "replicas": replicas,
+            "storage_options": {"s3": moto_s3.storage_options()},
+            "cache_dir": str(tmp_path / "cache"),
+            "trusted_keys": [str(tmp_path / "release.key.pub")],
+        }
+    }
     (tmp_path / "haif.yaml").write_text(yaml.safe_dump(config))
     model = tmp_path / "model"
     model.mkdir()
@@ -34,8 +44,18 @@ def test_publish_verify_pull_repair_on_s3(moto_s3: MotoS3, tmp_path: Path) -> No
     (model / "config.json").write_text("{}")
 
     assert run(tmp_path, "keys", "generate", "--out", "release.key").returncode == 0
-    published = run(tmp_path, "models", "publish", str(model), "--name", "demo", "--version", "7",
-                    "--key", "release.key")
+    published = run(
+        tmp_path,
+        "models",
+        "publish",
+        str(model),
+        "--name",
+        "demo",
+        "--version",
+        "7",
+        "--key",
+        "release.key",
+    )
     assert published.returncode == 0, published.stderr
     assert "3/3 replicas" in published.stdout
     assert "publish" in published.stderr  # the progress bars
@@ -47,7 +67,11 @@ def test_publish_verify_pull_repair_on_s3(moto_s3: MotoS3, tmp_path: Path) -> No
     from haif.config import load_config
 
     store = ArtifactStore.from_config(load_config(tmp_path / "haif.yaml", environ={}).artifacts)
-    digest = next(line.split("sha256:", 1)[1] for line in published.stdout.splitlines() if line.startswith("manifest:"))
+    digest = next(
+        line.split("sha256:", 1)[1]
+        for line in published.stdout.splitlines()
+        if line.startswith("manifest:")
+    )
     weights = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
     flip_byte(store.replicas[0], store.replicas[0].blob_path(weights))  # the S3 copy read first
 
@@ -70,4 +94,7 @@ def test_publish_verify_pull_repair_on_s3(moto_s3: MotoS3, tmp_path: Path) -> No
     assert refused.returncode == 0  # ... a warm node serves its verified copy without the replicas
     shutil.rmtree(tmp_path / "cache")  # a cold node
     refused = run(tmp_path, "models", "pull", "demo:7")
-    assert refused.returncode == 1 and "model.safetensors: no replica holds a good copy" in refused.stderr
+    assert (
+        refused.returncode == 1
+        and "model.safetensors: no replica holds a good copy" in refused.stderr
+    )

@@ -39,12 +39,23 @@ def test_readyz_names_each_refused_model_and_why(http: httpx.Client) -> None:
 
 
 def test_the_rest_of_the_platform_keeps_serving(http: httpx.Client, auth: dict) -> None:
-    emb = http.post("/v1/embeddings", headers=auth, json={"model": "minilm", "input": ["signed bytes"]})
+    emb = http.post(
+        "/v1/embeddings", headers=auth, json={"model": "minilm", "input": ["signed bytes"]}
+    )
     assert emb.status_code == 200 and len(emb.json()["data"][0]["embedding"]) == 384
-    chat = http.post("/v1/chat/completions", headers=auth,
-                     json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    chat = http.post(
+        "/v1/chat/completions",
+        headers=auth,
+        json={
+            "model": "tiny-llama",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+        },
+    )
     assert chat.status_code == 200, chat.text
-    echo = http.post("/v1/completions", headers=auth, json={"model": "signed-echo", "prompt": "still here"})
+    echo = http.post(
+        "/v1/completions", headers=auth, json={"model": "signed-echo", "prompt": "still here"}
+    )
     assert echo.json()["choices"][0]["text"] == "still here"
     for name, reason in REFUSED.items():
         resp = http.post("/v1/completions", headers=auth, json={"model": name, "prompt": "x"})
@@ -53,7 +64,9 @@ def test_the_rest_of_the_platform_keeps_serving(http: httpx.Client, auth: dict) 
         assert f"refused artifact {name}:1 [{reason}]" in resp.json()["error"]["message"]
 
 
-def test_workers_run_the_verified_bytes_from_the_node_cache(orchestrator, artifact_setup: ArtifactSetup) -> None:  # noqa: ANN001
+def test_workers_run_the_verified_bytes_from_the_node_cache(
+    orchestrator, artifact_setup: ArtifactSetup
+) -> None:  # noqa: ANN001
     cache = artifact_setup.env["HAIF_ARTIFACTS__CACHE_DIR"]
     for name in ("minilm", "tiny-llama"):
         (info,) = orchestrator.workers_info.remote(name).result()
@@ -70,7 +83,7 @@ def test_workers_on_one_node_share_one_cache(orchestrator, artifact_setup: Artif
     infos = orchestrator.workers_info.remote("signed-echo").result()
     assert len(infos) == 2
     summaries = [i["artifact"] for i in infos]
-    # Both loaded concurrently: every blob crossed from a replica once, the other worker hit the cache.
+    # Both loaded at once: each blob crossed from a replica once; the other worker hit the cache.
     assert sum(s["blobs_fetched"] for s in summaries) == artifact_setup.signed_echo_blobs
     assert sum(s["blobs_hit"] for s in summaries) == artifact_setup.signed_echo_blobs
     assert len({s["path"] for s in summaries}) == 1
@@ -82,7 +95,10 @@ def test_each_refusal_is_an_event_and_a_metric(orchestrator, haif) -> None:  # n
         assert info["state"] == "failed"
         (event,) = info["artifact_events"]
         assert (event["event"], event["model"], event["artifact"], event["reason"]) == (
-            "artifact_refused", name, f"{name}:1", reason
+            "artifact_refused",
+            name,
+            f"{name}:1",
+            reason,
         )
     port = ray._private.worker.global_worker.node.metrics_export_port
 
@@ -95,7 +111,9 @@ def test_each_refusal_is_an_event_and_a_metric(orchestrator, haif) -> None:  # n
                 found[reason] = found.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
         return found if set(found) >= set(REFUSED.values()) else {}
 
-    found = wait_for(counted, timeout_s=60, interval_s=1, what="the refusal metric on Ray's metrics endpoint")
+    found = wait_for(
+        counted, timeout_s=60, interval_s=1, what="the refusal metric on Ray's metrics endpoint"
+    )
     assert all(found[r] >= 1 for r in REFUSED.values())
 
 
@@ -108,16 +126,26 @@ def worker(ray_cluster: str, artifact_setup: ArtifactSetup):  # noqa: ANN201
 
     artifacts = load_config(CONFIG, environ=artifact_setup.env).artifacts
     dev_public = load_public_key(artifact_setup.env["HAIF_ARTIFACTS__DEV_SIGNING_KEY"] + ".pub")
-    artifacts = artifacts.model_copy(update={"trusted_keys": [dev_public.text()], "loaded_models_max": 2})
+    artifacts = artifacts.model_copy(
+        update={"trusted_keys": [dev_public.text()], "loaded_models_max": 2}
+    )
     model = ModelConfig(name="versions", runtime="echo", artifact="signed-echo:1", device="cpu")
-    actor = ray.remote(ModelWorker).options(num_cpus=0.1).remote(model, 1024, str(ROOT), "versions/0", artifacts)
+    actor = (
+        ray.remote(ModelWorker)
+        .options(num_cpus=0.1)
+        .remote(model, 1024, str(ROOT), "versions/0", artifacts)
+    )
     yield actor
     ray.kill(actor)
 
 
 def test_a_warm_model_serves_without_reloading(worker) -> None:  # noqa: ANN001
     first = ray.get(worker.load.remote())
-    assert (first["state"], first["warm"], first["loaded"]) == ("ready", False, ["artifact:signed-echo:1"])
+    assert (first["state"], first["warm"], first["loaded"]) == (
+        "ready",
+        False,
+        ["artifact:signed-echo:1"],
+    )
     second = ray.get(worker.load.remote(artifact="signed-echo:2"))
     assert second["artifact"]["name"] == "signed-echo:2" and not second["warm"]
     back = ray.get(worker.load.remote(artifact="signed-echo:1"))

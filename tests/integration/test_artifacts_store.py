@@ -21,13 +21,21 @@ def _env(kind: str, moto: MotoS3, tmp_path: Path) -> cases.Env:
     if kind == "local":
         blocker = tmp_path / "not-a-dir"
         blocker.write_text("x")
-        return cases.Env([str(tmp_path / f"replica-{i}") for i in (1, 2, 3)], str(blocker / "r"), tmp_path)
+        return cases.Env(
+            [str(tmp_path / f"replica-{i}") for i in (1, 2, 3)], str(blocker / "r"), tmp_path
+        )
     if kind == "s3":
         a, b = moto.create_bucket(), moto.create_bucket()
-        return cases.Env([f"s3://{a}/one", f"s3://{a}/two", f"s3://{b}/three"], missing_bucket, tmp_path, options)
+        return cases.Env(
+            [f"s3://{a}/one", f"s3://{a}/two", f"s3://{b}/three"], missing_bucket, tmp_path, options
+        )
     bucket = moto.create_bucket()
-    return cases.Env([str(tmp_path / "replica-1"), f"s3://{bucket}/store", str(tmp_path / "replica-3")],
-                     missing_bucket, tmp_path, options)
+    return cases.Env(
+        [str(tmp_path / "replica-1"), f"s3://{bucket}/store", str(tmp_path / "replica-3")],
+        missing_bucket,
+        tmp_path,
+        options,
+    )
 
 
 @pytest.fixture(params=["local", "s3", "mixed"])
@@ -41,5 +49,7 @@ def test_case(case, env: cases.Env) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("kind", ["s3", "mixed"])
-def test_eight_processes_on_one_node_transfer_each_byte_once(kind: str, moto_s3: MotoS3, tmp_path: Path) -> None:
+def test_eight_processes_on_one_node_transfer_each_byte_once(
+    kind: str, moto_s3: MotoS3, tmp_path: Path
+) -> None:
     cases.case_concurrent_pulls_from_processes_transfer_once(_env(kind, moto_s3, tmp_path))

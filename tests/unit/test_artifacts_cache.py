@@ -19,7 +19,9 @@ from haif.exceptions import ArtifactCorrupt, ArtifactError, CacheFull
 pytestmark = pytest.mark.unit
 
 
-def source(label: str, data: bytes | None, stats: TransferStats, fail_after: int | None = None) -> BlobSource:
+def source(
+    label: str, data: bytes | None, stats: TransferStats, fail_after: int | None = None
+) -> BlobSource:
     class Flaky(io.BytesIO):
         def readinto(self, b):  # noqa: ANN001, ANN202
             if fail_after is not None and self.tell() >= fail_after:
@@ -58,9 +60,15 @@ def test_mid_stream_failure_falls_back_and_leaves_nothing(tmp_path: Path) -> Non
     bad = bytearray(DATA)
     bad[100] ^= 1
     got = c.ensure_blob(
-        DIGEST, len(DATA),
-        [source("gone", None, stats), source("flaky", DATA, stats, fail_after=8192),
-         source("corrupt", bytes(bad), stats), source("long", DATA + b"x", stats), source("good", DATA, stats)],
+        DIGEST,
+        len(DATA),
+        [
+            source("gone", None, stats),
+            source("flaky", DATA, stats, fail_after=8192),
+            source("corrupt", bytes(bad), stats),
+            source("long", DATA + b"x", stats),
+            source("good", DATA, stats),
+        ],
     )
     assert got.source == "good"
     assert got.failures[0] == "gone: missing"
@@ -74,9 +82,13 @@ def test_mid_stream_failure_falls_back_and_leaves_nothing(tmp_path: Path) -> Non
 def test_all_sources_bad_raises_and_reserves_nothing(tmp_path: Path) -> None:
     c, stats = cache(tmp_path), TransferStats()
     with pytest.raises(ArtifactCorrupt, match=r"r1, r2: corrupt"):
-        c.ensure_blob(DIGEST, len(DATA), [source("r1", DATA[:-1] + b"?", stats), source("r2", DATA[:-1] + b"?", stats)])
+        c.ensure_blob(
+            DIGEST,
+            len(DATA),
+            [source("r1", DATA[:-1] + b"?", stats), source("r2", DATA[:-1] + b"?", stats)],
+        )
     assert not c.blob_path(DIGEST).exists()
-    assert c.usage() .reserved_bytes == 0 and c.usage().blobs == 0
+    assert c.usage().reserved_bytes == 0 and c.usage().blobs == 0
 
 
 def test_a_cached_blob_changed_on_disk_is_detected_and_fetched_again(tmp_path: Path) -> None:
@@ -103,7 +115,9 @@ def test_blob_larger_than_the_cap(tmp_path: Path) -> None:
     c = cache(tmp_path, max_bytes=1024**2)
     big = b"x" * (1024**2 + 1)
     with pytest.raises(CacheFull, match="more than the cache cap"):
-        c.ensure_blob(hashlib.sha256(big).hexdigest(), len(big), [source("r1", big, TransferStats())])
+        c.ensure_blob(
+            hashlib.sha256(big).hexdigest(), len(big), [source("r1", big, TransferStats())]
+        )
 
 
 def test_pins_of_a_dead_process_do_not_block_eviction(tmp_path: Path) -> None:
@@ -114,7 +128,8 @@ def test_pins_of_a_dead_process_do_not_block_eviction(tmp_path: Path) -> None:
     # Another process pins the blob and dies without unpinning.
     code = (
         "import sys; from pathlib import Path; from haif.artifacts import NodeCache; "
-        f"NodeCache(Path(sys.argv[1]), {1024**2}).pin([sys.argv[2]], f'{{__import__(\"os\").getpid()}}:x')"
+        f"NodeCache(Path(sys.argv[1]), {1024**2})"
+        ".pin([sys.argv[2]], f'{__import__(\"os\").getpid()}:x')"
     )
     subprocess.run([sys.executable, "-c", code, str(c.root), da], check=True)
     assert c.usage().pinned_blobs == 1
@@ -164,8 +179,12 @@ def test_crash_leftovers_are_swept(tmp_path: Path) -> None:
 def test_views_are_relative_symlinks_and_are_rebuilt_when_broken(tmp_path: Path) -> None:
     c = cache(tmp_path)
     c.ensure_blob(DIGEST, len(DATA), [source("r1", DATA, TransferStats())])
-    m = Manifest(name="m", version="1", signer="k", files=(FileEntry("a/w.bin", DIGEST, len(DATA)),
-                                                            FileEntry("b.bin", DIGEST, len(DATA))))
+    m = Manifest(
+        name="m",
+        version="1",
+        signer="k",
+        files=(FileEntry("a/w.bin", DIGEST, len(DATA)), FileEntry("b.bin", DIGEST, len(DATA))),
+    )
     view = c.view(m, m.digest)
     assert (view / "a" / "w.bin").read_bytes() == DATA
     assert not os.path.isabs(os.readlink(view / "b.bin"))

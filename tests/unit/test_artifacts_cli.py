@@ -39,10 +39,23 @@ def haif(*args: str) -> tuple[int, str]:
 def test_the_artifact_lifecycle(setup: Path) -> None:
     code, out = haif("keys", "generate", "--out", "keys/release.key")
     assert code == 0 and "key id:" in out and (setup / "keys" / "release.key.pub").exists()
-    assert haif("keys", "generate", "--out", "keys/release.key")[0] == 2  # never overwritten silently
+    assert (
+        haif("keys", "generate", "--out", "keys/release.key")[0] == 2
+    )  # never overwritten silently
 
-    code, out = haif("models", "publish", "model", "--name", "m", "--version", "1", "--key", "keys/release.key",
-                     "--runtime", "torch")
+    code, out = haif(
+        "models",
+        "publish",
+        "model",
+        "--name",
+        "m",
+        "--version",
+        "1",
+        "--key",
+        "keys/release.key",
+        "--runtime",
+        "torch",
+    )
     assert code == 0, out
     assert "published m:1: 2 files" in out and "3/3 replicas" in out
     code, out = haif("models", "list")
@@ -80,11 +93,34 @@ def test_errors_exit_nonzero(setup: Path) -> None:
     code, out = haif("models", "verify", "nope:1")
     assert code == 1 and "artifact nope:1 not found" in out
     assert haif("models", "pull", "bad ref")[0] == 2
-    assert haif("models", "publish", "missing-dir", "--name", "m", "--version", "1", "--key", "keys/release.key")[0] == 2
+    assert (
+        haif(
+            "models",
+            "publish",
+            "missing-dir",
+            "--name",
+            "m",
+            "--version",
+            "1",
+            "--key",
+            "keys/release.key",
+        )[0]
+        == 2
+    )
     code, out = haif("models", "repair", "nope:1")
     assert code == 1
     # The same bytes under the same version are fine; other bytes are refused.
-    args = ("models", "publish", "model", "--name", "m", "--version", "1", "--key", "keys/release.key")
+    args = (
+        "models",
+        "publish",
+        "model",
+        "--name",
+        "m",
+        "--version",
+        "1",
+        "--key",
+        "keys/release.key",
+    )
     assert haif(*args)[0] == 0 and haif(*args)[0] == 0
     (setup / "model" / "config.json").write_text('{"changed": true}')
     code, out = haif(*args)

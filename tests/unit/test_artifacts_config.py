@@ -1,4 +1,4 @@
-"""Config of the artifact store, the first-start bootstrap, a worker's refusal and its LRU of models."""
+"""The artifact store's config, the first-start bootstrap, a worker's refusal, its LRU of models."""
 
 from __future__ import annotations
 
@@ -39,19 +39,27 @@ def config_error(tmp_path: Path, data: Any) -> str:
 def test_a_model_names_an_artifact_or_a_path(tmp_path: Path) -> None:
     assert ModelConfig(name="m", runtime="torch", artifact="m:1").artifact == "m:1"
     assert ModelConfig(name="m", runtime="torch", artifact="sha256:" + "a" * 64).path is None
-    assert ModelConfig(name="e", runtime="echo", artifact="e:1").artifact == "e:1"  # verified, unused
+    assert (
+        ModelConfig(name="e", runtime="echo", artifact="e:1").artifact == "e:1"
+    )  # verified, unused
     both = {"models": [{"name": "m", "runtime": "torch", "artifact": "m:1", "path": "/x"}]}
     assert "give `artifact` or `path`, not both" in config_error(tmp_path, both)
-    assert "artifact" in config_error(tmp_path, {"models": [{"name": "m", "runtime": "torch", "artifact": "m"}]})
-    build = {"models": [{"name": "m", "runtime": "torch", "artifact": "m:1", "build": "tiny-llama"}]}
+    assert "artifact" in config_error(
+        tmp_path, {"models": [{"name": "m", "runtime": "torch", "artifact": "m"}]}
+    )
+    build = {
+        "models": [{"name": "m", "runtime": "torch", "artifact": "m:1", "build": "tiny-llama"}]
+    }
     assert "`build` needs `path`" in config_error(tmp_path, build)
 
 
 def test_artifacts_section(tmp_path: Path) -> None:
-    config = ArtifactsConfig.model_validate({
-        "replicas": ["/a", {"url": "s3://b/p", "storage_options": {"key": "k"}}, "s3://c/p"],
-        "storage_options": {"s3": {"endpoint_url": "http://127.0.0.1:9", "key": "global"}},
-    })
+    config = ArtifactsConfig.model_validate(
+        {
+            "replicas": ["/a", {"url": "s3://b/p", "storage_options": {"key": "k"}}, "s3://c/p"],
+            "storage_options": {"s3": {"endpoint_url": "http://127.0.0.1:9", "key": "global"}},
+        }
+    )
     assert config.quorum() == 2  # a majority by default
     a, b, c = config.replica_configs()
     assert a.storage_options == {}
@@ -66,7 +74,10 @@ def test_artifacts_section(tmp_path: Path) -> None:
 
 def test_shipped_configs_serve_from_the_store() -> None:
     local = load_config(ROOT / "configs" / "local.yaml", environ={})
-    assert {m.name: m.artifact for m in local.models} == {"minilm": "minilm:1", "tiny-llama": "tiny-llama:1"}
+    assert {m.name: m.artifact for m in local.models} == {
+        "minilm": "minilm:1",
+        "tiny-llama": "tiny-llama:1",
+    }
     assert len(local.artifacts.replicas) == 3 and local.artifacts.dev_signing_key
     assert [d.artifact for d in local.artifacts.dev_publish] == ["minilm:1", "tiny-llama:1"]
     integration = load_config(ROOT / "tests" / "configs" / "integration.yaml", environ={})
@@ -74,15 +85,19 @@ def test_shipped_configs_serve_from_the_store() -> None:
 
 
 def _dev_config(tmp_path: Path, source: Path) -> HaifConfig:
-    return HaifConfig.model_validate({
-        "base_dir": str(tmp_path),
-        "artifacts": {
-            "replicas": ["store/r1", "store/r2", "store/r3"],
-            "cache_dir": "cache",
-            "dev_signing_key": "keys/dev.key",
-            "dev_publish": [{"artifact": "bundled:1", "source": str(source), "runtime": "echo"}],
-        },
-    })
+    return HaifConfig.model_validate(
+        {
+            "base_dir": str(tmp_path),
+            "artifacts": {
+                "replicas": ["store/r1", "store/r2", "store/r3"],
+                "cache_dir": "cache",
+                "dev_signing_key": "keys/dev.key",
+                "dev_publish": [
+                    {"artifact": "bundled:1", "source": str(source), "runtime": "echo"}
+                ],
+            },
+        }
+    )
 
 
 def test_first_start_generates_trusts_and_publishes_once(tmp_path: Path) -> None:
@@ -96,28 +111,44 @@ def test_first_start_generates_trusts_and_publishes_once(tmp_path: Path) -> None
     trust = TrustPolicy.from_config(config.artifacts, tmp_path)
     assert store.verify(ArtifactRef.parse("bundled:1"), trust).clean
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file())
-    again = ensure_dev_artifacts(_dev_config(tmp_path, source))  # a restart: same key, nothing written
+    again = ensure_dev_artifacts(
+        _dev_config(tmp_path, source)
+    )  # a restart: same key, nothing written
     assert again.artifacts.trusted_keys == config.artifacts.trusted_keys
-    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file()) == before
+    assert (
+        sorted(p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file())
+        == before
+    )
 
 
 def test_a_worker_refuses_loudly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     key, rogue = SigningKey.generate(), SigningKey.generate()
-    artifacts = ArtifactsConfig.model_validate({
-        "replicas": [str(tmp_path / "r1")], "cache_dir": str(tmp_path / "cache"),
-        "trusted_keys": [key.public_key.text()],
-    })
+    artifacts = ArtifactsConfig.model_validate(
+        {
+            "replicas": [str(tmp_path / "r1")],
+            "cache_dir": str(tmp_path / "cache"),
+            "trusted_keys": [key.public_key.text()],
+        }
+    )
     src = tmp_path / "src"
     src.mkdir()
     (src / "w.bin").write_bytes(b"x" * 100)
     ArtifactStore.from_config(artifacts).publish(src, "m", "1", rogue)
     loader = ArtifactLoader(artifacts, tmp_path, "my-model", ray_metrics=False)
-    with caplog.at_level(logging.ERROR, logger="haif.artifacts"), pytest.raises(ArtifactRejected) as info:
+    with (
+        caplog.at_level(logging.ERROR, logger="haif.artifacts"),
+        pytest.raises(ArtifactRejected) as info,
+    ):
         loader.acquire("m:1")
-    assert info.value.message.startswith("refused artifact m:1 [untrusted_signer]: artifact m:1 is not signed")
+    assert info.value.message.startswith(
+        "refused artifact m:1 [untrusted_signer]: artifact m:1 is not signed"
+    )
     event = json.loads(caplog.records[-1].getMessage())
     assert (event["event"], event["model"], event["artifact"], event["reason"]) == (
-        "artifact_refused", "my-model", "m:1", "untrusted_signer"
+        "artifact_refused",
+        "my-model",
+        "m:1",
+        "untrusted_signer",
     )
     assert list(loader.events.recent) == [event]
     with pytest.raises(ArtifactRejected, match=r"\[artifact_error\]"):

@@ -28,16 +28,24 @@ DIGEST = "ab" * 32
 
 def manifest(key: SigningKey, **changes: object) -> Manifest:
     data = {
-        "name": "m", "version": "1", "signer": key.key_id, "created_at": "2026-01-01T00:00:00Z",
+        "name": "m",
+        "version": "1",
+        "signer": key.key_id,
+        "created_at": "2026-01-01T00:00:00Z",
         "runtime": {"runtime": "torch"},
-        "files": (FileEntry("config.json", DIGEST, 10), FileEntry("w/model.safetensors", "cd" * 32, 99)),
+        "files": (
+            FileEntry("config.json", DIGEST, 10),
+            FileEntry("w/model.safetensors", "cd" * 32, 99),
+        ),
     }
     data.update(changes)
     return Manifest(**data)  # type: ignore[arg-type]
 
 
 def test_canonical_json_is_stable_and_refuses_floats() -> None:
-    assert canonical_json({"b": 1, "a": ["é", None, True]}) == '{"a":["é",null,true],"b":1}'.encode()
+    assert (
+        canonical_json({"b": 1, "a": ["é", None, True]}) == '{"a":["é",null,true],"b":1}'.encode()
+    )
     with pytest.raises(TypeError):
         canonical_json({"x": 1.5})
 
@@ -76,7 +84,9 @@ def test_any_edit_breaks_the_signature(edit) -> None:  # noqa: ANN001
 def test_untrusted_and_unknown_signers() -> None:
     key, other = SigningKey.generate(), SigningKey.generate()
     signed = sign_manifest(manifest(key), key)
-    with pytest.raises(UntrustedSigner, match=f"signed by key {key.key_id}, which is not trusted for 'm'"):
+    with pytest.raises(
+        UntrustedSigner, match=f"signed by key {key.key_id}, which is not trusted for 'm'"
+    ):
         signed.verify(TrustPolicy(global_keys=(other.public_key,)), "r")
     with pytest.raises(UntrustedSigner):
         signed.verify(TrustPolicy(), "r")
@@ -125,7 +135,9 @@ def test_a_file_and_a_directory_of_the_same_name_are_refused() -> None:
     key = SigningKey.generate()
     files = (FileEntry("a", DIGEST, 1), FileEntry("a/b", DIGEST, 1))
     with pytest.raises(ManifestInvalid, match="lies under the file"):
-        SignedManifest.from_bytes(sign_manifest(manifest(key, files=files), key).to_bytes(), where="r")
+        SignedManifest.from_bytes(
+            sign_manifest(manifest(key, files=files), key).to_bytes(), where="r"
+        )
 
 
 def test_check_ref() -> None:

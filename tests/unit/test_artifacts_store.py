@@ -34,7 +34,11 @@ def _memory_mix(tmp_path: Path) -> cases.Env:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     return cases.Env(
-        replicas=[f"memory://{root}/replica-1", str(tmp_path / "replica-2"), f"memory://{root}/replica-3"],
+        replicas=[
+            f"memory://{root}/replica-1",
+            str(tmp_path / "replica-2"),
+            f"memory://{root}/replica-3",
+        ],
         broken_replica=str(blocker / "replica"),
         tmp=tmp_path,
     )
@@ -81,13 +85,18 @@ def test_large_files_stream_in_bounded_memory(tmp_path: Path) -> None:
 
 def _memory(tmp_path: Path) -> cases.Env:
     root = uuid.uuid4().hex
-    return cases.Env([f"memory://{root}/replica-{i}" for i in (1, 2, 3)], f"memory://{root}/x", tmp_path)
+    return cases.Env(
+        [f"memory://{root}/replica-{i}" for i in (1, 2, 3)], f"memory://{root}/x", tmp_path
+    )
 
 
 # Local directories stage a copy while hashing and commit it; other filesystems upload.
 @pytest.mark.parametrize(("step", "make_env"), [("commit_staged", _local), ("put_file", _memory)])
 def test_a_source_changed_while_publishing_is_taken_back(
-    step: str, make_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    step: str,
+    make_env,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
 ) -> None:
     env = make_env(tmp_path)
     store = env.store()
