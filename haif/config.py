@@ -173,6 +173,19 @@ class ModelConfig(_Model):
         0.0, ge=0, le=10_000, description="echo runtime only: delay per streamed token."
     )
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="vllm: GPUs one worker spans (a placement group of that many)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, ge=0.05, le=0.99, description="vllm: share of each GPU's memory the engine may take."
+    )
+    kv_cache_space_gib: int = Field(
+        1, ge=1, le=4096, description="vllm on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    enforce_eager: bool = Field(False, description="vllm: no CUDA graphs / compilation.")
+    task: Literal["generate", "embed"] | None = Field(
+        None, description="vllm: serve the model for generation or as a pooling/embedding model."
+    )
     load_timeout_s: float = Field(600.0, gt=0, le=7200, description="Model load deadline.")
 
     @model_validator(mode="after")
@@ -189,7 +202,9 @@ class ModelConfig(_Model):
 
     @property
     def kind(self) -> Literal["generate", "embed"]:
-        return "embed" if self.runtime == "embeddings" else "generate"
+        if self.runtime == "embeddings" or (self.runtime == "vllm" and self.task == "embed"):
+            return "embed"
+        return "generate"
 
     def resolved_path(self, base: Path | None = None) -> Path:
         """The model directory on this node.
