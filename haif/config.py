@@ -91,6 +91,11 @@ class LimitsConfig(_Model):
 
 
 class AuthConfig(_Model):
+    backend: Literal["database", "static"] = Field(
+        "database",
+        description="database: tenants and API tokens in the metadata store; "
+        "static: only dev_api_key, no quotas, jobs or usage (benchmark baseline).",
+    )
     dev_api_key: str | None = Field(
         None,
         min_length=16,
@@ -98,6 +103,13 @@ class AuthConfig(_Model):
         description="Development API key of the `default` tenant; generated into state_dir when unset.",
     )
     dev_tenant: str = Field("default", description="Tenant the development key belongs to.")
+    token_cache_ttl_s: float = Field(
+        5.0, ge=0, le=3600,
+        description="How long a token lookup is cached: a revoked token stops working within this time.",
+    )
+    token_cache_max_entries: int = Field(
+        10_000, ge=1, le=10_000_000, description="Token lookups (good and bad) kept per Gateway replica."
+    )
 
 
 class RayConfig(_Model):
@@ -221,14 +233,86 @@ class ModelConfig(_Model):
 
 
 class DatabaseConfig(_Model):
-    url: str = Field("sqlite:///.haif/haif.db", description="SQLAlchemy URL of the metadata store.")
+    url: str = Field(
+        "sqlite:///.haif/haif.db",
+        min_length=1,
+        description="SQLAlchemy URL of the metadata store (postgresql+psycopg://... or sqlite:///PATH).",
+    )
     pool_size: int = Field(10, ge=1, le=1000, description="Connections per process.")
+    max_overflow: int = Field(10, ge=0, le=1000, description="Connections above pool_size under bursts.")
+    pool_timeout_s: float = Field(10.0, gt=0, le=300, description="Wait for a free pooled connection.")
     connect_timeout_s: float = Field(5.0, gt=0, le=120, description="Connect deadline.")
+    statement_timeout_ms: int = Field(
+        10_000, ge=0, le=3_600_000, description="PostgreSQL statement_timeout per connection (0: none)."
+    )
+    auto_migrate: bool = Field(
+        True, description="Upgrade the schema to the latest revision on start (haif serve, CLI commands)."
+    )
+
+    def resolved_url(self, base: Path | None = None) -> str:
+        """The URL with a relative SQLite path resolved against ``base``."""
+        prefix, sep, path = self.url.partition(":///")
+        if not sep or not prefix.startswith("sqlite") or not path or path.startswith("/") or path == ":memory:":
+            return self.url
+        return f"{prefix}:///{(base or Path.cwd()) / path}"
 
 
 class RedisConfig(_Model):
     url: str | None = Field(None, description="Redis URL (DLQ, rate limits); none in the embedded default.")
     socket_timeout_s: float = Field(2.0, gt=0, le=60, description="Socket deadline.")
+    key_prefix: str = Field(
+        "haif", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$",
+        description="Prefix of every key HAIF writes.",
+    )
+
+
+class QuotasConfig(_Model):
+    rate_limit_backend: Literal["auto", "redis", "database"] = Field(
+        "auto", description="Where requests-per-minute are counted; auto: Redis when redis.url is set."
+    )
+    prompt_bytes_per_token: float = Field(
+        4.0, gt=0, le=64,
+        description="Prompt estimate for token reservations (bytes per token); settlement corrects it.",
+    )
+
+
+class JobsConfig(_Model):
+    idempotency_ttl_s: float = Field(
+        86_400.0, ge=60, le=30 * 86_400, description="How long an Idempotency-Key is remembered."
+    )
+    max_idempotency_key_chars: int = Field(
+        255, ge=8, le=255, description="Longest accepted Idempotency-Key header."
+    )
+    idempotency_poll_ms: float = Field(
+        50.0, ge=1, le=10_000, description="Poll interval of a duplicate waiting for the first execution."
+    )
+    max_stored_response_bytes: int = Field(
+        16 * 1024**2, ge=1024, le=1024**3,
+        description="Largest response kept for Idempotency-Key replays (larger: 413 on such requests).",
+    )
+    mark_running_after_s: float = Field(
+        1.0, ge=0.05, le=600,
+        description="Jobs still executing after this long are marked running (in batches, off the hot path).",
+    )
+    stale_after_s: float = Field(
+        60.0, ge=1, le=86_400,
+        description="Unsettled jobs older than request_timeout_s plus this are failed and their quota released.",
+    )
+    sweep_interval_s: float = Field(5.0, ge=0.1, le=3600, description="Background job upkeep period.")
+
+
+class UsageConfig(_Model):
+    webhook_url: str | None = Field(
+        None, pattern=r"^https?://", description="Billing webhook that receives usage batches (POST, JSON)."
+    )
+    batch_size: int = Field(500, ge=1, le=100_000, description="Usage records per webhook batch.")
+    interval_s: float = Field(5.0, ge=0.05, le=3600, description="How often new usage is batched and sent.")
+    timeout_s: float = Field(10.0, gt=0, le=300, description="Deadline of one webhook POST.")
+    backoff_initial_s: float = Field(0.5, gt=0, le=600, description="First retry delay (doubles, with jitter).")
+    backoff_max_s: float = Field(60.0, gt=0, le=3600, description="Largest retry delay.")
+    lease_s: float = Field(
+        120.0, gt=0, le=86_400, description="A batch claimed by an exporter that died is re-sent after this."
+    )
 
 
 class ReplicaConfig(_Model):
@@ -351,6 +435,9 @@ class HaifConfig(_Model):
     models: list[ModelConfig] = Field(default_factory=list, description="Models served.")
     database: DatabaseConfig = Field(default_factory=DatabaseConfig, description="Metadata store.")
     redis: RedisConfig = Field(default_factory=RedisConfig, description="Redis.")
+    quotas: QuotasConfig = Field(default_factory=QuotasConfig, description="Quota enforcement.")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job records and idempotency.")
+    usage: UsageConfig = Field(default_factory=UsageConfig, description="Usage export.")
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig, description="Artifact store.")
     regions: list[RegionConfig] = Field(
         default_factory=lambda: [RegionConfig(name="local")], min_length=1, description="Regions."
@@ -368,11 +455,26 @@ class HaifConfig(_Model):
             raise ValueError(f"duplicate model names: {', '.join(dupes)}")
         return self
 
+    @model_validator(mode="after")
+    def _redis_for_rate_limits(self) -> HaifConfig:
+        if self.quotas.rate_limit_backend == "redis" and not self.redis.url:
+            raise ValueError("quotas.rate_limit_backend is redis but redis.url is unset")
+        return self
+
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
     def base_path(self) -> Path:
         return Path(self.base_dir) if self.base_dir else Path.cwd()
+
+    def database_url(self) -> str:
+        """The metadata store's URL, a relative SQLite path resolved against ``base_dir``."""
+        return self.database.resolved_url(self.base_path())
+
+    def rate_limits_on_redis(self) -> bool:
+        """Whether requests per minute are counted in Redis (else in the metadata store)."""
+        backend = self.quotas.rate_limit_backend
+        return backend == "redis" or (backend == "auto" and self.redis.url is not None)
 
     def state_path(self) -> Path:
         path = Path(self.server.state_dir)

@@ -21,6 +21,7 @@ from haif.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingReq
 
 if TYPE_CHECKING:
     from haif.config import LimitsConfig
+    from haif.store.quotas import QuotaLimits
 
 Kind = Literal["completion", "chat", "embedding"]
 Body = CompletionRequest | ChatCompletionRequest | EmbeddingRequest
@@ -56,6 +57,9 @@ class Principal:
     tenant: str
     scopes: frozenset[str] = frozenset({"inference"})
     allowed_models: frozenset[str] | None = None  # None: every model
+    tenant_id: int | None = None  # None: no metadata store (auth.backend static)
+    token_id: int | None = None
+    limits: QuotaLimits | None = None  # as cached with the token
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class RequestContext:
     api_key: str | None = field(default=None, repr=False)
     traceparent: str | None = None
     principal: Principal | None = None
+    idempotency_key: str | None = None  # as the client sent it; the Gateway validates it
 
     @classmethod
     def new(
@@ -74,12 +79,14 @@ class RequestContext:
         api_key: str | None,
         request_id: str | None = None,
         traceparent: str | None = None,
+        idempotency_key: str | None = None,
     ) -> RequestContext:
         return cls(
             request_id=request_id_from(request_id),
             deadline=time.time() + timeout_s,
             api_key=api_key,
             traceparent=traceparent_from(traceparent),
+            idempotency_key=idempotency_key,
         )
 
     def remaining_s(self) -> float:

@@ -16,6 +16,7 @@
     │   │   ├── PromptTooLong       422  context_length_exceeded
     │   │   └── UnsupportedOperation 422 unsupported_operation
     │   └── RateLimited             429  rate_limit_error (Retry-After)
+    │       └── QuotaExceeded       429  insufficient_quota (tokens per day spent)
     └── ServiceError                     the platform's side
         ├── RetryableError               safe to retry (nothing ran, or it is idempotent)
         │   ├── ModelNotReady       503  model_not_ready
@@ -25,6 +26,7 @@
         ├── GpuUnavailable          503  gpu_unavailable (placement failed, fatal for the model)
         ├── ModelLoadFailed         503  model_load_failed (fatal for the model)
         │   └── ArtifactRejected    503  artifact_rejected (a worker refused the model's bytes)
+        ├── StoreUnavailable        503  store_unavailable (metadata store or Redis unreachable)
         ├── ArtifactError           503  artifact_error (the artifact store)
         │   ├── ArtifactNotFound    503  artifact_not_found (no replica holds the manifest or a blob)
         │   ├── ArtifactCorrupt     503  artifact_corrupt (bytes differ from their digest in every replica)
@@ -146,6 +148,10 @@ class RateLimited(_RetryAfter, RequestError):
     code = "rate_limit_exceeded"
 
 
+class QuotaExceeded(RateLimited):
+    code = "insufficient_quota"
+
+
 class ServiceError(HaifError):
     status_code = 503
     error_type = "service_unavailable"
@@ -182,6 +188,10 @@ class GpuUnavailable(ServiceError):
 
 class ModelLoadFailed(ServiceError):
     code = "model_load_failed"
+
+
+class StoreUnavailable(ServiceError):
+    code = "store_unavailable"
 
 
 class InternalError(ServiceError):

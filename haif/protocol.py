@@ -243,3 +243,46 @@ class ErrorResponse(_Response):
         if "Traceback (most recent call last)" in value.message:
             raise ValueError("error messages never carry a stack trace")
         return value
+
+
+# --- HAIF's own records (not part of the OpenAI API) -------------------------------------
+
+
+class JobRecord(_Response):
+    """One admitted request; completions and chat responses carry its id as their ``id``."""
+
+    id: str
+    object: Literal["job"] = "job"
+    kind: Literal["completion", "chat", "embedding"]
+    model: str
+    version: str
+    state: Literal["reserved", "running", "succeeded", "failed", "dead_lettered"]
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = None
+
+
+class JobList(_Response):
+    object: Literal["list"] = "list"
+    data: list[JobRecord]
+
+
+class UsageRecord(_Response):
+    """One served job, as ``haif usage export`` and the billing webhook send it."""
+
+    tenant: str
+    model: str
+    version: str
+    job_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    started_at: str
+    finished_at: str
+
+
+class UsageList(_Response):
+    object: Literal["list"] = "list"
+    data: list[UsageRecord]

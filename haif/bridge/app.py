@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from haif import __version__
 from haif.bridge.errors import install_error_handlers
 from haif.bridge.middleware import EdgeMiddleware
-from haif.bridge.routers import chat, completions, embeddings, health, models
+from haif.bridge.routers import chat, completions, embeddings, health, jobs, models
 from haif.bridge.serving import BridgeService
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ def build_app(config: HaifConfig, gateway: DeploymentHandle) -> FastAPI:
         description="OpenAI-compatible inference API of HAIF.",
     )
     app.state.service = BridgeService(config, gateway)
-    for module in (health, models, completions, chat, embeddings):
+    for module in (health, models, completions, chat, embeddings, jobs):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=config.limits.max_body_bytes)

@@ -12,9 +12,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from haif.bridge.errors import as_haif_error
 from haif.envelope import RequestContext, build_work_item
+from haif.exceptions import InvalidRequest
 from haif.gateway.serving import embedding_response
+from haif.protocol import JobList, JobRecord, UsageList
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from fastapi import Request
     from ray.serve.handle import DeploymentHandle
 
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("haif.bridge")
 
 SSE_DONE = b"data: [DONE]\n\n"
+IDEMPOTENCY_HEADER = "idempotency-key"
 
 
 def api_key_from(request: Request) -> str | None:
@@ -41,6 +46,22 @@ async def resolve_vectors(result: EmbeddingResult) -> Any:
     if isinstance(vectors, ray.ObjectRef):
         vectors = await vectors
     return vectors
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """``value`` in UTC (a time without a zone is taken as UTC).
+
+    Raises:
+        InvalidRequest: the time cannot be expressed in UTC (out of range).
+    """
+    if value is None:
+        return None
+    from datetime import UTC
+
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise InvalidRequest("'since' is out of range") from None
 
 
 def sse(payload: bytes) -> bytes:
@@ -61,6 +82,7 @@ class BridgeService:
             api_key=api_key_from(request),
             request_id=request.state.request_id,
             traceparent=request.headers.get("traceparent"),
+            idempotency_key=request.headers.get(IDEMPOTENCY_HEADER),
         )
 
     def _item(self, kind: Kind, body: Body, request: Request) -> Any:
@@ -115,6 +137,28 @@ class BridgeService:
             raise as_haif_error(exc) from None
         response = embedding_response(result, vectors, body.encoding_format)
         return Response(response.model_dump_json(), media_type="application/json")
+
+    async def job(self, job_id: str, request: Request) -> Response:
+        try:
+            found = await self.gateway.job.remote(job_id, self.context(request))
+        except Exception as exc:
+            raise as_haif_error(exc) from None
+        return Response(JobRecord.model_validate(found).model_dump_json(), media_type="application/json")
+
+    async def jobs(self, limit: int, request: Request) -> Response:
+        try:
+            found = await self.gateway.jobs.remote(self.context(request), limit)
+        except Exception as exc:
+            raise as_haif_error(exc) from None
+        return Response(JobList(data=found).model_dump_json(), media_type="application/json")
+
+    async def usage(self, since: datetime | None, limit: int, request: Request) -> Response:
+        since = utc(since)
+        try:
+            found = await self.gateway.usage.remote(self.context(request), since, limit)
+        except Exception as exc:
+            raise as_haif_error(exc) from None
+        return Response(UsageList(data=found).model_dump_json(), media_type="application/json")
 
     async def ready(self) -> JSONResponse:
         try:

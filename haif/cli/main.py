@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from haif.cli import db, tenancy
 from haif.cli.models import keys_app, models_app
 from haif.exceptions import HaifError
 
@@ -15,6 +16,11 @@ dev_app = typer.Typer(help="Development helpers.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
+app.add_typer(tenancy.tenants_app, name="tenants")
+app.add_typer(tenancy.tokens_app, name="tokens")
+app.add_typer(tenancy.quotas_app, name="quotas")
+app.add_typer(tenancy.usage_app, name="usage")
+app.add_typer(db.db_app, name="db")
 
 ConfigOption = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional here

@@ -1,17 +1,38 @@
-"""Authentication: API key → Principal. The tenancy store plugs in behind ``Authenticator``."""
+"""Authentication: API key → Principal.
+
+``DatabaseAuthenticator`` finds tokens in the metadata store and caches each answer
+(good or bad) for ``auth.token_cache_ttl_s``: a revoked token stops working within
+that time, and a burst of requests with one token costs one lookup. The cache is
+keyed by the token's hash, never the token. ``StaticKeyAuthenticator`` accepts the
+development key alone (``auth.backend: static``, no tenancy).
+
+Every failure raises the same ``AuthenticationFailed`` with the same message, so a
+caller learns nothing about which part of its credential was wrong.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from typing import Protocol
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
 
 from haif.envelope import Principal
 from haif.exceptions import AuthenticationFailed
 
-# One body for every authentication failure, so that a caller learns nothing about
-# which part of its credential was wrong.
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from haif.store.db import Database
+    from haif.store.tokens import TokenInfo
+
 AUTH_FAILED_MESSAGE = "invalid or missing API key"
 MAX_KEY_CHARS = 512
+# Compared against when no row matches, so that unknown prefixes cost the same work.
+_DUMMY_HASH = "0" * 64
 
 
 class Authenticator(Protocol):
@@ -24,6 +45,10 @@ class Authenticator(Protocol):
         ...
 
 
+def _refuse() -> AuthenticationFailed:
+    return AuthenticationFailed(AUTH_FAILED_MESSAGE)
+
+
 class StaticKeyAuthenticator:
     """Accepts exactly one key (the development key of the config), compared in constant time."""
 
@@ -33,7 +58,112 @@ class StaticKeyAuthenticator:
 
     async def authenticate(self, api_key: str | None) -> Principal:
         if not api_key or len(api_key) > MAX_KEY_CHARS:
-            raise AuthenticationFailed(AUTH_FAILED_MESSAGE)
+            raise _refuse()
         if not hmac.compare_digest(api_key.encode("utf-8", "surrogateescape"), self._key):
-            raise AuthenticationFailed(AUTH_FAILED_MESSAGE)
+            raise _refuse()
         return self._principal
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fresh_until: float  # monotonic
+    principal: Principal | None  # None: refused
+    expires_at: float | None  # the token's own expiry, wall clock
+
+
+def principal_of(
+    info: TokenInfo | None, token: str, now: datetime
+) -> tuple[Principal | None, float | None]:
+    """The principal ``token`` authenticates as, or None; and the token's expiry (epoch s)."""
+    from haif.store.quotas import QuotaLimits
+    from haif.store.tokens import same_hash
+
+    if info is None:
+        same_hash(_DUMMY_HASH, token)
+        return None, None
+    if not same_hash(info.secret_hash, token):
+        return None, None
+    if info.revoked_at is not None or (info.expires_at is not None and info.expires_at <= now):
+        return None, None
+    principal = Principal(
+        tenant=info.tenant,
+        scopes=info.scopes,
+        allowed_models=info.allowed_models,
+        tenant_id=info.tenant_id,
+        token_id=info.token_id,
+        limits=QuotaLimits(*info.limits),
+    )
+    return principal, info.expires_at.timestamp() if info.expires_at is not None else None
+
+
+class DatabaseAuthenticator:
+    """Tokens from the metadata store behind a bounded TTL cache; one lookup per key in flight."""
+
+    def __init__(
+        self,
+        db: Database,
+        ttl_s: float,
+        max_entries: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._db = db
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[_Entry]] = {}
+        self.lookups = 0  # database round trips, for tests and metrics
+
+    async def authenticate(self, api_key: str | None) -> Principal:
+        from haif.store.tokens import hash_token, lookup_prefix
+
+        if not api_key:
+            raise _refuse()
+        prefix = lookup_prefix(api_key)
+        if prefix is None:  # malformed: refused without a lookup
+            raise _refuse()
+        digest = hash_token(api_key)
+        entry = self._cache.get(digest)
+        if entry is None or entry.fresh_until <= self._clock():
+            entry = await self._lookup(digest, prefix, api_key)
+        if entry.principal is None or (
+            entry.expires_at is not None and entry.expires_at <= time.time()
+        ):
+            raise _refuse()
+        return entry.principal
+
+    async def _lookup(self, digest: str, prefix: str, api_key: str) -> _Entry:
+        pending = self._pending.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
+        self._pending[digest] = future
+        try:
+            info = await self._db.run(_find, self._db, prefix)
+            self.lookups += 1
+            principal, expires_at = principal_of(info, api_key, datetime.now(UTC))
+            entry = _Entry(self._clock() + self._ttl_s, principal, expires_at)
+            self._remember(digest, entry)
+            future.set_result(entry)
+            return entry
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody logs "never retrieved"
+            raise
+        finally:
+            del self._pending[digest]
+
+    def _remember(self, digest: str, entry: _Entry) -> None:
+        if self._ttl_s <= 0:
+            return
+        self._cache[digest] = entry
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self._max_entries:
+            self._cache.popitem(last=False)
+
+
+def _find(db: Database, prefix: str) -> TokenInfo | None:
+    from haif.store.tokens import find_token
+
+    with db.connect() as conn:
+        return find_token(conn, prefix)

@@ -34,9 +34,12 @@ def _usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def completion_response(model: str, outputs: list[GenerationOutput]) -> CompletionResponse:
+def completion_response(
+    model: str, outputs: list[GenerationOutput], response_id: str | None = None
+) -> CompletionResponse:
+    """The /v1/completions body; its id is the job's id when the request has a job."""
     return CompletionResponse(
-        id=new_id("cmpl"),
+        id=response_id or new_id("cmpl"),
         created=now(),
         model=model,
         choices=[
@@ -47,10 +50,12 @@ def completion_response(model: str, outputs: list[GenerationOutput]) -> Completi
     )
 
 
-def chat_response(model: str, outputs: list[GenerationOutput]) -> ChatCompletionResponse:
+def chat_response(
+    model: str, outputs: list[GenerationOutput], response_id: str | None = None
+) -> ChatCompletionResponse:
     (out,) = outputs
     return ChatCompletionResponse(
-        id=new_id("chatcmpl"),
+        id=response_id or new_id("chatcmpl"),
         created=now(),
         model=model,
         choices=[
@@ -63,11 +68,13 @@ def chat_response(model: str, outputs: list[GenerationOutput]) -> ChatCompletion
 class StreamFormatter:
     """Builds the chunks of one streamed response, OpenAI style."""
 
-    def __init__(self, kind: str, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, kind: str, model: str, include_usage: bool, response_id: str | None = None
+    ) -> None:
         self.kind = kind
         self.model = model
         self.include_usage = include_usage
-        self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        self.id = response_id or new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = now()
         self.prompt_tokens = 0
         self.completion_tokens = 0

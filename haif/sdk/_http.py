@@ -39,6 +39,8 @@ _BY_CODE: dict[str, type[errors.HaifError]] = {
         errors.AuthenticationFailed,
         errors.DeadlineExceeded,
         errors.RateLimited,
+        errors.QuotaExceeded,
+        errors.StoreUnavailable,
         errors.InternalError,
     )
 }

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,13 @@ import pytest
 
 from tests.integration.artifact_fixtures import ArtifactSetup, artifact_setup, moto_s3  # noqa: F401
 
+from tests import services
+from tests.webhook import WebhookReceiver
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "tests/configs/integration.yaml"
 DEPLOY_TIMEOUT_S = 900
+AGENT_WAIT_S = 60
 
 
 @dataclass(frozen=True)
@@ -61,16 +66,24 @@ def ray_cluster() -> str:
 
     # Job entrypoints run `python` from the PATH the cluster was started with.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    from ray.cluster_utils import Cluster
+
     dashboard_port = _free_port()
-    ray.init(
-        num_cpus=8,
-        num_gpus=2,
-        namespace="haif-test",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=dashboard_port,
-        log_to_driver=False,
+    # Free ports for the dashboard and its job agent (ray.init would take the agent's
+    # fixed default), so that test sessions running side by side do not collide.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 8,
+            "num_gpus": 2,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port,
+            "dashboard_agent_listen_port": _free_port(),
+            "object_store_memory": 1024**3,
+        },
     )
+    ray.init(address=cluster.address, namespace="haif-test", log_to_driver=False)
     url = f"http://127.0.0.1:{dashboard_port}"
     wait_for(lambda: _up(f"{url}/api/version"), 60, 0.5, "the Ray dashboard")
     yield url
@@ -78,6 +91,7 @@ def ray_cluster() -> str:
 
     serve.shutdown()
     ray.shutdown()
+    cluster.shutdown()
 
 
 def _up(url: str) -> bool:
@@ -102,21 +116,86 @@ def submit_job(
     if env:
         cmd += ["--runtime-env-json", json.dumps({"env_vars": env})]
     cmd += ["--", *entrypoint]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    # The dashboard answers before its job agent is up; until then a submission is refused.
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+        agent_missing = "No available agent to submit job" in proc.stdout + proc.stderr
+        if proc.returncode == 0 or not agent_missing or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     if proc.returncode != 0:
         raise AssertionError(f"job failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout
 
 
 @pytest.fixture(scope="session")
-def haif(ray_cluster: str, artifact_setup: ArtifactSetup) -> Deployment:
+def pg_server() -> str:
+    """A PostgreSQL server (HAIF_TEST_DATABASE_URL, the local one, or one started here)."""
+    with services.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server: str) -> str:
+    """This session's own database, shared by the deployment and the tests; dropped at the end."""
+    with services.fresh_database(pg_server) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    with services.redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_prefix(redis_url: str) -> str:
+    """This session's own key prefix in Redis; its keys are deleted at the end."""
+    prefix = f"haif-test-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    services.drop_redis_keys(redis_url, prefix)
+
+
+@pytest.fixture(scope="session")
+def webhook() -> WebhookReceiver:
+    """The billing webhook of the deployment: fails its first two deliveries on purpose."""
+    with WebhookReceiver(fail_first=2) as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def store_env(pg_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
+    """HAIF_* variables that point a process at this session's PostgreSQL and Redis."""
+    return {
+        "HAIF_DATABASE__URL": pg_url,
+        "HAIF_REDIS__URL": redis_url,
+        "HAIF_REDIS__KEY_PREFIX": redis_prefix,
+    }
+
+
+@pytest.fixture(scope="session")
+def haif(
+    ray_cluster: str, store_env: dict[str, str], webhook: WebhookReceiver, artifact_setup: ArtifactSetup
+) -> Deployment:
     # A free port, so that test sessions (and a running `make serve`) never collide.
     port = _free_port()
-    env = {"HAIF_SERVER__PORT": str(port), **artifact_setup.env}
+    env = {"HAIF_SERVER__PORT": str(port), "HAIF_USAGE__WEBHOOK_URL": webhook.url, **store_env,
+           **artifact_setup.env}
     out = submit_job(ray_cluster, "python", "serve_app.py", "--config", CONFIG, env=env)
     url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("URL: "))
     key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("API key: "))
     return Deployment(url=url.strip(), api_key=key.strip(), dashboard_url=ray_cluster)
+
+
+def haif_cli(store_env: dict[str, str], *args: str) -> str:
+    """Run ``haif ARGS --config tests/configs/integration.yaml`` against this session's stores."""
+    cmd = [str(Path(sys.executable).parent / "haif"), *args, "--config", CONFIG]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **store_env},
+                          timeout=120)
+    if proc.returncode != 0:
+        raise AssertionError(f"haif {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return proc.stdout
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,320 @@
+"""Admission: who is asking, may they, is there quota, has this request run before.
+
+One ``Admission`` per Gateway replica. ``admit`` authenticates, checks scope and
+model, validates the Idempotency-Key, then reserves quota and records the job in one
+transaction (``QuotaGate.reserve``). It returns a ``Ticket``: the request to dispatch,
+or the stored response of an earlier execution to replay. The Gateway settles the
+ticket once the work is done or has failed; settlement is shielded from cancellation,
+so a client that hangs up still gets its reservation settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from haif.exceptions import (
+    Conflict,
+    HaifError,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    PermissionDenied,
+    UnprocessableRequest,
+)
+from haif.gateway import idempotency
+from haif.gateway.metrics import GatewayMetrics
+from haif.gateway.quota import reservation_tokens
+from haif.protocol import new_id
+from haif.store.ledger import Existing, JobRequest, Outcome, Reservation
+from haif.store.models import OPEN_STATES, JobState
+from haif.store.quotas import QuotaLimits
+
+if TYPE_CHECKING:
+    from haif.config import HaifConfig
+    from haif.envelope import Principal, RequestContext, WorkItem
+    from haif.gateway.auth import Authenticator
+    from haif.gateway.quota import QuotaGate
+    from haif.gateway.upkeep import JobUpkeep
+    from haif.store.db import Database
+
+logger = logging.getLogger("haif.gateway")
+
+_ID_PREFIX = {"completion": "cmpl", "chat": "chatcmpl", "embedding": "embd"}
+MAX_ERROR_CHARS = 1000
+
+
+@dataclass
+class Ticket:
+    """An admitted request: dispatch ``item`` (then settle), or answer ``replay``."""
+
+    item: WorkItem
+    job_id: str | None = None
+    replay: Any = None
+    reservation: Reservation | None = None
+    key: tuple[int, str] | None = None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    settled: bool = False
+
+
+class Admission:
+    def __init__(
+        self,
+        config: HaifConfig,
+        auth: Authenticator,
+        *,
+        db: Database | None = None,
+        quotas: QuotaGate | None = None,
+        upkeep: JobUpkeep | None = None,
+        replica: str | None = None,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self._config = config
+        self._auth = auth
+        self._db = db
+        self._quotas = quotas
+        self._upkeep = upkeep
+        self._replica = replica
+        self._region = config.regions[0].name
+        self.metrics = metrics or GatewayMetrics()
+        # Idempotent executions in flight on this replica: duplicates here wait on them.
+        self._local: dict[tuple[int, str], asyncio.Future[None]] = {}
+        self._settling: set[asyncio.Future[None]] = (
+            set()
+        )  # settlements running after their response
+
+    # --- who -------------------------------------------------------------------------------
+
+    async def authenticate(self, ctx: RequestContext, scope: str | None = "inference") -> Principal:
+        try:
+            principal = await self._auth.authenticate(ctx.api_key)
+        except HaifError as exc:
+            self.metrics.refused(exc)
+            raise
+        if scope is not None and scope not in principal.scopes:
+            self.metrics.outcome("forbidden")
+            raise PermissionDenied(f"this API key lacks the {scope!r} scope")
+        return principal
+
+    # --- admission ---------------------------------------------------------------------------
+
+    async def admit(self, item: WorkItem) -> Ticket:
+        """Raises: the 4xx of whatever refuses the request, StoreUnavailable, DeadlineExceeded."""
+        principal = await self.authenticate(item.ctx)
+        try:
+            return await self._admit(item, principal)
+        except HaifError as exc:
+            self.metrics.refused(exc)
+            raise
+
+    async def _admit(self, item: WorkItem, principal: Principal) -> Ticket:
+        if principal.allowed_models is not None and item.model not in principal.allowed_models:
+            raise PermissionDenied(f"this API key may not use model {item.model!r}")
+        limits = self._config.limits
+        if item.max_tokens > limits.max_tokens:
+            raise UnprocessableRequest(
+                f"'max_tokens' is {item.max_tokens}; the limit is {limits.max_tokens}"
+            )
+        if item.kind == "embedding" and item.n_inputs > limits.max_embedding_inputs:
+            raise UnprocessableRequest(
+                f"'input' has {item.n_inputs} items; the limit is {limits.max_embedding_inputs}"
+            )
+        model = self._config.model(item.model)
+        if model is None or not model.enabled:
+            raise ModelNotFound(f"the model {item.model!r} does not exist")
+        ctx = item.ctx
+        ctx.remaining_s()
+        key, digest = await self._idempotency(item)
+        item = item.with_ctx(ctx.authenticated(principal))
+        if self._quotas is None or principal.tenant_id is None:
+            self.metrics.outcome("admitted")
+            return Ticket(item)  # no metadata store: nothing to reserve or record
+        req = JobRequest(
+            job_id=new_id(_ID_PREFIX[item.kind]),
+            tenant_id=principal.tenant_id,
+            token_id=principal.token_id,
+            kind=item.kind,
+            model=item.model,
+            version=model.version,
+            tokens=reservation_tokens(item, self._config.quotas.prompt_bytes_per_token),
+            limits=principal.limits or QuotaLimits(),
+            count_requests=self._quotas.counts_requests_in_db,
+            idempotency_key=key,
+            request_hash=digest,
+            gateway=self._replica,
+            region=self._region,
+        )
+        while True:
+            ctx.remaining_s()
+            result = await self._quotas.reserve(principal, req, datetime.now(UTC))
+            if isinstance(result, Reservation):
+                return self._ticket(item, result, key)
+            replay = await self._replay(item, principal.tenant_id, key, result)
+            if replay is not None:
+                self.metrics.outcome("replayed")
+                return Ticket(item, job_id=result.job_id, replay=replay)
+            # The first execution failed: take its job over (one duplicate wins, the others wait).
+
+    async def _idempotency(self, item: WorkItem) -> tuple[str | None, str | None]:
+        key = item.ctx.idempotency_key
+        if key is None:
+            return None, None
+        idempotency.check_key(key, self._config.jobs.max_idempotency_key_chars)
+        if self._quotas is None:
+            raise InvalidRequest(
+                "Idempotency-Key needs the metadata store (auth.backend: database)"
+            )
+        if item.stream:
+            raise InvalidRequest("Idempotency-Key is not supported with stream: true")
+        body = await item.body if item.by_reference else item.body
+        return key, idempotency.request_hash(item.kind, body)
+
+    def _ticket(self, item: WorkItem, reservation: Reservation, key: str | None) -> Ticket:
+        ticket = Ticket(item, job_id=reservation.job_id, reservation=reservation)
+        if key is not None:
+            ticket.key = (reservation.tenant_id, key)
+            self._local[ticket.key] = asyncio.get_running_loop().create_future()
+        if self._upkeep is not None:
+            self._upkeep.started(reservation.job_id)
+        self.metrics.outcome("admitted")
+        return ticket
+
+    async def _replay(
+        self, item: WorkItem, tenant_id: int, key: str | None, existing: Existing
+    ) -> Any:
+        """The stored response of ``existing`` once it has closed; None when it failed."""
+        if self._db is None or key is None:  # only keyed requests find an existing job
+            raise Conflict("this request is a duplicate")
+        state, response = existing.state, existing.response
+        if state in OPEN_STATES:
+            state, response = await idempotency.wait_for_job(
+                self._db,
+                existing.job_id,
+                item.ctx.deadline,
+                self._config.jobs.idempotency_poll_ms / 1000,
+                self._local.get((tenant_id, key)),
+            )
+        if state == JobState.FAILED.value:
+            return None
+        if state != JobState.SUCCEEDED.value or response is None:
+            raise Conflict(
+                f"the request with this Idempotency-Key ended {state} and cannot be replayed"
+            )
+        return idempotency.decode_response(item.kind, response)
+
+    # --- settlement ----------------------------------------------------------------------------
+
+    async def succeed(
+        self,
+        ticket: Ticket,
+        prompt_tokens: int,
+        completion_tokens: int,
+        response: Any = None,
+        vectors: Any = None,
+    ) -> None:
+        stored = None
+        if ticket.key is not None and response is not None:
+            stored = idempotency.encode_response(ticket.item.kind, response, vectors)
+            if len(stored) > self._config.jobs.max_stored_response_bytes:
+                logger.warning("job %s: response too large to keep for replays", ticket.job_id)
+                stored = None
+        await self._settle(
+            ticket,
+            Outcome(
+                JobState.SUCCEEDED,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                started_at=ticket.started_at,
+                finished_at=datetime.now(UTC),
+                response=stored,
+                bill=True,
+            ),
+        )
+
+    async def fail(
+        self, ticket: Ticket, exc: BaseException, prompt_tokens: int = 0, completion_tokens: int = 0
+    ) -> None:
+        """Settle a failed or cancelled job; tokens a stream already delivered are billed."""
+        message = exc.message if isinstance(exc, HaifError) else type(exc).__name__
+        await self._settle(
+            ticket,
+            Outcome(
+                JobState.FAILED,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                started_at=ticket.started_at,
+                finished_at=datetime.now(UTC),
+                error=message[:MAX_ERROR_CHARS],
+                bill=completion_tokens > 0,
+            ),
+        )
+
+    async def _settle(self, ticket: Ticket, outcome: Outcome) -> None:
+        """Settle once. Awaited when the client could tell otherwise (a concurrency slot it
+        may need next, duplicates waiting on its key); else it runs after the response."""
+        if ticket.reservation is None or ticket.settled or self._quotas is None:
+            return
+        ticket.settled = True
+        task = asyncio.ensure_future(
+            self._settle_now(self._quotas, ticket, ticket.reservation, outcome)
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        if ticket.reservation.holds_slot or ticket.key is not None:
+            await asyncio.shield(task)  # a cancelled request still settles
+
+    async def _settle_now(
+        self, quotas: QuotaGate, ticket: Ticket, reservation: Reservation, outcome: Outcome
+    ) -> None:
+        try:
+            await quotas.settle(reservation, outcome)
+        except Exception:  # the answer stands; the job stays open and the sweeper closes it
+            logger.exception("job %s was not settled", reservation.job_id)
+        finally:
+            if self._upkeep is not None:
+                self._upkeep.finished(reservation.job_id)
+            waiter = self._local.pop(ticket.key, None) if ticket.key is not None else None
+            if waiter is not None and not waiter.done():  # duplicates here: read the row now
+                waiter.set_result(None)
+
+    # --- the tenant's own records ------------------------------------------------------------
+
+    async def job(self, ctx: RequestContext, job_id: str) -> dict[str, Any]:
+        """Raises: NotFound for unknown ids and other tenants' ids alike."""
+        from haif.store import usage
+
+        principal = await self.authenticate(ctx, scope=None)
+        if self._db is None or principal.tenant_id is None:
+            raise NotFound(f"no job {job_id!r}")
+        found = await self._db.run(_read, self._db, usage.tenant_job, principal.tenant_id, job_id)
+        if found is None:
+            raise NotFound(f"no job {job_id!r}")
+        return found
+
+    async def jobs(self, ctx: RequestContext, limit: int) -> list[dict[str, Any]]:
+        from haif.store import usage
+
+        principal = await self.authenticate(ctx, scope=None)
+        if self._db is None or principal.tenant_id is None:
+            return []
+        return await self._db.run(_read, self._db, usage.tenant_jobs, principal.tenant_id, limit)
+
+    async def usage(
+        self, ctx: RequestContext, since: datetime | None, limit: int
+    ) -> list[dict[str, Any]]:
+        from haif.store import usage
+
+        principal = await self.authenticate(ctx, scope="admin")
+        if self._db is None or principal.tenant_id is None:
+            return []
+        return await self._db.run(
+            _read, self._db, usage.tenant_usage, principal.tenant_id, since, limit
+        )
+
+
+def _read(db: Database, fn: Any, *args: Any) -> Any:
+    with db.connect() as conn:
+        return fn(conn, *args)

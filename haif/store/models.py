@@ -1,0 +1,215 @@
+"""The metadata store's tables, as SQLAlchemy 2 typed models.
+
+::
+
+    tenants ──┬── api_tokens      (hash of the secret, never the secret; looked up by prefix)
+              ├── quotas          (limits, and the live counters of their windows)
+              ├── jobs            (one per admitted request: reserved → running → terminal)
+              │     └── usage_records   (one per served job; exported in usage_batches)
+              └── usage_records
+
+The Alembic migrations in ``haif/store/migrations`` create exactly these tables (a test
+compares them); change both together.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    false,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names, so that migrations can name what they drop on every dialect.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY columns.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every dialect (SQLite has no time zones: it stores UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobState(enum.StrEnum):
+    RESERVED = "reserved"  # quota reserved, job dispatched or about to be
+    RUNNING = "running"  # executing for longer than jobs.mark_running_after_s
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD_LETTERED = "dead_lettered"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD_LETTERED})
+
+# The state machine. A job shorter than mark_running_after_s is settled before it is
+# ever marked running: reserved → succeeded is that same path with the middle unseen.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.RESERVED: frozenset({JobState.RUNNING, *_TERMINAL}),
+    JobState.RUNNING: frozenset(_TERMINAL),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset({JobState.RESERVED}),  # an Idempotency-Key may retry a failed job
+    JobState.DEAD_LETTERED: frozenset(),
+}
+OPEN_STATES = (JobState.RESERVED.value, JobState.RUNNING.value)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(128))
+    scopes: Mapped[str] = mapped_column(String(256))  # space-separated
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON)  # None: every model
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Quota(Base):
+    """A tenant's limits (NULL: unlimited) and the counters of their current windows."""
+
+    __tablename__ = "quotas"
+
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    minute_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    minute_requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    minute_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    day_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    day_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        CheckConstraint(
+            "state IN ('reserved', 'running', 'succeeded', 'failed', 'dead_lettered')", name="state"
+        ),
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+        Index("ix_jobs_state_created", "state", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id", ondelete="SET NULL"))
+    kind: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(256))
+    version: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    holds_slot: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false()
+    )  # counted in quotas.in_flight
+    prompt_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    worker: Mapped[str | None] = mapped_column(String(256))
+    region: Mapped[str | None] = mapped_column(String(64))
+    gateway: Mapped[str | None] = mapped_column(String(128))  # the Gateway replica that admitted it
+    error: Mapped[str | None] = mapped_column(String(1024))
+    response: Mapped[str | None] = mapped_column(Text)  # JSON, kept for Idempotency-Key replays
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)  # reserved at
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class UsageRecord(Base):
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_records_tenant_finished", "tenant_id", "finished_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(256))
+    version: Mapped[str] = mapped_column(String(64))
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("usage_batches.id", ondelete="SET NULL"), index=True
+    )
+
+
+class UsageBatch(Base):
+    """Usage records sent to the billing webhook together, under one id to de-duplicate on."""
+
+    __tablename__ = "usage_batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    records: Mapped[int] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+    last_error: Mapped[str | None] = mapped_column(String(1024))

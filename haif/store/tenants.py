@@ -1,0 +1,87 @@
+"""Tenants and their quota rows (one each, created together)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from haif.exceptions import Conflict, InvalidRequest, NotFound
+from haif.store.models import Quota, Tenant
+from haif.store.quotas import QuotaLimits
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent")
+
+
+def check_name(name: str) -> str:
+    if not TENANT_NAME.match(name):
+        raise InvalidRequest(
+            "a tenant name is 1-64 characters: letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class TenantRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def create(self, name: str, limits: QuotaLimits | None = None) -> Tenant:
+        """Raises: Conflict (the name exists), InvalidRequest (a bad name)."""
+        check_name(name)
+        if self.find(name) is not None:
+            raise Conflict(f"tenant {name!r} already exists")
+        tenant = Tenant(name=name, created_at=datetime.now(UTC))
+        self.session.add(tenant)
+        try:
+            self.session.flush()
+        except IntegrityError:
+            raise Conflict(f"tenant {name!r} already exists") from None
+        self.session.add(Quota(tenant_id=tenant.id, **(limits or QuotaLimits()).as_dict()))
+        self.session.flush()
+        return tenant
+
+    def ensure(self, name: str) -> Tenant:
+        return self.find(name) or self.create(name)
+
+    def find(self, name: str) -> Tenant | None:
+        return self.session.scalars(select(Tenant).where(Tenant.name == name)).one_or_none()
+
+    def get(self, name: str) -> Tenant:
+        tenant = self.find(name)
+        if tenant is None:
+            raise NotFound(f"no tenant named {name!r}")
+        return tenant
+
+    def list(self) -> list[tuple[Tenant, Quota | None]]:
+        stmt = (
+            select(Tenant, Quota)
+            .outerjoin(Quota, Quota.tenant_id == Tenant.id)
+            .order_by(Tenant.name)
+        )
+        return [(t, q) for t, q in self.session.execute(stmt).all()]
+
+    def set_limits(self, name: str, changes: dict[str, int | None]) -> Quota:
+        """Change some limits (``None``: unlimited); the others keep their values."""
+        unknown = set(changes) - set(LIMIT_FIELDS)
+        if unknown:
+            raise InvalidRequest(f"unknown quota fields: {sorted(unknown)}")
+        tenant = self.get(name)
+        quota = self.session.get(Quota, tenant.id)
+        if quota is None:
+            quota = Quota(tenant_id=tenant.id)
+            self.session.add(quota)
+        for field, value in changes.items():
+            if value is not None and value < 0:
+                raise InvalidRequest(f"{field} must be at least 0")
+            setattr(quota, field, value)
+        quota.updated_at = datetime.now(UTC)
+        self.session.flush()
+        return quota

@@ -1,0 +1,44 @@
+"""The metadata store on SQLite (the embedded default): the shared cases and the migrations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from haif.store import Database, migrate
+from haif.store.db import create_db_engine
+from haif.store.models import Base
+from tests.store_cases import CASES
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__[5:])
+def test_store(case, sqlite_db: Database) -> None:  # noqa: ANN001
+    case(sqlite_db)
+
+
+def test_migrations_upgrade_downgrade_and_match_the_models(tmp_path: Path) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    migrate.upgrade(engine, "0001")
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO tenants (name, created_at) VALUES ('old', '2024-01-01 00:00:00')")
+        )
+    migrate.upgrade(engine)
+    assert migrate.current(engine) == migrate.head()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT name FROM tenants")).scalar() == "old"
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
+    assert diff == []
+    migrate.downgrade(engine, "0001")
+    assert "jobs" not in inspect(engine).get_table_names()
+    migrate.downgrade(engine, "base")
+    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    engine.dispose()
