@@ -34,7 +34,7 @@ def test_readyz_names_the_model_that_is_not_ready(http: httpx.Client) -> None:
     models = resp.json()["models"]
     assert models["gpu-hungry"]["state"] == "failed"
     assert "GPU" in models["gpu-hungry"]["error"]
-    for name in ("echo", "minilm", "tiny-llama", "gpu-echo", "gpu-fallback"):
+    for name in ("echo", "minilm", "tiny-llama", "tiny-llama-vllm", "gpu-echo", "gpu-fallback"):
         assert models[name]["state"] == "ready", models[name]
 
 
