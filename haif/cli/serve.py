@@ -66,7 +66,10 @@ def run(config: HaifConfig, ready_timeout_s: float = 900.0) -> int:
     address = os.environ.get("RAY_ADDRESS") or config.ray.address
     owns_cluster = address is None
     ray.init(
-        address=address,
+        # "local": always a cluster of our own. ray.init() without an address would join
+        # any cluster already running on this machine, and the serve.shutdown() below
+        # would then stop someone else's applications.
+        address=address or "local",
         namespace=config.ray.namespace,
         num_cpus=config.ray.num_cpus if owns_cluster else None,
         num_gpus=config.ray.num_gpus if owns_cluster else None,

@@ -18,6 +18,24 @@ if TYPE_CHECKING:
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent")
+# What the columns hold (INTEGER, BIGINT).
+LIMIT_MAX = {
+    "requests_per_minute": 2**31 - 1,
+    "max_concurrent": 2**31 - 1,
+    "tokens_per_minute": 2**63 - 1,
+    "tokens_per_day": 2**63 - 1,
+}
+
+
+def check_limits(limits: dict[str, int | None]) -> dict[str, int | None]:
+    """Raises: InvalidRequest (an unknown field, a negative or too large limit)."""
+    unknown = set(limits) - set(LIMIT_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown quota fields: {sorted(unknown)}")
+    for field, value in limits.items():
+        if value is not None and not 0 <= value <= LIMIT_MAX[field]:
+            raise InvalidRequest(f"{field} must be between 0 and {LIMIT_MAX[field]}")
+    return limits
 
 
 def check_name(name: str) -> str:
@@ -36,6 +54,8 @@ class TenantRepository:
     def create(self, name: str, limits: QuotaLimits | None = None) -> Tenant:
         """Raises: Conflict (the name exists), InvalidRequest (a bad name)."""
         check_name(name)
+        limits = limits or QuotaLimits()
+        check_limits(limits.as_dict())
         if self.find(name) is not None:
             raise Conflict(f"tenant {name!r} already exists")
         tenant = Tenant(name=name, created_at=datetime.now(UTC))
@@ -44,7 +64,7 @@ class TenantRepository:
             self.session.flush()
         except IntegrityError:
             raise Conflict(f"tenant {name!r} already exists") from None
-        self.session.add(Quota(tenant_id=tenant.id, **(limits or QuotaLimits()).as_dict()))
+        self.session.add(Quota(tenant_id=tenant.id, **limits.as_dict()))
         self.session.flush()
         return tenant
 
@@ -70,17 +90,13 @@ class TenantRepository:
 
     def set_limits(self, name: str, changes: dict[str, int | None]) -> Quota:
         """Change some limits (``None``: unlimited); the others keep their values."""
-        unknown = set(changes) - set(LIMIT_FIELDS)
-        if unknown:
-            raise InvalidRequest(f"unknown quota fields: {sorted(unknown)}")
+        check_limits(changes)
         tenant = self.get(name)
         quota = self.session.get(Quota, tenant.id)
         if quota is None:
             quota = Quota(tenant_id=tenant.id)
             self.session.add(quota)
         for field, value in changes.items():
-            if value is not None and value < 0:
-                raise InvalidRequest(f"{field} must be at least 0")
             setattr(quota, field, value)
         quota.updated_at = datetime.now(UTC)
         self.session.flush()

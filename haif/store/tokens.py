@@ -32,6 +32,8 @@ SCOPES = frozenset({"inference", "admin"})
 DEFAULT_SCOPES = ("inference",)
 MAX_TOKEN_CHARS = 512
 MIN_FOREIGN_KEY_CHARS = 16
+MAX_NAME_CHARS = 128
+MAX_EXPIRES_IN_S = 100 * 365 * 86400
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _TOKEN = re.compile(rf"^haif_([a-z0-9]{{{PREFIX_CHARS}}})_([A-Za-z0-9_-]{{32,128}})$")
@@ -152,6 +154,10 @@ class TokenRepository:
 
         ``token`` registers a given plaintext (the development key) instead of a new one.
         """
+        if name is not None and len(name) > MAX_NAME_CHARS:
+            raise InvalidRequest(f"a token name is at most {MAX_NAME_CHARS} characters")
+        if expires_in_s is not None and not 0 < expires_in_s <= MAX_EXPIRES_IN_S:
+            raise InvalidRequest(f"expires-in must be between 1 and {MAX_EXPIRES_IN_S} seconds")
         if token is None:
             token, prefix = new_token()
         else:

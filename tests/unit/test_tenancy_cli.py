@@ -51,6 +51,8 @@ def test_tenants_tokens_quotas(cfg: Path) -> None:
     assert "already exists" in run(cfg, "tenants", "create", "acme", code=1)
     assert "tenant name" in run(cfg, "tenants", "create", "no spaces", code=2)
     run(cfg, "tenants", "create", "acme2", "--tokens-per-day", "lots", code=2)
+    assert "between 0 and" in run(cfg, "tenants", "create", "acme3", "--requests-per-minute", str(10**12), code=2)
+    run(cfg, "tenants", "create", "acme3", "--max-concurrent", "-1", code=2)
     listed = [json.loads(line) for line in run(cfg, "tenants", "list", "--json").splitlines()]
     assert listed == [
         {
@@ -90,6 +92,8 @@ def test_tenants_tokens_quotas(cfg: Path) -> None:
     assert "unknown scope" in run(
         cfg, "tokens", "create", "--tenant", "acme", "--scopes", "root", code=2
     )
+    run(cfg, "tokens", "create", "--tenant", "acme", "--expires-in", "1e20", code=2)
+    run(cfg, "tokens", "create", "--tenant", "acme", "--name", "n" * 200, code=2)
     assert "revoked token 1" in run(cfg, "tokens", "revoke", token)
     assert (
         json.loads(run(cfg, "tokens", "list", "--json", "--tenant", "acme"))["state"] == "revoked"
