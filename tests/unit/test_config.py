@@ -69,7 +69,7 @@ def test_integration_config_validates() -> None:
     assert config.auth.dev_api_key == "integration-test-key-0123456789"
     names = [m.name for m in config.models]
     assert names == [
-        "echo", "echo-slow", "minilm", "tiny-llama", "gpu-echo", "gpu-fallback", "gpu-hungry",
+        "echo", "echo-slow", "minilm", "tiny-llama", "tiny-llama-vllm", "gpu-echo", "gpu-fallback", "gpu-hungry",
         "signed-echo", "tampered-blob", "tampered-manifest", "untrusted",
     ]
     assert config.model("echo-slow").token_delay_ms == 50
