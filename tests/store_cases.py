@@ -5,14 +5,18 @@ Each ``case_*`` takes a migrated, empty-of-tenants ``Database``.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
 from haif.exceptions import Conflict, InvalidRequest, NotFound, QuotaExceeded, RateLimited
-from haif.store import ledger, usage
+from haif.store import fastpath, ledger, usage
+from haif.store.aio import AsyncWrites
 from haif.store.db import Database
 from haif.store.ledger import Existing, JobRequest, Outcome, Reservation
 from haif.store.models import ApiToken, Job, JobState, Quota
@@ -52,33 +56,66 @@ def job(
     )
 
 
-def reserve(db: Database, req: JobRequest, now: datetime = T0) -> Reservation | Existing:
-    with db.begin() as conn:
-        return ledger.reserve(conn, req, now)
+@dataclass(frozen=True)
+class Writes:
+    """How a case reserves and settles: as the Gateway does on SQLite (``fast``) and on
+    PostgreSQL (``aio``, from an event loop), or the reference transaction."""
 
+    mode: str  # fast | aio | reference
 
-def settle(
-    db: Database,
-    res: Reservation,
-    prompt: int,
-    completion: int,
-    now: datetime = T0,
-    response: str | None = None,
-) -> bool:
-    with db.begin() as conn:
-        return ledger.settle(
-            conn,
-            res,
-            Outcome(
-                JobState.SUCCEEDED,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                started_at=now,
-                finished_at=now,
-                response=response,
-                bill=True,
-            ),
+    def reserve(self, db: Database, req: JobRequest, now: datetime = T0) -> Reservation | Existing:
+        if self.mode == "aio":
+            reserved = asyncio.run(_aio(db, lambda w: w.reserve(req, now)))
+            return reserved or fastpath.reserve_job(db, req, now, fast=False)
+        return fastpath.reserve_job(db, req, now, fast=self.mode == "fast")
+
+    def close(self, db: Database, res: Reservation, out: Outcome) -> bool:
+        if self.mode == "aio":
+            return asyncio.run(_aio(db, lambda w: w.settle(res, out)))
+        if self.mode == "fast":
+            return fastpath.settle_job(db, res, out)
+        with db.begin() as conn:
+            return ledger.settle(conn, res, out)
+
+    def settle(
+        self,
+        db: Database,
+        res: Reservation,
+        prompt: int,
+        completion: int,
+        now: datetime = T0,
+        response: str | None = None,
+    ) -> bool:
+        out = Outcome(
+            JobState.SUCCEEDED,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            started_at=now,
+            finished_at=now,
+            response=response,
+            bill=True,
         )
+        return self.close(db, res, out)
+
+
+def async_writes(db: Database, size: int = 1) -> AsyncWrites:
+    url = db.engine.url.render_as_string(hide_password=False)
+    return AsyncWrites(url, size=size, connect_timeout_s=5, statement_timeout_ms=10_000)
+
+
+async def _aio(db: Database, call: Any) -> Any:
+    writes = async_writes(db)
+    try:
+        return await call(writes)
+    finally:
+        await writes.close()
+
+
+GATEWAY = Writes("fast")
+WRITES = [GATEWAY, Writes("reference")]
+PG_WRITES = [*WRITES, Writes("aio")]
+reserve = GATEWAY.reserve
+settle = GATEWAY.settle
 
 
 def quota(db: Database, tenant_id: int) -> Quota:
@@ -86,15 +123,15 @@ def quota(db: Database, tenant_id: int) -> Quota:
         return s.get(Quota, tenant_id)
 
 
-def case_requests_per_minute_exact(db: Database) -> None:
+def case_requests_per_minute_exact(db: Database, w: Writes) -> None:
     limits = QuotaLimits(requests_per_minute=3)
     t = tenant(db, limits)
     for i in range(3):
         assert isinstance(
-            reserve(db, job(t, limits=limits), T0 + timedelta(seconds=i)), Reservation
+            w.reserve(db, job(t, limits=limits), T0 + timedelta(seconds=i)), Reservation
         )
     with pytest.raises(RateLimited) as info:
-        reserve(db, job(t, limits=limits), T0 + timedelta(seconds=10))
+        w.reserve(db, job(t, limits=limits), T0 + timedelta(seconds=10))
     assert info.value.retry_after_s == 50
     # Refused requests leave no job behind; the window reopens after 60 s.
     with db.connect() as conn:
@@ -102,151 +139,149 @@ def case_requests_per_minute_exact(db: Database) -> None:
             conn.execute(select(func.count()).select_from(Job).where(Job.tenant_id == t)).scalar()
             == 3
         )
-    assert isinstance(reserve(db, job(t, limits=limits), T0 + timedelta(seconds=60)), Reservation)
+    assert isinstance(w.reserve(db, job(t, limits=limits), T0 + timedelta(seconds=60)), Reservation)
 
 
-def case_tokens_reserved_then_refunded(db: Database) -> None:
+def case_tokens_reserved_then_refunded(db: Database, w: Writes) -> None:
     limits = QuotaLimits(tokens_per_minute=100, tokens_per_day=1000)
     t = tenant(db, limits)
-    a = reserve(db, job(t, tokens=60, limits=limits))
+    a = w.reserve(db, job(t, tokens=60, limits=limits))
     with pytest.raises(RateLimited):
-        reserve(db, job(t, tokens=50, limits=limits))  # 60 + 50 > 100
-    assert settle(db, a, prompt=5, completion=15)  # used 20: 40 refunded
+        w.reserve(db, job(t, tokens=50, limits=limits))  # 60 + 50 > 100
+    assert w.settle(db, a, prompt=5, completion=15)  # used 20: 40 refunded
     q = quota(db, t)
     assert (q.minute_tokens, q.day_tokens) == (20, 20)
-    assert isinstance(reserve(db, job(t, tokens=80, limits=limits)), Reservation)
+    assert isinstance(w.reserve(db, job(t, tokens=80, limits=limits)), Reservation)
     with db.connect() as conn:
         assert ledger.usage_total(conn, t) == (1, 5, 15)
 
 
-def case_overdraft_is_charged(db: Database) -> None:
+def case_overdraft_is_charged(db: Database, w: Writes) -> None:
     limits = QuotaLimits(tokens_per_day=1000)
     t = tenant(db, limits)
-    a = reserve(db, job(t, tokens=10, limits=limits))
-    settle(db, a, prompt=30, completion=5)  # the prompt estimate was low
+    a = w.reserve(db, job(t, tokens=10, limits=limits))
+    w.settle(db, a, prompt=30, completion=5)  # the prompt estimate was low
     assert quota(db, t).day_tokens == 35
 
 
-def case_refund_never_reaches_a_later_window(db: Database) -> None:
+def case_refund_never_reaches_a_later_window(db: Database, w: Writes) -> None:
     limits = QuotaLimits(tokens_per_minute=100)
     t = tenant(db, limits)
-    a = reserve(db, job(t, tokens=90, limits=limits), T0)
-    b = reserve(db, job(t, tokens=30, limits=limits), T0 + timedelta(seconds=61))  # a new window
-    settle(db, a, prompt=1, completion=1, now=T0 + timedelta(seconds=62))
+    a = w.reserve(db, job(t, tokens=90, limits=limits), T0)
+    b = w.reserve(db, job(t, tokens=30, limits=limits), T0 + timedelta(seconds=61))  # a new window
+    w.settle(db, a, prompt=1, completion=1, now=T0 + timedelta(seconds=62))
     assert quota(db, t).minute_tokens == 30  # a's refund belonged to the closed window
     assert isinstance(b, Reservation)
 
 
-def case_day_quota_is_429_insufficient_quota(db: Database) -> None:
+def case_day_quota_is_429_insufficient_quota(db: Database, w: Writes) -> None:
     limits = QuotaLimits(tokens_per_day=100)
     t = tenant(db, limits)
-    settle(db, reserve(db, job(t, tokens=100, limits=limits)), 50, 50)
+    w.settle(db, w.reserve(db, job(t, tokens=100, limits=limits)), 50, 50)
     with pytest.raises(QuotaExceeded):
-        reserve(db, job(t, tokens=1, limits=limits), T0 + timedelta(hours=1))
+        w.reserve(db, job(t, tokens=1, limits=limits), T0 + timedelta(hours=1))
 
 
-def case_concurrency_slots_are_released_once(db: Database) -> None:
+def case_concurrency_slots_are_released_once(db: Database, w: Writes) -> None:
     limits = QuotaLimits(max_concurrent=1)
     t = tenant(db, limits)
-    a = reserve(db, job(t, limits=limits))
+    a = w.reserve(db, job(t, limits=limits))
     with pytest.raises(RateLimited, match="concurrent"):
-        reserve(db, job(t, limits=limits))
-    assert settle(db, a, 1, 1)
-    assert not settle(db, a, 1, 1)  # a job is settled once
+        w.reserve(db, job(t, limits=limits))
+    assert w.settle(db, a, 1, 1)
+    assert not w.settle(db, a, 1, 1)  # a job is settled once
     assert quota(db, t).in_flight == 0
-    assert isinstance(reserve(db, job(t, limits=limits)), Reservation)
+    assert isinstance(w.reserve(db, job(t, limits=limits)), Reservation)
     with db.connect() as conn:
         assert ledger.usage_total(conn, t) == (1, 1, 1)
 
 
-def case_unlimited_tenant_takes_no_quota(db: Database) -> None:
+def case_unlimited_tenant_takes_no_quota(db: Database, w: Writes) -> None:
     t = tenant(db)
-    res = reserve(db, job(t, tokens=10**9))
+    res = w.reserve(db, job(t, tokens=10**9))
     assert isinstance(res, Reservation) and not res.holds_quota
-    settle(db, res, 3, 4)
+    w.settle(db, res, 3, 4)
     q = quota(db, t)
     assert (q.minute_requests, q.day_tokens, q.in_flight) == (0, 0, 0)
 
 
-def case_limits_from_the_row_win_over_the_cache(db: Database) -> None:
+def case_limits_from_the_row_win_over_the_cache(db: Database, w: Writes) -> None:
     t = tenant(db, QuotaLimits(requests_per_minute=1))
     stale_cache = QuotaLimits(requests_per_minute=100)
-    reserve(db, job(t, limits=stale_cache))
+    w.reserve(db, job(t, limits=stale_cache))
     with pytest.raises(RateLimited):
-        reserve(db, job(t, limits=stale_cache))
+        w.reserve(db, job(t, limits=stale_cache))
 
 
-def case_idempotency_key(db: Database) -> None:
+def case_idempotency_key(db: Database, w: Writes) -> None:
     t = tenant(db)
-    first = reserve(db, job(t, key="k1", digest="h1"))
+    first = w.reserve(db, job(t, key="k1", digest="h1"))
     assert isinstance(first, Reservation)
-    dup = reserve(db, job(t, key="k1", digest="h1"))
+    dup = w.reserve(db, job(t, key="k1", digest="h1"))
     assert isinstance(dup, Existing) and dup.job_id == first.job_id and dup.state == "reserved"
     with pytest.raises(Conflict):
-        reserve(db, job(t, key="k1", digest="other"))
-    settle(db, first, 1, 2, response='{"x": 1}')
-    replay = reserve(db, job(t, key="k1", digest="h1"))
+        w.reserve(db, job(t, key="k1", digest="other"))
+    w.settle(db, first, 1, 2, response='{"x": 1}')
+    replay = w.reserve(db, job(t, key="k1", digest="h1"))
     assert (
         isinstance(replay, Existing)
         and replay.state == "succeeded"
         and replay.response == '{"x": 1}'
     )
     # Another tenant's identical key is another job.
-    other = reserve(db, job(tenant(db), key="k1", digest="h1"))
+    other = w.reserve(db, job(tenant(db), key="k1", digest="h1"))
     assert isinstance(other, Reservation) and other.job_id != first.job_id
     with db.connect() as conn:
         assert ledger.usage_total(conn, t) == (1, 1, 2)
 
 
-def case_failed_idempotent_job_is_taken_over(db: Database) -> None:
+def case_failed_idempotent_job_is_taken_over(db: Database, w: Writes) -> None:
     limits = QuotaLimits(max_concurrent=5)
     t = tenant(db, limits)
-    first = reserve(db, job(t, key="k", digest="h", limits=limits))
-    with db.begin() as conn:
-        ledger.settle(conn, first, Outcome(JobState.FAILED, error="boom", finished_at=T0))
-    again = reserve(db, job(t, key="k", digest="h", limits=limits))
+    first = w.reserve(db, job(t, key="k", digest="h", limits=limits))
+    w.close(db, first, Outcome(JobState.FAILED, error="boom", finished_at=T0))
+    again = w.reserve(db, job(t, key="k", digest="h", limits=limits))
     assert isinstance(again, Reservation) and again.job_id == first.job_id
-    assert isinstance(reserve(db, job(t, key="k", digest="h", limits=limits)), Existing)
+    assert isinstance(w.reserve(db, job(t, key="k", digest="h", limits=limits)), Existing)
     assert quota(db, t).in_flight == 1
 
 
-def case_idempotency_refused_by_quota_leaves_no_claim(db: Database) -> None:
+def case_idempotency_refused_by_quota_leaves_no_claim(db: Database, w: Writes) -> None:
     limits = QuotaLimits(tokens_per_minute=10)
     t = tenant(db, limits)
-    settle(db, reserve(db, job(t, tokens=10, limits=limits)), 5, 5)
+    w.settle(db, w.reserve(db, job(t, tokens=10, limits=limits)), 5, 5)
     with pytest.raises(RateLimited):
-        reserve(db, job(t, tokens=5, limits=limits, key="k", digest="h"))
-    res = reserve(
+        w.reserve(db, job(t, tokens=5, limits=limits, key="k", digest="h"))
+    res = w.reserve(
         db, job(t, tokens=5, limits=limits, key="k", digest="h"), T0 + timedelta(seconds=61)
     )
     assert isinstance(res, Reservation)  # the key was not burned by the refusal
 
 
-def case_sweeper_releases_abandoned_jobs(db: Database) -> None:
+def case_sweeper_releases_abandoned_jobs(db: Database, w: Writes) -> None:
     limits = QuotaLimits(max_concurrent=1, tokens_per_day=100)
     t = tenant(db, limits)
-    res = reserve(db, job(t, tokens=40, limits=limits))
+    res = w.reserve(db, job(t, tokens=40, limits=limits))
     with db.begin() as conn:
         assert ledger.mark_running(conn, [res.job_id], T0) == 1
         stale = ledger.stale_jobs(conn, T0 + timedelta(seconds=1))
     assert [s.job_id for s in stale] == [res.job_id]
-    with db.begin() as conn:
-        assert ledger.settle(conn, stale[0], Outcome(JobState.FAILED, finished_at=T0))
+    assert w.close(db, stale[0], Outcome(JobState.FAILED, finished_at=T0))
     q = quota(db, t)
     assert (q.in_flight, q.day_tokens) == (0, 0)
-    assert not settle(db, res, 1, 1)  # the Gateway that comes back late cannot settle it again
+    assert not w.settle(db, res, 1, 1)  # the Gateway that comes back late cannot settle it again
 
 
-def case_forget_idempotency_keys(db: Database) -> None:
+def case_forget_idempotency_keys(db: Database, w: Writes) -> None:
     t = tenant(db)
-    first = reserve(db, job(t, key="k", digest="h"), T0)
-    settle(db, first, 1, 1, response="{}")
+    first = w.reserve(db, job(t, key="k", digest="h"), T0)
+    w.settle(db, first, 1, 1, response="{}")
     with db.begin() as conn:
         assert ledger.forget_idempotency_keys(conn, T0 + timedelta(days=2)) == 1
-    assert isinstance(reserve(db, job(t, key="k", digest="h")), Reservation)
+    assert isinstance(w.reserve(db, job(t, key="k", digest="h")), Reservation)
 
 
-def case_tenants_and_tokens(db: Database) -> None:
+def case_tenants_and_tokens(db: Database, w: Writes) -> None:
     with db.session() as s:
         tenants = TenantRepository(s)
         acme = tenants.create("acme", QuotaLimits(requests_per_minute=5))
@@ -285,11 +320,11 @@ def case_tenants_and_tokens(db: Database) -> None:
         assert (q.requests_per_minute, q.max_concurrent) == (None, 3)
 
 
-def case_usage_export_and_batches(db: Database) -> None:
+def case_usage_export_and_batches(db: Database, w: Writes) -> None:
     t = tenant(db)
-    jobs = [reserve(db, job(t)) for _ in range(5)]
+    jobs = [w.reserve(db, job(t)) for _ in range(5)]
     for i, res in enumerate(jobs):
-        settle(db, res, i, 2 * i)
+        w.settle(db, res, i, 2 * i)
     with db.connect() as conn:
         rows = list(usage.export_rows(conn, page=2))
     assert [r["job_id"] for r in rows] == [r.job_id for r in jobs]
@@ -356,5 +391,49 @@ def hammer(
     try:
         with ThreadPoolExecutor(threads) as pool:
             return list(pool.map(one, range(requests)))
+    finally:
+        db.close()
+
+
+def hammer_async(
+    url: str, tenant_id: int, requests: int, limits: QuotaLimits, settle_with: int
+) -> list[str]:
+    """One "Gateway replica" as on PostgreSQL: ``requests`` concurrent coroutines on one event loop."""
+    from haif.store.db import create_db_engine
+
+    db = Database(create_db_engine(url, pool_size=2, max_overflow=0))
+
+    async def run() -> list[str]:
+        writes = async_writes(db, size=8)
+
+        async def one() -> str:
+            req = job(tenant_id, tokens=10, limits=limits)
+            res = await writes.reserve(req, datetime.now(UTC))
+            if res is None:  # refused here: the reference path says why (or admits it)
+                try:
+                    res = await asyncio.to_thread(
+                        fastpath.reserve_job, db, req, datetime.now(UTC), False
+                    )
+                except RateLimited:
+                    return "refused"
+            half = settle_with // 2
+            out = Outcome(
+                JobState.SUCCEEDED,
+                half,
+                settle_with - half,
+                datetime.now(UTC),
+                datetime.now(UTC),
+                bill=True,
+            )
+            await writes.settle(res, out)
+            return "reserved"
+
+        try:
+            return list(await asyncio.gather(*(one() for _ in range(requests))))
+        finally:
+            await writes.close()
+
+    try:
+        return asyncio.run(run())
     finally:
         db.close()

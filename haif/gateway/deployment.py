@@ -87,11 +87,15 @@ class Gateway:
         auth = DatabaseAuthenticator(
             db, config.auth.token_cache_ttl_s, config.auth.token_cache_max_entries
         )
+        from haif.store.aio import AsyncWrites
+
+        # On PostgreSQL the request's two writes go out from the event loop itself.
+        quotas = QuotaGate(db, limiter, AsyncWrites.from_config(config))
         return Admission(
             config,
             auth,
             db=db,
-            quotas=QuotaGate(db, limiter),
+            quotas=quotas,
             upkeep=upkeep,
             replica=_replica_id(),
             metrics=metrics,

@@ -2,7 +2,8 @@
 
 Requests per minute go to Redis when it is configured (one atomic script); the rest
 (tokens per minute and per day, concurrent requests, and requests per minute without
-Redis) is one transaction on the metadata store (``haif.store.ledger``).
+Redis) is one statement, or one transaction, on the metadata store
+(``haif.store.fastpath``, ``haif.store.ledger``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from haif.store import ledger
+from haif.store import fastpath
 from haif.store.quotas import QuotaLimits
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
     from haif.envelope import Principal, WorkItem
     from haif.gateway.ratelimit import RedisRateLimiter
+    from haif.store.aio import AsyncWrites
     from haif.store.db import Database
     from haif.store.ledger import Existing, JobRequest, Outcome, Reservation
 
@@ -31,9 +33,12 @@ def reservation_tokens(item: WorkItem, bytes_per_token: float) -> int:
 
 
 class QuotaGate:
-    def __init__(self, db: Database, limiter: RedisRateLimiter | None) -> None:
+    def __init__(
+        self, db: Database, limiter: RedisRateLimiter | None, writes: AsyncWrites | None = None
+    ) -> None:
         self._db = db
         self._limiter = limiter
+        self._writes = writes  # PostgreSQL: the two writes from the event loop
 
     @property
     def counts_requests_in_db(self) -> bool:
@@ -50,17 +55,17 @@ class QuotaGate:
             and principal.tenant_id is not None
         ):
             await self._limiter.hit(principal.tenant_id, limits.requests_per_minute)
-        return await self._db.run(_reserve, self._db, req, now)
+        if self._writes is not None:
+            reserved = await self._writes.reserve(req, now)
+            if reserved is not None:
+                return reserved
+            # An Idempotency-Key, or a refusal to explain exactly: the reference path.
+            return await self._db.run(fastpath.reserve_job, self._db, req, now, fast=False)
+        return await self._db.run(fastpath.reserve_job, self._db, req, now)
 
     async def settle(self, reservation: Reservation, outcome: Outcome) -> bool:
-        return await self._db.run(_settle, self._db, reservation, outcome)
+        if self._writes is not None:
+            return await self._writes.settle(reservation, outcome)
+        return await self._db.run(fastpath.settle_job, self._db, reservation, outcome)
 
 
-def _reserve(db: Database, req: JobRequest, now: datetime) -> Reservation | Existing:
-    with db.begin() as conn:
-        return ledger.reserve(conn, req, now)
-
-
-def _settle(db: Database, reservation: Reservation, outcome: Outcome) -> bool:
-    with db.begin() as conn:
-        return ledger.settle(conn, reservation, outcome)

@@ -136,6 +136,17 @@ class Database:
             yield conn
 
     @contextmanager
+    def single_statement(self) -> Iterator[Connection]:
+        """For work that is one statement: autocommit on PostgreSQL (no BEGIN/COMMIT round
+        trips); on SQLite a transaction, since its writers serialize on one anyway."""
+        if self.dialect != "postgresql":
+            with self.begin() as conn:
+                yield conn
+            return
+        with _translated(), self.engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
     def connect(self) -> Iterator[Connection]:
         """A connection for reads (its implicit transaction is rolled back on close)."""
         with _translated(), self.engine.connect() as conn:

@@ -18,7 +18,7 @@ from haif.store.models import Base, Job, Quota
 from haif.store.quotas import QuotaLimits
 from tests import services
 from tests.integration.conftest import haif_cli
-from tests.store_cases import CASES, hammer, tenant
+from tests.store_cases import CASES, PG_WRITES, hammer, hammer_async, tenant
 
 
 @pytest.fixture
@@ -30,9 +30,10 @@ def pg_db(pg_server: str) -> Database:
         db.close()
 
 
+@pytest.mark.parametrize("writes", PG_WRITES, ids=lambda w: w.mode)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__[5:])
-def test_store(case, pg_db: Database) -> None:  # noqa: ANN001
-    case(pg_db)
+def test_store(case, writes, pg_db: Database) -> None:  # noqa: ANN001
+    case(pg_db, writes)
 
 
 def test_migrations_on_an_empty_database_and_from_the_previous_revision(pg_server: str) -> None:
@@ -78,12 +79,40 @@ def test_db_cli_upgrade_downgrade_current(pg_server: str) -> None:
 
 
 def _in_processes(
-    url: str, tenant_id: int, limits: QuotaLimits, n_per_process: int, **kw: object
+    url: str,
+    tenant_id: int,
+    limits: QuotaLimits,
+    n_per_process: int,
+    fn=hammer,
+    **kw: object,  # noqa: ANN001
 ) -> list[str]:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=ctx) as pool:
-        parts = [pool.submit(hammer, url, tenant_id, n_per_process, limits, **kw) for _ in range(2)]
+        parts = [pool.submit(fn, url, tenant_id, n_per_process, limits, **kw) for _ in range(2)]
         return [word for p in parts for word in p.result()]
+
+
+@pytest.mark.parametrize(
+    ("limits", "allowed"),
+    [(QuotaLimits(requests_per_minute=50), 50), (QuotaLimits(tokens_per_minute=500), 50)],
+    ids=["requests_per_minute", "tokens_per_minute"],
+)
+def test_async_writes_exact_across_two_processes(
+    pg_url: str, limits: QuotaLimits, allowed: int
+) -> None:
+    """As the Gateway writes on PostgreSQL: coroutines on an event loop, two processes."""
+    db = Database(create_db_engine(pg_url))
+    migrate.upgrade(db.engine)
+    t = tenant(db, limits)
+    words = _in_processes(pg_url, t, limits, 100, fn=hammer_async, settle_with=10)
+    assert words.count("reserved") == allowed and words.count("refused") == 200 - allowed
+    with db.connect() as conn:
+        assert usage_total(conn, t) == (allowed, allowed * 5, allowed * 5)
+        q = conn.execute(select(Quota).where(Quota.tenant_id == t)).one()
+    assert q.in_flight == 0
+    if limits.tokens_per_minute:
+        assert q.minute_tokens == 500  # every reservation used all it took: no refund, no leak
+    db.close()
 
 
 def test_requests_per_minute_exact_across_two_processes(pg_url: str) -> None:
@@ -102,19 +131,30 @@ def test_requests_per_minute_exact_across_two_processes(pg_url: str) -> None:
     db.close()
 
 
-def test_tokens_and_concurrency_never_oversubscribed_across_two_processes(pg_url: str) -> None:
+def test_tokens_per_minute_exact_across_two_processes(pg_url: str) -> None:
     db = Database(create_db_engine(pg_url))
     migrate.upgrade(db.engine)
-    limits = QuotaLimits(tokens_per_minute=300, max_concurrent=8)
+    limits = QuotaLimits(tokens_per_minute=300)
     t = tenant(db, limits)
-    words = _in_processes(
-        pg_url, t, limits, 60, settle_with=10
-    )  # each uses all 10 tokens it reserved
+    words = _in_processes(pg_url, t, limits, 60, settle_with=10)  # each uses the 10 tokens it took
     assert words.count("reserved") == 30  # 300 tokens / 10: exact, refunds are zero
     with db.connect() as conn:
         q = conn.execute(select(Quota).where(Quota.tenant_id == t)).one()
         assert (q.minute_tokens, q.in_flight) == (300, 0)
         assert usage_total(conn, t) == (30, 150, 150)
+    db.close()
+
+
+def test_concurrency_slots_exact_across_two_processes(pg_url: str) -> None:
+    """120 requests that hold their slot (not settled), 8 slots: exactly 8 get one."""
+    db = Database(create_db_engine(pg_url))
+    migrate.upgrade(db.engine)
+    limits = QuotaLimits(max_concurrent=8)
+    t = tenant(db, limits)
+    words = _in_processes(pg_url, t, limits, 60)
+    assert words.count("reserved") == 8 and words.count("refused") == 112
+    with db.connect() as conn:
+        assert conn.execute(select(Quota.in_flight).where(Quota.tenant_id == t)).scalar() == 8
     db.close()
 
 

@@ -12,14 +12,15 @@ from sqlalchemy import inspect, text
 from haif.store import Database, migrate
 from haif.store.db import create_db_engine
 from haif.store.models import Base
-from tests.store_cases import CASES
+from tests.store_cases import CASES, WRITES
 
 pytestmark = pytest.mark.unit
 
 
+@pytest.mark.parametrize("writes", WRITES, ids=lambda w: w.mode)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__[5:])
-def test_store(case, sqlite_db: Database) -> None:  # noqa: ANN001
-    case(sqlite_db)
+def test_store(case, writes, sqlite_db: Database) -> None:  # noqa: ANN001
+    case(sqlite_db, writes)
 
 
 def test_migrations_upgrade_downgrade_and_match_the_models(tmp_path: Path) -> None:
