@@ -471,3 +471,36 @@ def test_dev_tenant_and_key_are_registered_hashed(haif: Deployment, store_env: d
     with db.connect() as conn:
         stored = conn.execute(text("SELECT prefix, secret_hash FROM api_tokens")).all()
     assert all(haif.api_key not in (p, h) for p, h in stored)
+
+
+def test_streams_are_marked_running_settled_and_billed(
+    haif: Deployment, store_env: dict, db
+) -> None:  # noqa: ANN001
+    tenant = new_tenant(store_env)
+    token = new_token(store_env, tenant, "--scopes", "inference,admin")
+    h = {"Authorization": f"Bearer {token}"}
+    body = {"model": "echo-slow", "prompt": "tok " * 30, "max_tokens": 30, "stream": True}  # ~1.5 s
+    with httpx.Client(base_url=haif.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", headers=h, json=body) as resp:
+            lines = resp.iter_lines()
+            first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+            job_id = first["id"]
+            # Longer than jobs.mark_running_after_s (0.5 s): the upkeep marks it running.
+            wait_for(
+                lambda: c.get(f"/v1/jobs/{job_id}", headers=h).json()["state"] == "running", 5, 0.05
+            )
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        wait_for(lambda: c.get(f"/v1/jobs/{job_id}", headers=h).json()["state"] == "succeeded", 10)
+        assert c.get(f"/v1/jobs/{job_id}", headers=h).json()["completion_tokens"] == 30
+        # A client that hangs up is billed for what was generated, and its job fails.
+        with c.stream("POST", "/v1/completions", headers=h, json=body) as resp:
+            lines = resp.iter_lines()
+            cut = json.loads(next(line for line in lines if line.startswith("data: "))[6:])["id"]
+        job = wait_for(
+            lambda: (j := c.get(f"/v1/jobs/{cut}", headers=h).json())["state"] == "failed" and j, 10
+        )
+        assert 0 < job["completion_tokens"] < 30
+    wait_for(
+        lambda: {cut, job_id} <= {u[0] for u in tenant_usage(db, tenant)}, 10, what="stream usage"
+    )
