@@ -91,7 +91,9 @@ def main() -> None:
     try:
         deploy(HaifConfig(
             server=ServerConfig(port=port, state_dir=".haif/bench"),
-            auth=AuthConfig(dev_api_key=API_KEY),
+            # No tenancy (one static key): this compares the serving path with the
+            # baseline, which has no accounts either; bench/overhead.py prices tenancy.
+            auth=AuthConfig(backend="static", dev_api_key=API_KEY),
             limits=LimitsConfig(max_embedding_inputs=max(args.batch, 64)),
             models=[model_cfg],
         ))

@@ -103,7 +103,9 @@ def _haif_config(model_dir: str, args: argparse.Namespace, port: int) -> Any:
 
     return HaifConfig(
         server=ServerConfig(port=port, state_dir=".haif/bench"),
-        auth=AuthConfig(dev_api_key=API_KEY),
+        # No tenancy (one static key): this compares the serving path with the
+            # baseline, which has no accounts either; bench/overhead.py prices tenancy.
+            auth=AuthConfig(backend="static", dev_api_key=API_KEY),
         limits=LimitsConfig(max_tokens=max(args.max_tokens, 16), default_max_tokens=16),
         models=[
             ModelConfig(
