@@ -168,28 +168,3 @@ def test_one_idempotency_key_one_job_across_two_processes(pg_url: str) -> None:
         jobs = conn.execute(select(Job.id).where(Job.tenant_id == t)).all()
     assert len(jobs) == 1
     db.close()
-
-
-def test_reservation_and_settlement_cost(pg_url: str) -> None:
-    """The two writes of a request, timed on this machine (printed; the bench reports them too)."""
-    import time
-
-    from tests.store_cases import job, reserve, settle
-
-    db = Database(create_db_engine(pg_url))
-    migrate.upgrade(db.engine)
-    limits = QuotaLimits(requests_per_minute=10**6, tokens_per_day=10**9, max_concurrent=1000)
-    t = tenant(db, limits)
-    reserve_ms, settle_ms = [], []
-    for _ in range(200):
-        start = time.perf_counter()
-        res = reserve(db, job(t, limits=limits), datetime.now(UTC))
-        mid = time.perf_counter()
-        settle(db, res, 3, 4, datetime.now(UTC))
-        reserve_ms.append((mid - start) * 1000)
-        settle_ms.append((time.perf_counter() - mid) * 1000)
-    reserve_ms.sort()
-    settle_ms.sort()
-    print(f"\nreservation p50 {reserve_ms[100]:.2f} ms, settlement p50 {settle_ms[100]:.2f} ms")
-    assert reserve_ms[100] < 50 and settle_ms[100] < 50  # sanity, not a benchmark
-    db.close()
