@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from datetime import UTC, datetime
 
 import pytest
 from alembic.autogenerate import compare_metadata
