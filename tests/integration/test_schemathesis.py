@@ -6,7 +6,6 @@ import os
 
 import pytest
 import schemathesis
-from schemathesis.checks import not_a_server_error
 
 from tests.integration.conftest import Deployment
 
