@@ -87,7 +87,7 @@ def main() -> None:
     direct_round(direct, batches[:2])  # warm-up
 
     port = _free_port()
-    ray.init(namespace="haif-bench", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", namespace="haif-bench", include_dashboard=False, log_to_driver=False)
     try:
         deploy(HaifConfig(
             server=ServerConfig(port=port, state_dir=".haif/bench"),

@@ -128,7 +128,7 @@ def run_haif(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
     from serve_app import deploy
 
     port = _free_port()
-    ray.init(namespace="haif-bench", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", namespace="haif-bench", include_dashboard=False, log_to_driver=False)
     try:
         deploy(_haif_config(model_dir, args, port))
         status = wait_ready(f"http://127.0.0.1:{port}", 900)
