@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,11 +248,24 @@ class ModelWorker:
             return [runtime.render_chat(messages)]
         raise UnprocessableRequest(f"model {self.model.name!r} generates text; use /v1/embeddings elsewhere")
 
+    @contextlib.contextmanager
+    def _serving(self, item: WorkItem, what: str) -> Iterator[None]:
+        """Count the request in flight; let HAIF errors through, turn others into InternalError."""
+        self._in_flight += 1
+        try:
+            yield
+        except HaifError:
+            raise
+        except Exception as exc:
+            logger.exception("%s failed for request %s", what, item.ctx.request_id)
+            raise InternalError(f"worker {self.worker_id} failed: {type(exc).__name__}") from exc
+        finally:
+            self._in_flight -= 1
+
     async def generate(self, item: WorkItem) -> list[GenerationOutput]:
         """Complete every prompt of the request (one output per prompt)."""
         runtime = self._ready_runtime()
-        self._in_flight += 1
-        try:
+        with self._serving(item, "generate"):
             body = await self._body(item)
             params = self._params(body, item.max_tokens)
             # Concurrently, so that the runtime can batch the prompts of one request.
@@ -261,46 +274,32 @@ class ModelWorker:
             )
             self._served += 1
             return outputs
-        except HaifError:
-            raise
-        except Exception as exc:
-            logger.exception("generate failed for request %s", item.ctx.request_id)
-            raise InternalError(f"worker {self.worker_id} failed: {type(exc).__name__}") from exc
-        finally:
-            self._in_flight -= 1
 
     async def generate_stream(self, item: WorkItem) -> AsyncIterator[StreamEvent]:
         """Stream the completion of a single-prompt request, one event per decoded piece."""
         runtime = self._ready_runtime()
-        self._in_flight += 1
         finished = False
-        try:
-            body = await self._body(item)
-            params = self._params(body, item.max_tokens)
-            (prompt,) = self._prompts(runtime, body)
-            # aclosing: a cancelled consumer must free the runtime's batch slot now,
-            # not whenever the generator happens to be garbage-collected.
-            # coalesce: tokens that pile up while the hops downstream are busy travel
-            # together, one Ray object instead of one per token.
-            async with contextlib.aclosing(coalesce(runtime.stream(prompt, params))) as events:
-                async for event in events:
-                    yield event
-            finished = True
-            self._served += 1
-        except HaifError:
-            raise
-        except Exception as exc:
-            logger.exception("stream failed for request %s", item.ctx.request_id)
-            raise InternalError(f"worker {self.worker_id} failed: {type(exc).__name__}") from exc
-        finally:
-            if not finished:
-                self._cancelled += 1
-            self._in_flight -= 1
+        with self._serving(item, "stream"):
+            try:
+                body = await self._body(item)
+                params = self._params(body, item.max_tokens)
+                (prompt,) = self._prompts(runtime, body)
+                # aclosing: a cancelled consumer must free the runtime's batch slot now,
+                # not whenever the generator happens to be garbage-collected.
+                # coalesce: tokens that pile up while the hops downstream are busy travel
+                # together, one Ray object instead of one per token.
+                async with contextlib.aclosing(coalesce(runtime.stream(prompt, params))) as events:
+                    async for event in events:
+                        yield event
+                finished = True
+                self._served += 1
+            finally:
+                if not finished:
+                    self._cancelled += 1
 
     async def embed(self, item: WorkItem) -> EmbeddingResult:
         runtime = self._ready_runtime()
-        self._in_flight += 1
-        try:
+        with self._serving(item, "embed"):
             body = await self._body(item)
             if not isinstance(body, EmbeddingRequest):
                 raise UnprocessableRequest(f"model {self.model.name!r} only produces embeddings")
@@ -315,10 +314,3 @@ class ModelWorker:
                 vectors = ray.put(vectors)
             self._served += 1
             return EmbeddingResult(model=self.model.name, vectors=vectors, prompt_tokens=output.prompt_tokens)
-        except HaifError:
-            raise
-        except Exception as exc:
-            logger.exception("embed failed for request %s", item.ctx.request_id)
-            raise InternalError(f"worker {self.worker_id} failed: {type(exc).__name__}") from exc
-        finally:
-            self._in_flight -= 1

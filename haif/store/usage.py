@@ -96,41 +96,33 @@ def tenant_usage(
     return [_export_row(r) for r in conn.execute(stmt).all()]
 
 
+# What a tenant sees of its own jobs (GET /v1/jobs and /v1/jobs/{id}).
+_JOB_COLUMNS = (
+    Job.id,
+    Job.kind,
+    Job.model,
+    Job.version,
+    Job.state,
+    Job.prompt_tokens,
+    Job.completion_tokens,
+    Job.created_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.error,
+)
+
+
 def tenant_job(conn: Connection, tenant_id: int, job_id: str) -> dict[str, Any] | None:
     """A job of this tenant (None for another tenant's job: callers answer 404 either way)."""
     row = conn.execute(
-        select(
-            Job.id,
-            Job.kind,
-            Job.model,
-            Job.version,
-            Job.state,
-            Job.prompt_tokens,
-            Job.completion_tokens,
-            Job.created_at,
-            Job.started_at,
-            Job.finished_at,
-            Job.error,
-        ).where(Job.id == job_id, Job.tenant_id == tenant_id)
+        select(*_JOB_COLUMNS).where(Job.id == job_id, Job.tenant_id == tenant_id)
     ).one_or_none()
     return _job(row) if row is not None else None
 
 
 def tenant_jobs(conn: Connection, tenant_id: int, limit: int) -> list[dict[str, Any]]:
     rows = conn.execute(
-        select(
-            Job.id,
-            Job.kind,
-            Job.model,
-            Job.version,
-            Job.state,
-            Job.prompt_tokens,
-            Job.completion_tokens,
-            Job.created_at,
-            Job.started_at,
-            Job.finished_at,
-            Job.error,
-        )
+        select(*_JOB_COLUMNS)
         .where(Job.tenant_id == tenant_id)
         .order_by(Job.created_at.desc(), Job.id)
         .limit(limit)
