@@ -31,6 +31,7 @@ from actors.loaded import LoadedModel, LoadedModels
 from haif.envelope import EmbeddingResult
 from haif.exceptions import (
     ConfigError,
+    DeadlineExceeded,
     HaifError,
     InternalError,
     ModelLoadFailed,
@@ -248,9 +249,17 @@ class ModelWorker:
             return [runtime.render_chat(messages)]
         raise UnprocessableRequest(f"model {self.model.name!r} generates text; use /v1/embeddings elsewhere")
 
+    def ping(self) -> tuple[str, int]:
+        """The Orchestrator's health probe: cheap, answered even while requests run."""
+        return self._state, self._in_flight
+
     @contextlib.contextmanager
     def _serving(self, item: WorkItem, what: str) -> Iterator[None]:
-        """Count the request in flight; let HAIF errors through, turn others into InternalError."""
+        """Count the request in flight; let HAIF errors through, turn others into InternalError.
+
+        A request whose deadline has passed is refused before any work (DeadlineExceeded).
+        """
+        item.ctx.remaining_s()
         self._in_flight += 1
         try:
             yield
@@ -268,10 +277,10 @@ class ModelWorker:
         with self._serving(item, "generate"):
             body = await self._body(item)
             params = self._params(body, item.max_tokens)
-            # Concurrently, so that the runtime can batch the prompts of one request.
-            outputs = list(
-                await asyncio.gather(*(runtime.generate(p, params) for p in self._prompts(runtime, body)))
-            )
+            # Concurrently, so that the runtime can batch the prompts of one request;
+            # past the deadline the work is cancelled here too, not only by the caller.
+            work = asyncio.gather(*(runtime.generate(p, params) for p in self._prompts(runtime, body)))
+            outputs = list(await _within_deadline(work, item))
             self._served += 1
             return outputs
 
@@ -303,7 +312,7 @@ class ModelWorker:
             body = await self._body(item)
             if not isinstance(body, EmbeddingRequest):
                 raise UnprocessableRequest(f"model {self.model.name!r} only produces embeddings")
-            output = await runtime.embed(body.inputs())
+            output = await _within_deadline(runtime.embed(body.inputs()), item)
             vectors: Any = output.vectors
             if body.dimensions is not None and body.dimensions != vectors.shape[1]:
                 raise UnprocessableRequest(
@@ -314,3 +323,10 @@ class ModelWorker:
                 vectors = ray.put(vectors)
             self._served += 1
             return EmbeddingResult(model=self.model.name, vectors=vectors, prompt_tokens=output.prompt_tokens)
+
+
+async def _within_deadline(work: Any, item: WorkItem) -> Any:
+    try:
+        return await asyncio.wait_for(work, timeout=item.ctx.remaining_s())
+    except TimeoutError:
+        raise DeadlineExceeded(f"request {item.ctx.request_id} passed its deadline") from None

@@ -48,7 +48,13 @@ class ServerConfig(_Model):
         256, ge=1, le=100_000, description="Concurrent requests one Serve replica accepts."
     )
     request_timeout_s: float = Field(
-        120.0, gt=0, le=3600, description="End-to-end deadline of one request."
+        120.0, gt=0, le=3600, description="End-to-end deadline of one request (default)."
+    )
+    min_request_timeout_s: float = Field(
+        0.05, gt=0, le=3600, description="Smallest deadline a client may ask for (X-Request-Timeout)."
+    )
+    max_request_timeout_s: float = Field(
+        600.0, gt=0, le=86_400, description="Largest deadline a client may ask for (X-Request-Timeout)."
     )
     state_dir: str = Field(".haif", description="Directory for local state (dev key, caches).")
     access_log: bool = Field(
@@ -199,6 +205,17 @@ class ModelConfig(_Model):
         None, description="vllm: serve the model for generation or as a pooling/embedding model."
     )
     load_timeout_s: float = Field(600.0, gt=0, le=7200, description="Model load deadline.")
+    max_queued: int = Field(
+        256, ge=0, le=100_000,
+        description="Requests that may wait for a free worker slot; beyond, 429 with Retry-After at once.",
+    )
+    regions: list[str] | None = Field(
+        None, description="Regions that run `workers` workers each (default: the first region)."
+    )
+    dedicated_tenants: list[str] = Field(
+        default_factory=list,
+        description="Tenants with a pool of their own (`workers` per region) that no one else uses.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -421,6 +438,51 @@ class RegionConfig(_Model):
     resource: str | None = Field(None, description="Ray custom resource that marks this region's nodes.")
 
 
+class ResilienceConfig(_Model):
+    health_check_period_s: float = Field(
+        1.0, ge=0.05, le=300, description="How often the Orchestrator probes each worker."
+    )
+    health_check_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="A probe that takes longer counts as failed."
+    )
+    unhealthy_after_failures: int = Field(
+        5, ge=1, le=1000, description="Failed probes in a row after which a worker is replaced."
+    )
+    breaker_failure_threshold: int = Field(
+        3, ge=1, le=1000, description="Failures in a row that open a worker's circuit breaker."
+    )
+    breaker_open_s: float = Field(
+        5.0, gt=0, le=3600, description="How long an open breaker refuses work before a trial call."
+    )
+    breaker_half_open_calls: int = Field(
+        1, ge=1, le=1000, description="Trial calls a half-open breaker lets through."
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Tries per request (the first plus retries), within its deadline."
+    )
+    retry_backoff_initial_ms: float = Field(
+        20.0, ge=0, le=60_000, description="Backoff cap before the first retry (full jitter)."
+    )
+    retry_backoff_max_ms: float = Field(
+        1000.0, ge=0, le=600_000, description="Largest backoff cap between retries."
+    )
+    replace_dead_workers: bool = Field(True, description="Start a new worker in place of a dead one.")
+    replacement_backoff_max_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="Largest wait before replacing a worker that keeps dying (doubles per death).",
+    )
+    overloaded_retry_after_s: float = Field(
+        1.0, gt=0, le=3600, description="Retry-After sent with 429 when a model's queue is full."
+    )
+
+
+class ShardingConfig(_Model):
+    home_regions: dict[str, str] = Field(
+        default_factory=dict,
+        description="Tenant name → home region; its requests go there first (default: the first region).",
+    )
+
+
 class TelemetryConfig(_Model):
     service_name: str = Field("haif", description="OpenTelemetry service name prefix.")
     otlp_endpoint: str | None = Field(None, description="OTLP endpoint; no export when unset.")
@@ -442,6 +504,12 @@ class HaifConfig(_Model):
     regions: list[RegionConfig] = Field(
         default_factory=lambda: [RegionConfig(name="local")], min_length=1, description="Regions."
     )
+    resilience: ResilienceConfig = Field(
+        default_factory=ResilienceConfig, description="Health probes, breakers, retries."
+    )
+    sharding: ShardingConfig = Field(
+        default_factory=ShardingConfig, description="Tenants' home regions."
+    )
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry.")
     base_dir: str | None = Field(
         None, description="Directory relative paths resolve against (the config file's repo root)."
@@ -461,8 +529,35 @@ class HaifConfig(_Model):
             raise ValueError("quotas.rate_limit_backend is redis but redis.url is unset")
         return self
 
+    @model_validator(mode="after")
+    def _known_regions(self) -> HaifConfig:
+        known = {r.name for r in self.regions}
+        if len(known) != len(self.regions):
+            raise ValueError("duplicate region names")
+        if self.server.min_request_timeout_s > self.server.max_request_timeout_s:
+            raise ValueError("server.min_request_timeout_s exceeds server.max_request_timeout_s")
+        for model in self.models:
+            unknown = sorted(set(model.regions or []) - known)
+            if unknown:
+                raise ValueError(f"model {model.name!r} names unknown regions: {', '.join(unknown)}")
+        for tenant, region in self.sharding.home_regions.items():
+            if region not in known:
+                raise ValueError(f"sharding.home_regions: tenant {tenant!r} names unknown region {region!r}")
+        return self
+
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def model_regions(self, model: ModelConfig) -> list[RegionConfig]:
+        """The regions that run ``model``'s workers, in config order."""
+        names = model.regions or [self.regions[0].name]
+        return [r for r in self.regions if r.name in names]
+
+    def home_region(self, tenant: str | None) -> str:
+        """Where ``tenant``'s requests go first."""
+        if tenant is not None and tenant in self.sharding.home_regions:
+            return self.sharding.home_regions[tenant]
+        return self.regions[0].name
 
     def base_path(self) -> Path:
         return Path(self.base_dir) if self.base_dir else Path.cwd()

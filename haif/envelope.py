@@ -50,6 +50,26 @@ def traceparent_from(header: str | None) -> str | None:
     return value
 
 
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def timeout_from(header: str | None, default_s: float, min_s: float, max_s: float) -> float:
+    """The deadline a client asks for in ``X-Request-Timeout`` (seconds), else the default.
+
+    Raises:
+        InvalidRequest: not a number, or outside [min_s, max_s] (the message gives the bounds).
+    """
+    if header is None or not header.strip():
+        return default_s
+    try:
+        value = float(header.strip())
+    except ValueError:
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be a number of seconds") from None
+    if not min_s <= value <= max_s:  # also refuses nan and inf
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be between {min_s:g} and {max_s:g} seconds")
+    return value
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who a request acts for, as established by the Gateway."""
@@ -222,3 +242,16 @@ class EmbeddingResult:
     model: str
     vectors: Any
     prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """Where the Orchestrator ran a request: sent back with the result (first on a stream).
+
+    The Gateway writes ``worker``, ``region`` and ``attempts`` into the job record.
+    """
+
+    worker: str
+    region: str
+    attempts: int
+    value: Any = None  # the result (unary calls); None on a stream

@@ -11,7 +11,7 @@ import ray
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from haif.bridge.errors import as_haif_error
-from haif.envelope import RequestContext, build_work_item
+from haif.envelope import TIMEOUT_HEADER, RequestContext, build_work_item, timeout_from
 from haif.exceptions import InvalidRequest
 from haif.gateway.serving import embedding_response
 from haif.protocol import JobList, JobRecord, UsageList
@@ -77,8 +77,14 @@ class BridgeService:
         self.stream_gateway = gateway.options(stream=True)
 
     def context(self, request: Request) -> RequestContext:
+        server = self.config.server
         return RequestContext.new(
-            timeout_s=self.config.server.request_timeout_s,
+            timeout_s=timeout_from(
+                request.headers.get(TIMEOUT_HEADER),
+                server.request_timeout_s,
+                server.min_request_timeout_s,
+                server.max_request_timeout_s,
+            ),
             api_key=api_key_from(request),
             request_id=request.state.request_id,
             traceparent=request.headers.get("traceparent"),

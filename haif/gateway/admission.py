@@ -35,7 +35,7 @@ from haif.store.quotas import QuotaLimits
 
 if TYPE_CHECKING:
     from haif.config import HaifConfig
-    from haif.envelope import Principal, RequestContext, WorkItem
+    from haif.envelope import Dispatched, Principal, RequestContext, WorkItem
     from haif.gateway.auth import Authenticator
     from haif.gateway.quota import QuotaGate
     from haif.gateway.upkeep import JobUpkeep
@@ -58,6 +58,13 @@ class Ticket:
     key: tuple[int, str] | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     settled: bool = False
+    attempts: int = 1
+    worker: str | None = None
+    region: str | None = None
+
+    def ran_on(self, dispatched: Dispatched) -> None:
+        """Where the Orchestrator ran it (and after how many tries), for the job record."""
+        self.worker, self.region, self.attempts = dispatched.worker, dispatched.region, dispatched.attempts
 
 
 class Admission:

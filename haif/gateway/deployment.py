@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from haif.envelope import Dispatched
 from haif.exceptions import AuthenticationFailed, HaifError, ModelNotFound
 from haif.gateway.admission import Admission
 from haif.gateway.auth import Authenticator, DatabaseAuthenticator, StaticKeyAuthenticator
@@ -138,7 +139,9 @@ class Gateway:
         if ticket.replay is not None:
             return ticket.replay
         try:
-            outputs = await self._orchestrator.generate.remote(ticket.item)
+            dispatched = await self._orchestrator.generate.remote(ticket.item)
+            ticket.ran_on(dispatched)
+            outputs = dispatched.value
         except BaseException as exc:
             await self._admission.fail(ticket, exc)
             raise
@@ -159,6 +162,9 @@ class Gateway:
         first = True
         try:
             async for event in self._stream_handle.stream.remote(ticket.item):
+                if isinstance(event, Dispatched):
+                    ticket.ran_on(event)
+                    continue
                 if first:
                     # Sent only once the worker has produced something, so that errors
                     # before the first token reach the client as a plain HTTP error.
@@ -183,7 +189,9 @@ class Gateway:
         if ticket.replay is not None:
             return ticket.replay
         try:
-            result = await self._orchestrator.embed.remote(ticket.item)
+            dispatched = await self._orchestrator.embed.remote(ticket.item)
+            ticket.ran_on(dispatched)
+            result = dispatched.value
             vectors = None
             if ticket.key is not None:  # kept for replays: fetch it if it came by reference
                 vectors = result.vectors

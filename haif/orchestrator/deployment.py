@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -12,21 +13,26 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.worker import ModelWorker
+from haif.envelope import Dispatched
 from haif.exceptions import (
     DeadlineExceeded,
     HaifError,
+    InternalError,
     ModelNotFound,
+    ModelNotReady,
+    RetryableError,
     UnprocessableRequest,
     WorkerUnavailable,
     unwrap,
 )
+from haif.orchestrator.breaker import Backoff
 from haif.orchestrator.placement import Placement, plan_placements
-from haif.orchestrator.pool import ModelPool, WorkerSlot
+from haif.orchestrator.pool import SHARED_TIER, ModelPool, Route, WorkerSlot, new_breaker
 
 if TYPE_CHECKING:
     from haif.config import HaifConfig
-    from haif.envelope import EmbeddingResult, WorkItem
-    from haif.runtimes.base import GenerationOutput, StreamEvent
+    from haif.envelope import WorkItem
+    from haif.runtimes.base import StreamEvent
 
 logger = logging.getLogger("haif.orchestrator")
 
@@ -34,65 +40,180 @@ _ACTOR_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
 class Orchestrator:
-    """Creates each model's worker actors, tracks their state and routes requests.
+    """Creates each model's worker actors, watches their health and routes requests.
 
     Workers are owned by this replica (not detached): if the replica dies, Ray tears
     its workers down with it and the replica Serve starts in its place creates new ones.
+    A worker that dies (or stops answering probes) is replaced; a request whose worker
+    fails is retried on another one when that is safe (see ``_failure``).
     """
 
     def __init__(self, config: HaifConfig) -> None:
         self._config = config
+        self._res = config.resilience
+        self._backoff = Backoff(
+            self._res.retry_backoff_initial_ms / 1000, self._res.retry_backoff_max_ms / 1000
+        )
         self._pools: dict[str, ModelPool] = {}
+        self._remote_worker = ray.remote(ModelWorker)
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._health_task: asyncio.Task[None] | None = None
+        self.retries = 0
+        self.replacements = 0
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
         plans = plan_placements(config.models, cluster_gpus)
-        remote_worker = ray.remote(ModelWorker)
-        replica = serve.get_replica_context().replica_id.unique_id
         for model in config.models:
             if not model.enabled:
                 continue
             plan = plans[model.name]
+            retry_after = self._res.overloaded_retry_after_s
             if not isinstance(plan, Placement):
                 logger.error("%s", plan.message)
-                self._pools[model.name] = ModelPool(model, None, placement_error=plan)
+                self._pools[model.name] = ModelPool(
+                    model, None, placement_error=plan, overloaded_retry_after_s=retry_after
+                )
                 continue
             if plan.fell_back_to_cpu:
                 logger.warning("model %s asked for a GPU; none free, running on CPU", model.name)
-            pool = ModelPool(model, plan)
-            for i in range(model.workers):
-                worker_id = f"{model.name}/{replica}/{i}"
-                options = plan.actor_options(model.max_concurrency)
-                if plan.needs_placement_group:
-                    options["scheduling_strategy"] = _tensor_parallel_strategy(plan)
-                actor = remote_worker.options(**options).remote(
-                    model,
-                    config.limits.max_prompt_tokens,
-                    str(config.base_path()),
-                    worker_id,
-                    config.artifacts,
-                )
-                load_ref = actor.load.remote(config.limits.object_ref_threshold_bytes)
-                pool.slots.append(WorkerSlot(worker_id, actor, load_ref))
+            pool = ModelPool(model, plan, overloaded_retry_after_s=retry_after)
+            for region in config.model_regions(model):
+                for tier in [SHARED_TIER, *model.dedicated_tenants]:
+                    for i in range(model.workers):
+                        where = region.name if tier == SHARED_TIER else f"{region.name}/{tier}"
+                        slot = WorkerSlot(
+                            worker_id=f"{model.name}/{where}/{self._replica}/{i}",
+                            actor=None,
+                            load_ref=None,
+                            breaker=new_breaker(self._res),
+                            region=region.name,
+                            tier=tier,
+                            capacity=model.max_concurrency,
+                        )
+                        self._spawn(pool, slot)
+                        pool.slots.append(slot)
             self._pools[model.name] = pool
+        self._ensure_health_loop()
+
+    def _spawn(self, pool: ModelPool, slot: WorkerSlot) -> None:
+        """Start the actor of ``slot`` (a new one, or a replacement) and its load."""
+        assert pool.placement is not None  # noqa: S101 - pools without placement have no slots
+        plan, model = pool.placement, pool.model
+        options = plan.actor_options(model.max_concurrency)
+        region = next(r for r in self._config.regions if r.name == slot.region)
+        if region.resource:
+            # A sliver of the region's custom resource pins the worker to that region's nodes.
+            options["resources"] = {region.resource: 0.001}
+        if plan.needs_placement_group:
+            options["scheduling_strategy"] = _tensor_parallel_strategy(plan)
+        if slot.generation:
+            base = slot.worker_id.split("#", 1)[0]
+            slot.worker_id = f"{base}#{slot.generation}"
+        slot.actor = self._remote_worker.options(**options).remote(
+            model,
+            self._config.limits.max_prompt_tokens,
+            str(self._config.base_path()),
+            slot.worker_id,
+            self._config.artifacts,
+        )
+        slot.load_ref = slot.actor.load.remote(self._config.limits.object_ref_threshold_bytes)
+        slot.state, slot.load_started, slot.probe_failures = "loading", time.monotonic(), 0
+        slot.breaker = new_breaker(self._res)
+
+    # --- health ----------------------------------------------------------------------
+
+    def _ensure_health_loop(self) -> None:
+        if self._health_task is not None and not self._health_task.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # constructed outside the loop: the first call starts it
+        self._health_task = loop.create_task(self._health_loop())
+
+    async def check_health(self) -> None:
+        """Serve's own periodic replica check; also (re)starts the worker health loop."""
+        self._ensure_health_loop()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._res.health_check_period_s)
+            try:
+                await self.probe_workers()
+            except Exception:  # one bad round must not stop health checking for good
+                logger.exception("worker health check failed")
+
+    async def probe_workers(self) -> None:
+        """Settle loads, probe ready workers, replace dead ones whose backoff has passed."""
+        probes = []
+        for pool in self._pools.values():
+            pool.refresh()
+            probes += [self._probe(pool, s) for s in pool.slots if s.state == "ready"]
+        await asyncio.gather(*probes)
+        if not self._res.replace_dead_workers:
+            return
+        now = time.monotonic()
+        for pool in self._pools.values():
+            for slot in pool.slots:
+                if slot.state == "dead" and slot.replace_at is not None and slot.replace_at <= now:
+                    slot.generation += 1
+                    self.replacements += 1
+                    self._spawn(pool, slot)
+                    logger.warning("replacing dead worker of %s: %s", pool.model.name, slot.worker_id)
+
+    async def _probe(self, pool: ModelPool, slot: WorkerSlot) -> None:
+        actor = slot.actor
+        try:
+            await asyncio.wait_for(_resolve(actor.ping.remote()), self._res.health_check_timeout_s)
+        except TimeoutError:
+            if slot.actor is not actor:
+                return
+            slot.probe_failures += 1
+            slot.breaker.failure()
+            if slot.probe_failures >= self._res.unhealthy_after_failures:
+                ray.kill(actor)
+                self._dead(pool, slot, f"{slot.probe_failures} health probes timed out")
+            return
+        except _ACTOR_GONE as exc:
+            if slot.actor is actor:
+                self._dead(pool, slot, type(exc).__name__)
+            return
+        slot.probe_failures = 0
+
+    def _dead(self, pool: ModelPool, slot: WorkerSlot, reason: str) -> None:
+        pool.mark_dead(slot, reason, self._res.replacement_backoff_max_s)
 
     # --- introspection ------------------------------------------------------------------
 
     def models(self) -> list[str]:
+        self._ensure_health_loop()
         return list(self._pools)
 
     def status(self) -> dict[str, Any]:
+        self._ensure_health_loop()
         models = {name: pool.status() for name, pool in self._pools.items()}
         ready = all(m["state"] == "ready" for m in models.values())
-        return {"ready": ready, "models": models}
+        return {
+            "ready": ready,
+            "models": models,
+            "retries": self.retries,
+            "replacements": self.replacements,
+        }
 
     async def workers_info(self, model: str | None = None) -> list[dict[str, Any]]:
-        """Each live worker's own report (placement, GPU ids, load); dead ones are skipped."""
+        """Each live worker's own report (placement, GPU ids, load) and its region; dead ones
+        are skipped."""
         slots = [s for name, p in self._pools.items() if model in (None, name) for s in p.slots]
         infos = await asyncio.gather(*(s.actor.info.remote() for s in slots), return_exceptions=True)
-        return [i for i in infos if isinstance(i, dict)]
+        return [
+            {**info, "region": slot.region, "tier": slot.tier, "breaker": slot.breaker.state.name.lower()}
+            for slot, info in zip(slots, infos, strict=True)
+            if isinstance(info, dict)
+        ]
 
     # --- serving ----------------------------------------------------------------------
 
     def _pool(self, item: WorkItem, kind: str) -> ModelPool:
+        self._ensure_health_loop()
         pool = self._pools.get(item.model)
         if pool is None:
             raise ModelNotFound(f"the model {item.model!r} does not exist")
@@ -101,64 +222,168 @@ class Orchestrator:
             raise UnprocessableRequest(f"model {item.model!r} does not support this endpoint; use {use}")
         return pool
 
-    async def _call(self, pool: ModelPool, item: WorkItem, method: str) -> Any:
-        slot = pool.pick()
-        slot.in_flight += 1
-        ref = getattr(slot.actor, method).remote(item)
+    def _route(self, item: WorkItem, pool: ModelPool) -> Route:
+        principal = item.ctx.principal
+        tenant = principal.tenant if principal is not None else None
+        tier = tenant if tenant is not None and tenant in pool.model.dedicated_tenants else SHARED_TIER
+        return Route(tier=tier, regions=(self._config.home_region(tenant),))
+
+    async def _attempt_failed(
+        self, pool: ModelPool, slot: WorkerSlot, exc: Exception, item: WorkItem, sent: float, attempts: int
+    ) -> None:
+        """Raise the typed error of a failed attempt when it is final; else back off.
+
+        The error carries ``attempts``, which the Gateway writes into the job record.
+        """
+        err, retry = self._failure(pool, slot, exc, item, sent)
+        err.attempts = attempts  # type: ignore[attr-defined]
+        if not retry or attempts >= self._res.max_attempts:
+            raise err
+        delay = self._backoff.delay(attempts)
+        if delay >= item.ctx.deadline - time.time():
+            raise err  # no time left for another try: the client gets the typed error now
+        self.retries += 1
+        logger.warning(
+            "request %s: attempt %d on %s failed (%s); retrying in %.0f ms",
+            item.ctx.request_id, attempts, slot.worker_id, err.code, delay * 1000,
+        )
+        await asyncio.sleep(delay)
+
+    def _failure(
+        self, pool: ModelPool, slot: WorkerSlot, exc: Exception, item: WorkItem, sent: float
+    ) -> tuple[HaifError, bool]:
+        """The typed error of a failed attempt, and whether another attempt is safe.
+
+        Retried: errors the worker raised before doing any work (not ready, overloaded,
+        unavailable), and a dead worker when this Orchestrator knew it was dead before the
+        request was sent. A request that may already have run on a worker that died or
+        failed unexpectedly is retried only when it carries an idempotency key.
+        """
+        idempotent = item.ctx.idempotency_key is not None
+        if isinstance(exc, _ACTOR_GONE):
+            known_dead_before = slot.died_at is not None and slot.died_at < sent
+            self._dead(pool, slot, type(exc).__name__)
+            return WorkerUnavailable(
+                f"the worker serving {item.model!r} died; retry (send an Idempotency-Key to let HAIF retry)"
+            ), idempotent or known_dead_before
+        cause = unwrap(exc)
+        if not isinstance(cause, HaifError):  # a Ray system error: the task may have run
+            slot.breaker.failure()
+            logger.error("unexpected worker failure: %r", exc)
+            return WorkerUnavailable(f"worker failed: {type(cause).__name__}"), idempotent
+        if isinstance(cause, RetryableError):  # raised by the worker before any work
+            if isinstance(cause, WorkerUnavailable):
+                slot.breaker.failure()
+            return cause, True
+        if isinstance(cause, InternalError):  # the worker failed while working on it
+            slot.breaker.failure()
+            return cause, idempotent
+        slot.breaker.success()  # a request error: the worker itself is fine
+        return cause, False
+
+    async def _unary(self, item: WorkItem, kind: str, method: str) -> Dispatched:
+        pool = self._pool(item, kind)
+        route = self._route(item, pool)
+        avoid: set[str] = set()
+        attempts = 0
+        while True:
+            attempts += 1
+            slot = await self._acquire(pool, route, item, avoid, attempts)
+            if slot is None:
+                continue
+            sent = time.monotonic()
+            ref = getattr(slot.actor, method).remote(item)
+            try:
+                value = await asyncio.wait_for(_resolve(ref), timeout=item.ctx.remaining_s())
+            except TimeoutError:
+                pool.release(slot)
+                ray.cancel(ref)
+                raise _deadline(item) from None
+            except asyncio.CancelledError:
+                pool.release(slot)
+                ray.cancel(ref)  # the caller is gone: free the worker
+                raise
+            except Exception as exc:
+                pool.release(slot)
+                avoid.add(slot.worker_id)
+                await self._attempt_failed(pool, slot, exc, item, sent, attempts)
+                continue
+            pool.release(slot)
+            slot.breaker.success()
+            return Dispatched(slot.worker_id, slot.region, attempts, value)
+
+    async def _acquire(
+        self, pool: ModelPool, route: Route, item: WorkItem, avoid: set[str], attempts: int
+    ) -> WorkerSlot | None:
+        """A worker, or None after a backoff when none is live yet and a retry may find one."""
         try:
-            return await asyncio.wait_for(_resolve(ref), timeout=item.ctx.remaining_s())
-        except TimeoutError:
-            ray.cancel(ref)
-            raise DeadlineExceeded(
-                f"request {item.ctx.request_id} exceeded its deadline on model {item.model!r}"
-            ) from None
-        except _ACTOR_GONE as exc:
-            pool.mark_dead(slot, f"{type(exc).__name__}")
-            raise WorkerUnavailable(f"the worker serving {item.model!r} died; retry") from None
-        except Exception as exc:  # a Ray task error: re-raise the HAIF error it carries
-            raise _typed(exc) from None
-        finally:
-            slot.in_flight -= 1
+            return await pool.acquire(route, item.ctx, frozenset(avoid))
+        except (ModelNotReady, WorkerUnavailable) as exc:
+            exc.attempts = attempts  # type: ignore[attr-defined]
+            delay = self._backoff.delay(attempts)
+            if attempts >= self._res.max_attempts or delay >= item.ctx.deadline - time.time():
+                raise
+            self.retries += 1
+            await asyncio.sleep(delay)
+            return None
 
-    async def generate(self, item: WorkItem) -> list[GenerationOutput]:
-        return await self._call(self._pool(item, "generate"), item, "generate")
+    async def generate(self, item: WorkItem) -> Dispatched:
+        return await self._unary(item, "generate", "generate")
 
-    async def embed(self, item: WorkItem) -> EmbeddingResult:
-        return await self._call(self._pool(item, "embed"), item, "embed")
+    async def embed(self, item: WorkItem) -> Dispatched:
+        return await self._unary(item, "embed", "embed")
 
-    async def stream(self, item: WorkItem) -> AsyncIterator[StreamEvent]:
+    async def stream(self, item: WorkItem) -> AsyncIterator[Dispatched | StreamEvent]:
+        """Stream events; the first item is the ``Dispatched`` record of where it runs.
+
+        A failure before the first event is retried like a unary call; after it, the
+        stream ends with the typed error (the Bridge turns it into an SSE error event).
+        """
         pool = self._pool(item, "generate")
-        slot = pool.pick()
-        slot.in_flight += 1
-        gen = slot.actor.generate_stream.options(num_returns="streaming").remote(item)
-        finished = False
-        try:
-            while True:
-                try:
-                    ref = await asyncio.wait_for(gen.__anext__(), timeout=item.ctx.remaining_s())
-                    event = await ref
-                except StopAsyncIteration:
-                    finished = True
-                    return
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"request {item.ctx.request_id} exceeded its deadline on model {item.model!r}"
-                    ) from None
-                except _ACTOR_GONE as exc:
-                    pool.mark_dead(slot, type(exc).__name__)
-                    raise WorkerUnavailable(
-                        f"the worker streaming {item.model!r} died mid-stream"
-                    ) from None
-                except HaifError:
-                    raise
-                except Exception as exc:
-                    raise _typed(exc) from None
-                yield event
-        finally:
-            slot.in_flight -= 1
-            if not finished:
-                # Client gone, deadline passed or error: stop the generation on the worker.
-                ray.cancel(gen)
+        route = self._route(item, pool)
+        avoid: set[str] = set()
+        attempts = 0
+        while True:
+            attempts += 1
+            slot = await self._acquire(pool, route, item, avoid, attempts)
+            if slot is None:
+                continue
+            sent = time.monotonic()
+            gen = slot.actor.generate_stream.options(num_returns="streaming").remote(item)
+            started = finished = False
+            failure: Exception | None = None
+            try:
+                while True:
+                    try:
+                        ref = await asyncio.wait_for(gen.__anext__(), timeout=item.ctx.remaining_s())
+                        event = await ref
+                    except StopAsyncIteration:
+                        finished = True
+                        break
+                    except TimeoutError:
+                        raise _deadline(item) from None
+                    except Exception as exc:
+                        if started:
+                            raise self._failure(pool, slot, exc, item, sent)[0] from None
+                        failure = exc
+                        break
+                    if not started:
+                        started = True
+                        yield Dispatched(slot.worker_id, slot.region, attempts)
+                    yield event
+            finally:
+                pool.release(slot)
+                if not finished:
+                    # Client gone, deadline passed or error: stop the generation on the worker.
+                    ray.cancel(gen)
+            if finished:
+                slot.breaker.success()
+                if not started:
+                    yield Dispatched(slot.worker_id, slot.region, attempts)
+                return
+            assert failure is not None  # noqa: S101 - the loop ends finished or failed
+            avoid.add(slot.worker_id)
+            await self._attempt_failed(pool, slot, failure, item, sent, attempts)
 
 
 def _tensor_parallel_strategy(plan: Placement) -> Any:
@@ -177,9 +402,5 @@ async def _resolve(ref: Any) -> Any:
     return await ref
 
 
-def _typed(exc: BaseException) -> BaseException:
-    err = unwrap(exc)
-    if isinstance(err, HaifError):
-        return err
-    logger.error("unexpected worker failure: %r", exc)
-    return WorkerUnavailable(f"worker failed: {type(err).__name__}")
+def _deadline(item: WorkItem) -> DeadlineExceeded:
+    return DeadlineExceeded(f"request {item.ctx.request_id} exceeded its deadline on model {item.model!r}")

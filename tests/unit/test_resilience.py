@@ -1,0 +1,227 @@
+"""Circuit breaker, backoff, pool routing (power of two choices, regions, tiers, bounded
+queue) and the client deadline header: the Orchestrator's logic without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from haif.config import HaifConfig, ModelConfig, ResilienceConfig
+from haif.envelope import RequestContext, timeout_from
+from haif.exceptions import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelLoadFailed,
+    ModelNotReady,
+    Overloaded,
+    WorkerUnavailable,
+)
+from haif.orchestrator.breaker import Backoff, BreakerState, CircuitBreaker
+from haif.orchestrator.placement import Placement
+from haif.orchestrator.pool import SHARED_TIER, ModelPool, Route, WorkerSlot, new_breaker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- breaker ---------------------------------------------------------------------------
+
+
+def test_breaker_opens_after_threshold_and_recovers_through_half_open() -> None:
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=3, open_s=5, half_open_calls=1, clock=clock)
+    b.failure()
+    b.failure()
+    assert b.state is BreakerState.CLOSED and b.allows()
+    b.failure()
+    assert b.state is BreakerState.OPEN and not b.allows()
+    clock.now += 4.9
+    assert not b.allows()
+    clock.now += 0.2
+    assert b.state is BreakerState.HALF_OPEN and b.allows()
+    b.before_call()  # the one trial call
+    assert not b.allows(), "a half-open breaker lets through only its trial calls"
+    b.success()
+    assert b.state is BreakerState.CLOSED and b.allows()
+    assert b.opened_count == 1
+
+
+def test_breaker_failed_trial_reopens() -> None:
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=2, open_s=1, clock=clock)
+    b.trip()
+    clock.now += 1.5
+    b.before_call()
+    b.failure()
+    assert b.state is BreakerState.OPEN
+    clock.now += 0.5
+    assert not b.allows()
+
+
+def test_success_resets_the_failure_streak() -> None:
+    b = CircuitBreaker(failure_threshold=2, open_s=1, clock=Clock())
+    b.failure()
+    b.success()
+    b.failure()
+    assert b.state is BreakerState.CLOSED
+
+
+def test_backoff_full_jitter_stays_under_exponential_cap() -> None:
+    backoff = Backoff(initial_s=0.1, max_s=0.5, rng=random.Random(7))
+    for retry, cap in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (10, 0.5)]:
+        delays = [backoff.delay(retry) for _ in range(200)]
+        assert all(0 <= d <= cap for d in delays)
+        assert max(delays) > cap * 0.8, "full jitter spreads over the whole range"
+
+
+# --- pool routing ----------------------------------------------------------------------
+
+
+def _pool(slots: list[tuple[str, str, str]], *, capacity: int = 4, max_queued: int = 2) -> ModelPool:
+    model = ModelConfig(name="m", runtime="echo", max_concurrency=capacity, max_queued=max_queued)
+    pool = ModelPool(model, Placement("m", False, 1.0), rng=random.Random(1), overloaded_retry_after_s=2)
+    for worker_id, region, tier in slots:
+        pool.slots.append(
+            WorkerSlot(worker_id, actor=None, load_ref=None, breaker=new_breaker(ResilienceConfig()),
+                       region=region, tier=tier, capacity=capacity, state="ready")
+        )
+    return pool
+
+
+def _ctx(timeout_s: float = 5.0) -> RequestContext:
+    return RequestContext.new(timeout_s=timeout_s, api_key=None)
+
+
+def _acquire(pool: ModelPool, route: Route, avoid: frozenset[str] = frozenset(), timeout_s: float = 5.0):  # noqa: ANN202
+    return asyncio.run(pool.acquire(route, _ctx(timeout_s), avoid))
+
+
+SHARED_A = Route(SHARED_TIER, ("a",))
+
+
+def test_power_of_two_choices_prefers_the_less_loaded() -> None:
+    pool = _pool([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
+    pool.slots[0].in_flight = 3
+    assert _acquire(pool, SHARED_A).worker_id == "w2"
+
+
+def test_home_region_first_then_failover() -> None:
+    pool = _pool([("a1", "a", SHARED_TIER), ("b1", "b", SHARED_TIER)])
+    assert _acquire(pool, Route(SHARED_TIER, ("b",))).worker_id == "b1"
+    assert _acquire(pool, SHARED_A).worker_id == "a1"
+    pool.mark_dead(pool.slots[0], "node removed", 30)
+    assert _acquire(pool, SHARED_A).worker_id == "b1", "region a has no live worker: fail over to b"
+
+
+def test_dedicated_tier_is_used_by_its_tenant_only() -> None:
+    pool = _pool([("s1", "a", SHARED_TIER), ("d1", "a", "acme")])
+    for _ in range(10):
+        slot = _acquire(pool, SHARED_A)
+        assert slot.worker_id == "s1"
+        pool.release(slot)
+    assert _acquire(pool, Route("acme", ("a",))).worker_id == "d1"
+    pool.slots[1].breaker.trip()
+    assert _acquire(pool, Route("acme", ("a",))).worker_id == "s1", "own pool down: served by shared"
+
+
+def test_open_breaker_is_skipped_and_avoided_worker_used_last() -> None:
+    pool = _pool([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
+    pool.slots[0].breaker.trip()
+    assert _acquire(pool, SHARED_A).worker_id == "w2"
+    # w2 already failed this request: it is still used when nothing else is live.
+    assert _acquire(pool, SHARED_A, frozenset({"w2"})).worker_id == "w2"
+    pool.slots[1].breaker.trip()
+    with pytest.raises(WorkerUnavailable, match="circuit open"):
+        _acquire(pool, SHARED_A)
+
+
+def test_no_live_worker_errors_are_typed() -> None:
+    pool = _pool([("w1", "a", SHARED_TIER)])
+    pool.slots[0].state = "loading"
+    with pytest.raises(ModelNotReady):
+        _acquire(pool, SHARED_A)
+    pool.mark_dead(pool.slots[0], "killed", 30)
+    with pytest.raises(ModelNotReady, match="replacing"):
+        _acquire(pool, SHARED_A)
+    pool.slots[0].state, pool.slots[0].error = "failed", "artifact rejected"
+    with pytest.raises(ModelLoadFailed, match="artifact rejected"):
+        _acquire(pool, SHARED_A)
+
+
+def test_full_queue_answers_overloaded_at_once_and_queue_is_fifo() -> None:
+    async def scenario() -> None:
+        pool = _pool([("w1", "a", SHARED_TIER)], capacity=1, max_queued=2)
+        held = await pool.acquire(SHARED_A, _ctx(), frozenset())
+        waiting = [asyncio.create_task(pool.acquire(SHARED_A, _ctx(), frozenset())) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert pool.status()["queued"] == 2
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as info:
+            await pool.acquire(SHARED_A, _ctx(), frozenset())
+        assert time.monotonic() - started < 0.1
+        assert info.value.retry_after_s == 2
+        pool.release(held)
+        first = await asyncio.wait_for(waiting[0], 1)
+        assert not waiting[1].done(), "the second waiter keeps its place until a slot frees"
+        pool.release(first)
+        pool.release(await asyncio.wait_for(waiting[1], 1))
+        assert pool.slots[0].in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_waiting_past_the_deadline_is_a_504() -> None:
+    async def scenario() -> None:
+        pool = _pool([("w1", "a", SHARED_TIER)], capacity=1, max_queued=5)
+        await pool.acquire(SHARED_A, _ctx(), frozenset())
+        with pytest.raises(DeadlineExceeded):
+            await pool.acquire(SHARED_A, _ctx(0.05), frozenset())
+        assert pool.status()["queued"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_replacement_backoff_doubles_per_death() -> None:
+    pool = _pool([("w1", "a", SHARED_TIER)])
+    slot = pool.slots[0]
+    delays = []
+    for _ in range(4):
+        pool.mark_dead(slot, "crash", replacement_backoff_max_s=1.0)
+        delays.append(round(slot.replace_at - slot.died_at, 3))
+        slot.state = "ready"  # replaced
+    assert delays == [0.0, 0.5, 1.0, 1.0]
+
+
+# --- config and the deadline header -------------------------------------------------------
+
+
+def test_timeout_header_bounds() -> None:
+    assert timeout_from(None, 60, 0.05, 600) == 60
+    assert timeout_from(" 2.5 ", 60, 0.05, 600) == 2.5
+    for bad in ["abc", "0", "-1", "601", "nan", "inf", "1e309"]:
+        with pytest.raises(InvalidRequest, match="X-Request-Timeout"):
+            timeout_from(bad, 60, 0.05, 600)
+
+
+def test_regions_must_be_known() -> None:
+    with pytest.raises(ValueError, match="unknown regions"):
+        HaifConfig.model_validate(
+            {"regions": [{"name": "a"}], "models": [{"name": "m", "runtime": "echo", "regions": ["b"]}]}
+        )
+    with pytest.raises(ValueError, match="unknown region"):
+        HaifConfig.model_validate({"regions": [{"name": "a"}], "sharding": {"home_regions": {"t": "z"}}})
+    config = HaifConfig.model_validate(
+        {"regions": [{"name": "a"}, {"name": "b", "resource": "region-b"}],
+         "models": [{"name": "m", "runtime": "echo", "regions": ["b", "a"]}],
+         "sharding": {"home_regions": {"acme": "b"}}}
+    )
+    assert [r.name for r in config.model_regions(config.models[0])] == ["a", "b"]
+    assert config.home_region("acme") == "b" and config.home_region("other") == "a"
