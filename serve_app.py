@@ -39,9 +39,18 @@ _COORDINATOR_OPTIONS = {
 }
 
 
+def _coordinator_options(config: HaifConfig) -> dict[str, Any]:
+    resource = config.server.control_resource
+    if resource is None:
+        return _COORDINATOR_OPTIONS
+    # Pinned to the control-plane nodes: losing a model node never takes a coordinator.
+    return {**_COORDINATOR_OPTIONS, "resources": {resource: 0.001}}
+
+
 def build_app(config: HaifConfig) -> Application:
     """The Serve application graph for ``config`` (already prepared)."""
     server = config.server
+    options = _coordinator_options(config)
     logging = {"enable_access_log": server.access_log}
     orchestrator = serve.deployment(
         Orchestrator,
@@ -49,7 +58,7 @@ def build_app(config: HaifConfig) -> Application:
         logging_config=logging,
         num_replicas=server.orchestrator_replicas,
         max_ongoing_requests=server.max_ongoing_requests * 4,
-        ray_actor_options=_COORDINATOR_OPTIONS,
+        ray_actor_options=options,
     ).bind(config)
     gateway = serve.deployment(
         Gateway,
@@ -57,7 +66,7 @@ def build_app(config: HaifConfig) -> Application:
         logging_config=logging,
         num_replicas=server.gateway_replicas,
         max_ongoing_requests=server.max_ongoing_requests * 2,
-        ray_actor_options=_COORDINATOR_OPTIONS,
+        ray_actor_options=options,
     ).bind(config, orchestrator)
     return serve.deployment(
         Bridge,
@@ -65,14 +74,17 @@ def build_app(config: HaifConfig) -> Application:
         logging_config=logging,
         num_replicas=server.bridge_replicas,
         max_ongoing_requests=server.max_ongoing_requests,
-        ray_actor_options=_COORDINATOR_OPTIONS,
+        ray_actor_options=options,
     ).bind(config, gateway)
 
 
 def deploy(config: HaifConfig, *, blocking: bool = False) -> HaifConfig:
     """Prepare ``config``, start Serve's HTTP proxy on its host/port and run the app."""
     config = prepare(config)
-    serve.start(http_options={"host": config.server.host, "port": config.server.port})
+    serve.start(
+        proxy_location=config.server.proxy_location,
+        http_options={"host": config.server.host, "port": config.server.port},
+    )
     serve.run(build_app(config), name=config.server.app_name, route_prefix="/", blocking=blocking)
     return config
 

@@ -60,6 +60,14 @@ class ServerConfig(_Model):
     access_log: bool = Field(
         False, description="Ray Serve per-call access logs in every replica (costly on the hot path)."
     )
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Where Ray Serve runs HTTP proxies: every node, or the head node only."
+    )
+    control_resource: str | None = Field(
+        None,
+        description="Ray custom resource of the nodes that run the Bridge, Gateway and Orchestrator "
+        "replicas (unset: any node).",
+    )
 
 
 class LimitsConfig(_Model):

@@ -1,0 +1,103 @@
+"""A three-node local Ray cluster and a HAIF deployment that the chaos tests break.
+
+The head node runs the coordinators (custom resource ``haif-control``) and Serve's only
+HTTP proxy; nodes ``a`` and ``b`` are the two regions' model nodes. HAIF is deployed
+as an operator deploys it (``ray job submit ... serve_app.py --config
+tests/configs/chaos.yaml``) against this session's own PostgreSQL database and Redis
+key prefix. These tests run in their own pytest process (``make test`` runs the chaos
+tier after the others), since a process joins one Ray cluster at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import services
+from tests.integration.conftest import Deployment, _free_port, _up, submit_job, wait_for
+
+CONFIG = "tests/configs/chaos.yaml"
+
+
+@dataclass
+class ChaosCluster:
+    cluster: Any  # ray.cluster_utils.Cluster
+    dashboard_url: str
+    nodes: dict[str, Any]  # region name → its node
+
+
+@pytest.fixture(scope="session")
+def chaos_cluster() -> ChaosCluster:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    dashboard_port = _free_port()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 4,
+            "resources": {"haif-control": 100},
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port,
+            "dashboard_agent_listen_port": _free_port(),
+            "object_store_memory": 512 * 1024**2,
+        },
+    )
+    nodes = {
+        region: cluster.add_node(
+            num_cpus=2, resources={f"region-{region}": 10}, object_store_memory=256 * 1024**2
+        )
+        for region in ("a", "b")
+    }
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="haif-chaos", log_to_driver=False)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    wait_for(lambda: _up(f"{url}/api/version"), 60, 0.5, "the Ray dashboard")
+    yield ChaosCluster(cluster, url, nodes)
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def chaos_pg_url() -> str:
+    with services.postgres_server() as server, services.fresh_database(server, "haif_chaos") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def chaos_store_env(chaos_pg_url: str) -> dict[str, str]:
+    prefix = f"haif-chaos-{uuid.uuid4().hex[:8]}"
+    with services.redis_server() as redis_url:
+        yield {
+            "HAIF_DATABASE__URL": chaos_pg_url,
+            "HAIF_REDIS__URL": redis_url,
+            "HAIF_REDIS__KEY_PREFIX": prefix,
+        }
+        services.drop_redis_keys(redis_url, prefix)
+
+
+@pytest.fixture(scope="session")
+def chaos_haif(chaos_cluster: ChaosCluster, chaos_store_env: dict[str, str]) -> Deployment:
+    env = {"HAIF_SERVER__PORT": str(_free_port()), **chaos_store_env}
+    out = submit_job(chaos_cluster.dashboard_url, "python", "serve_app.py", "--config", CONFIG, env=env)
+    url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("URL: "))
+    key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("API key: "))
+    return Deployment(url=url.strip(), api_key=key.strip(), dashboard_url=chaos_cluster.dashboard_url)
+
+
+@pytest.fixture(scope="session")
+def chaos_orchestrator(chaos_haif: Deployment):  # noqa: ANN201
+    from ray import serve
+
+    return serve.get_deployment_handle("Orchestrator", app_name=chaos_haif.app_name)

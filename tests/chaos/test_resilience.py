@@ -1,0 +1,235 @@
+"""Break the deployment and check that every accepted request still ends properly.
+
+The tests run in file order: the last one removes region a's node for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+
+import httpx
+import psycopg
+
+from tests.chaos.conftest import ChaosCluster
+from tests.integration.conftest import Deployment, wait_for
+
+DEADLINE_S = 10.0
+PROMPT = " ".join(f"w{i}" for i in range(12))  # 12 tokens: 240 ms on pool2's echo
+
+
+@dataclass
+class Outcome:
+    issued: float  # monotonic
+    elapsed: float
+    status: int
+    code: str | None  # the OpenAI error code, when there was an error
+    stream: bool
+    idempotency_key: str | None = None
+    done: bool = False  # a stream that ended with [DONE] after its chunks
+
+
+def _error_code(text: str) -> str | None:
+    try:
+        return json.loads(text)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def _call(client: httpx.AsyncClient, model: str, *, stream: bool = False, key: str | None = None,
+                timeout_s: float = DEADLINE_S) -> Outcome:
+    headers = {"X-Request-Timeout": str(timeout_s)}
+    if key:
+        headers["Idempotency-Key"] = key
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 16, "stream": stream}
+    started = time.monotonic()
+    if not stream:
+        resp = await client.post("/v1/completions", json=body, headers=headers)
+        code = None if resp.status_code == 200 else _error_code(resp.text)
+        return Outcome(started, time.monotonic() - started, resp.status_code, code, False, key)
+    async with client.stream("POST", "/v1/completions", json=body, headers=headers) as resp:
+        text = (await resp.aread()).decode()
+    outcome = Outcome(started, time.monotonic() - started, resp.status_code, None, True, key)
+    if resp.status_code != 200:
+        outcome.code = _error_code(text)
+        return outcome
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    errors = [_error_code(e) for e in events if e.startswith('{"error"')]
+    outcome.code = errors[0] if errors else None
+    outcome.done = bool(events) and events[-1] == "[DONE]" and not errors
+    return outcome
+
+
+def _client(haif: Deployment) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=haif.url, headers=haif.headers(), timeout=DEADLINE_S + 20)
+
+
+def _status(orchestrator, model: str) -> dict:  # noqa: ANN001
+    return orchestrator.status.remote().result()["models"][model]
+
+
+def _workers(orchestrator, model: str) -> list[dict]:  # noqa: ANN001
+    return orchestrator.workers_info.remote(model).result()
+
+
+def test_a_full_queue_answers_429_at_once(chaos_haif: Deployment, chaos_orchestrator) -> None:  # noqa: ANN001
+    """`tight` runs one request at a time and queues two: the next ones are refused at once."""
+
+    async def scenario() -> tuple[list[Outcome], list[Outcome]]:
+        async with _client(chaos_haif) as client:
+            held = [asyncio.create_task(_call(client, "tight")) for _ in range(3)]
+            await asyncio.to_thread(
+                wait_for, lambda: _status(chaos_orchestrator, "tight")["queued"] == 2, 20, 0.05,
+                "two requests queued on `tight`",
+            )
+            refused = [await _call(client, "tight") for _ in range(7)]
+            return list(await asyncio.gather(*held)), refused
+
+    held, refused = asyncio.run(scenario())
+    assert [o.status for o in held] == [200, 200, 200], "queued requests are served, not dropped"
+    assert {(o.status, o.code) for o in refused} == {(429, "overloaded")}
+    assert statistics.median(o.elapsed for o in refused) < 0.1, [round(o.elapsed, 3) for o in refused]
+
+
+def _pg_rows(pg_url: str, query: str, *args: object) -> list[tuple]:
+    url = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        return conn.execute(query, args).fetchall()
+
+
+def test_b_worker_killed_under_load(
+    chaos_haif: Deployment, chaos_orchestrator, chaos_pg_url: str  # noqa: ANN001
+) -> None:
+    """50 concurrent requests (half streamed) on a two-worker pool; one worker is SIGKILLed."""
+    keys = [f"chaos-{uuid.uuid4().hex}" for _ in range(13)]
+
+    async def scenario() -> tuple[list[Outcome], dict]:
+        async with _client(chaos_haif) as client:
+            tasks = []
+            for i in range(50):
+                stream = i % 2 == 1
+                key = keys[i // 2] if not stream and i // 2 < len(keys) else None
+                tasks.append(asyncio.create_task(_call(client, "pool2", stream=stream, key=key)))
+            await asyncio.to_thread(
+                wait_for, lambda: _status(chaos_orchestrator, "pool2")["in_flight"] >= 20, 20, 0.02,
+                "requests in flight on pool2",
+            )
+            victim = max(_workers(chaos_orchestrator, "pool2"), key=lambda w: w["in_flight"])
+            os.kill(victim["pid"], signal.SIGKILL)
+            return list(await asyncio.gather(*tasks)), victim
+
+    outcomes, victim = asyncio.run(scenario())
+    assert victim["in_flight"] > 0, "the killed worker was serving requests"
+    assert all(o.elapsed < DEADLINE_S + 2 for o in outcomes), "no request outlives its deadline"
+    for o in outcomes:
+        if o.idempotency_key:
+            assert o.status == 200, f"an idempotent request must be retried to success: {o}"
+        elif o.stream:
+            assert (o.status == 200 and o.done) or o.code == "worker_unavailable", o
+        else:
+            assert o.status == 200 or (o.status == 503 and o.code == "worker_unavailable"), o
+    affected = [o for o in outcomes if o.code == "worker_unavailable"]
+    assert len(affected) + sum(o.status == 200 and (o.done or not o.stream) for o in outcomes) == 50
+
+    # Executed and billed once: one job and one usage row per idempotency key.
+    rows = _pg_rows(
+        chaos_pg_url,
+        "select j.idempotency_key, count(distinct j.id), count(u.id) from jobs j "
+        "left join usage_records u on u.job_id = j.id where j.idempotency_key = any(%s) "
+        "group by j.idempotency_key",
+        keys,
+    )
+    assert sorted(rows) == sorted((k, 1, 1) for k in keys)
+
+    # A replacement worker takes the dead one's place and serves.
+    wait_for(
+        lambda: sum(w["state"] == "ready" for w in _workers(chaos_orchestrator, "pool2")) == 2
+        and any("#" in w["worker_id"] for w in _workers(chaos_orchestrator, "pool2")),
+        60, 0.2, "a replacement pool2 worker",
+    )
+
+    async def after() -> list[Outcome]:
+        async with _client(chaos_haif) as client:
+            return list(await asyncio.gather(*(_call(client, "pool2") for _ in range(6))))
+
+    assert [o.status for o in asyncio.run(after())] == [200] * 6
+    served = {w["worker_id"]: w["served"] for w in _workers(chaos_orchestrator, "pool2")}
+    assert any("#" in wid and n > 0 for wid, n in served.items()), served
+
+
+def test_c_orchestrator_killed(chaos_haif: Deployment) -> None:
+    """Serve restores a killed Orchestrator replica; requests succeed again unaided."""
+    from ray.util.state import list_actors
+
+    replicas = list_actors(
+        filters=[("class_name", "=", "ServeReplica:haif:Orchestrator"), ("state", "=", "ALIVE")]
+    )
+    assert len(replicas) == 1
+    os.kill(replicas[0].pid, signal.SIGKILL)
+
+    def serves() -> bool:
+        async def one() -> Outcome:
+            async with _client(chaos_haif) as client:
+                return await _call(client, "pool2", timeout_s=5)
+
+        return asyncio.run(one()).status == 200
+
+    wait_for(serves, 120, 0.5, "requests to succeed after the Orchestrator was killed")
+
+    async def burst() -> list[Outcome]:
+        async with _client(chaos_haif) as client:
+            return list(await asyncio.gather(*(_call(client, m) for m in ["pool2", "regional"] * 5)))
+
+    assert [o.status for o in asyncio.run(burst())] == [200] * 10
+
+
+def test_d_region_removed_under_load(
+    chaos_haif: Deployment, chaos_cluster: ChaosCluster, chaos_orchestrator  # noqa: ANN001
+) -> None:
+    """Region a's node goes away under load: traffic moves to region b."""
+    wait_for(
+        lambda: sorted(w["region"] for w in _workers(chaos_orchestrator, "regional")
+                       if w["state"] == "ready") == ["a", "b"],
+        60, 0.2, "a ready `regional` worker in each region",
+    )
+    outcomes: list[Outcome] = []
+    removed_at: list[float] = []
+
+    async def client_loop(client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            # Each request carries an Idempotency-Key: one that reached a worker of the
+            # lost node may have run there, and only a keyed request is retried then.
+            outcomes.append(await _call(client, "regional", key=uuid.uuid4().hex))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        async with _client(chaos_haif) as client:
+            loops = [asyncio.create_task(client_loop(client, stop)) for _ in range(6)]
+            while sum(o.status == 200 for o in outcomes) < 30:
+                await asyncio.sleep(0.05)
+            before = {w["region"]: w["served"] for w in _workers(chaos_orchestrator, "regional")}
+            assert before["a"] > 0 and before.get("b", 0) == 0, f"home region a serves first: {before}"
+            await asyncio.to_thread(chaos_cluster.cluster.remove_node, chaos_cluster.nodes["a"])
+            removed_at.append(time.monotonic())
+            deadline = time.monotonic() + 60
+            while (sum(o.issued >= removed_at[0] for o in outcomes) < 200
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.1)
+            stop.set()
+            await asyncio.gather(*loops)
+
+    asyncio.run(scenario())
+    after = [o for o in outcomes if o.issued >= removed_at[0]]
+    ok = sum(o.status == 200 for o in after)
+    assert len(after) >= 200
+    assert ok / len(after) >= 0.99, f"{ok}/{len(after)} succeeded; failures: " + str(
+        [(o.status, o.code) for o in after if o.status != 200][:10]
+    )
+    served_b = {w["region"]: w["served"] for w in _workers(chaos_orchestrator, "regional")}
+    assert served_b.get("b", 0) >= ok * 0.9, served_b
