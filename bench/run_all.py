@@ -13,7 +13,7 @@ import sys
 
 from bench.common import RESULTS_DIR, Row, print_table
 
-SUITE = ["overhead", "engine", "torch_batching", "embeddings", "artifacts"]
+SUITE = ["overhead", "engine", "torch_batching", "embeddings", "artifacts", "chaos"]
 
 
 def main() -> int:

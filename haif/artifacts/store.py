@@ -128,6 +128,16 @@ class ArtifactStore:
             max_parallel=config.max_parallel_transfers,
         )
 
+    def probe(self) -> dict[str, str]:
+        """Each replica's reachability: ``ok``, or what failed (for ``/readyz``)."""
+        results: dict[str, str] = {}
+        for replica in self.replicas:
+            try:
+                results[replica.label] = "ok" if replica.fs.exists(replica.root) else "missing"
+            except Exception as exc:  # any filesystem error: reported, not raised
+                results[replica.label] = f"{type(exc).__name__}: {exc}"[:200]
+        return results
+
     # --- manifests ----------------------------------------------------------------
 
     def _manifest_at(self, replica: Replica, ref: ArtifactRef) -> SignedManifest | None:

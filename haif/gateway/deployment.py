@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from haif.store.db import Database
 
 logger = logging.getLogger("haif.gateway")
+
+ARTIFACT_PROBE_TTL_S = 5.0
+ARTIFACT_PROBE_TIMEOUT_S = 5.0
 
 
 def default_authenticator(config: HaifConfig) -> Authenticator:
@@ -60,6 +64,7 @@ class Gateway:
         self._background: list[Any] = []  # coroutine factories, started once a loop runs
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
+        self._artifact_probe: tuple[float, dict[str, str]] | None = None
         metrics = GatewayMetrics(ray_metrics=ray.is_initialized())
         if config.auth.backend == "static":
             self._admission = Admission(config, default_authenticator(config), metrics=metrics)
@@ -216,6 +221,21 @@ class Gateway:
     ) -> list[dict[str, Any]]:
         return await self._admission.usage(ctx, since, limit)
 
+    async def _probe_artifact_store(self) -> dict[str, str]:
+        """Replica reachability, probed at most every ARTIFACT_PROBE_TTL_S and within a timeout."""
+        now = time.monotonic()
+        if self._artifact_probe is not None and now - self._artifact_probe[0] < ARTIFACT_PROBE_TTL_S:
+            return self._artifact_probe[1]
+        from haif.artifacts.store import ArtifactStore  # lazy: fsspec
+
+        store = ArtifactStore.from_config(self._config.artifacts, self._config.base_path())
+        try:
+            result = await asyncio.wait_for(asyncio.to_thread(store.probe), ARTIFACT_PROBE_TIMEOUT_S)
+        except TimeoutError:
+            result = {r.label: f"no answer within {ARTIFACT_PROBE_TIMEOUT_S:g}s" for r in store.replicas}
+        self._artifact_probe = (now, result)
+        return result
+
     # --- introspection -------------------------------------------------------------------
 
     def limits(self) -> LimitsConfig:
@@ -228,6 +248,12 @@ class Gateway:
 
     async def status(self) -> dict[str, Any]:
         status = await self._orchestrator.status.remote()
+        if any(m.enabled and m.artifact for m in self._config.models):
+            replicas = await self._probe_artifact_store()
+            reachable = sum(v == "ok" for v in replicas.values())
+            status["artifact_store"] = {"replicas": replicas, "reachable": reachable}
+            if not reachable:  # reads fall back across replicas: one is enough to load models
+                status["ready"] = False
         if self._db is not None:
             try:
                 await self._db.run(self._db.ping)

@@ -10,8 +10,11 @@ tier after the others), since a process joins one Ray cluster at a time.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests import services
-from tests.integration.conftest import Deployment, _free_port, _up, submit_job, wait_for
+from tests.integration.conftest import ROOT, Deployment, _free_port, _up, wait_for
 
 CONFIG = "tests/configs/chaos.yaml"
 
@@ -87,10 +90,39 @@ def chaos_store_env(chaos_pg_url: str) -> dict[str, str]:
         services.drop_redis_keys(redis_url, prefix)
 
 
+def _submit(dashboard_url: str, env: dict[str, str]) -> str:
+    """``ray job submit -- python -m serve_app --config ...`` with HAIF installed on every node.
+
+    No ``--working-dir``: on a cluster of several nodes on one host, their runtime-env
+    agents unpack a working-dir package into one shared session directory and race.
+    """
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard_url,
+        "--runtime-env-json", json.dumps({"env_vars": env}),
+        "--", "python", "-m", "serve_app", "--config", str(ROOT / CONFIG),
+    ]
+    deadline = time.monotonic() + 60
+    while True:  # the dashboard answers before its job agent is up
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        agent_missing = "No available agent to submit job" in proc.stdout + proc.stderr
+        if proc.returncode == 0 or not agent_missing or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if proc.returncode != 0:
+        raise AssertionError(f"job failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
 @pytest.fixture(scope="session")
-def chaos_haif(chaos_cluster: ChaosCluster, chaos_store_env: dict[str, str]) -> Deployment:
-    env = {"HAIF_SERVER__PORT": str(_free_port()), **chaos_store_env}
-    out = submit_job(chaos_cluster.dashboard_url, "python", "serve_app.py", "--config", CONFIG, env=env)
+def chaos_haif(
+    chaos_cluster: ChaosCluster, chaos_store_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Deployment:
+    env = {
+        "HAIF_SERVER__PORT": str(_free_port()),
+        "HAIF_BASE_DIR": str(tmp_path_factory.mktemp("haif-chaos")),
+        **chaos_store_env,
+    }
+    out = _submit(chaos_cluster.dashboard_url, env)
     url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("URL: "))
     key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("API key: "))
     return Deployment(url=url.strip(), api_key=key.strip(), dashboard_url=chaos_cluster.dashboard_url)

@@ -36,6 +36,9 @@ def test_readyz_names_each_refused_model_and_why(http: httpx.Client) -> None:
     assert "signature does not match" in models["tampered-manifest"]["error"]
     for name in ("minilm", "tiny-llama", "signed-echo"):
         assert models[name]["state"] == "ready", models[name]
+    # The store itself is probed: two local replicas and the moto S3 one all answer.
+    store = resp.json()["artifact_store"]
+    assert store["reachable"] == 3 and set(store["replicas"].values()) == {"ok"}, store
 
 
 def test_the_rest_of_the_platform_keeps_serving(http: httpx.Client, auth: dict) -> None:

@@ -111,3 +111,11 @@ def test_a_source_changed_while_publishing_is_taken_back(
     with pytest.raises(QuorumNotReached, match="changed while it was being published"):
         store.publish(source, "m", "1", env.key)
     assert all(cases.blob_count(r) == 0 for r in store.replicas)
+
+
+def test_probe_reports_each_replica(tmp_path: Path) -> None:
+    from haif.artifacts.store import ArtifactStore
+
+    (tmp_path / "up").mkdir()
+    store = ArtifactStore([Replica(str(tmp_path / "up")), Replica(str(tmp_path / "gone"))], write_quorum=1)
+    assert store.probe() == {str(tmp_path / "up"): "ok", str(tmp_path / "gone"): "missing"}
