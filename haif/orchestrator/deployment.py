@@ -22,6 +22,7 @@ from haif.exceptions import (
 )
 from haif.orchestrator.placement import Placement, plan_placements
 from haif.orchestrator.pool import ModelPool, WorkerSlot
+from haif.telemetry.metrics import MetricsTarget, OrchestratorMetrics, ProcessMetrics
 
 if TYPE_CHECKING:
     from haif.config import HaifConfig
@@ -43,6 +44,7 @@ class Orchestrator:
     def __init__(self, config: HaifConfig) -> None:
         self._config = config
         self._pools: dict[str, ModelPool] = {}
+        metrics_target = MetricsTarget.from_config(config)
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
         plans = plan_placements(config.models, cluster_gpus)
         remote_worker = ray.remote(ModelWorker)
@@ -69,10 +71,20 @@ class Orchestrator:
                     str(config.base_path()),
                     worker_id,
                     config.artifacts,
+                    metrics=metrics_target,
                 )
                 load_ref = actor.load.remote(config.limits.object_ref_threshold_bytes)
                 pool.slots.append(WorkerSlot(worker_id, actor, load_ref))
             self._pools[model.name] = pool
+        # Metrics: workers by state and in flight are sampled; the functions for queue
+        # depth, circuit states and DLQ depth are on self.metrics (OrchestratorMetrics).
+        self.metrics = OrchestratorMetrics(ProcessMetrics.start(metrics_target, "orchestrator"))
+        self.metrics.watch_workers(self._worker_samples)
+
+    def _worker_samples(self) -> list[tuple[str, str, int]]:
+        """(model, state, in flight) of every worker; read from the metrics pusher's thread."""
+        return [(name, s.state, s.in_flight) for name, pool in list(self._pools.items())
+                for s in list(pool.slots)]
 
     # --- introspection ------------------------------------------------------------------
 
