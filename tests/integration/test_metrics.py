@@ -64,22 +64,23 @@ def test_request_counter_sums_both_gateway_replicas(http: httpx.Client, haif: De
     statuses = asyncio.run(burst(haif, N))
     assert statuses == [200] * N
 
-    def counted() -> float | None:
+    route = {"endpoint": "/v1/completions", "model": "echo"}
+
+    def counted() -> dict | None:
         now = scrape(http)
         got = total(now, "haif_requests_total", **OK_ECHO) - total(before, "haif_requests_total", **OK_ECHO)
-        return now if got == N else None
+        # Each process pushes on its own beat: wait for the Bridge's too.
+        bridge = total(now, "haif_http_requests_total", status="200", **route) - total(
+            before, "haif_http_requests_total", status="200", **route
+        )
+        return now if got == N and bridge == N else None
 
-    after = wait_for(counted, DEADLINE_S, 0.25, f"{N} more echo requests in haif_requests_total")
+    after = wait_for(counted, DEADLINE_S, 0.25, f"{N} more echo requests in /metrics")
     # Both Gateway replicas served some: a view of either one alone would be short of N.
     gained = {p: v - per_gateway_before.get(p, 0) for p, v in gateway_counts().items()}
     assert sum(gained.values()) == N, gained
     assert sum(1 for v in gained.values() if v > 0) == 2, gained
-    # The Bridge counted them too, with their route, model and status, and timed them.
-    route = {"endpoint": "/v1/completions", "model": "echo"}
-    delta = total(after, "haif_http_requests_total", status="200", **route) - total(
-        before, "haif_http_requests_total", status="200", **route
-    )
-    assert delta == N
+    # The Bridge timed them (and counted them with their route, model and status, above).
     timed = total(after, "haif_http_request_duration_seconds_count", **route) - total(
         before, "haif_http_request_duration_seconds_count", **route
     )
@@ -94,7 +95,8 @@ def test_streams_record_time_to_first_token_and_inter_token_latency(
     http: httpx.Client, auth: dict
 ) -> None:
     before = scrape(http)
-    body = {"model": "echo", "stream": True, "max_tokens": 8,
+    # echo-slow waits 50 ms per token: the tokens leave the worker one by one.
+    body = {"model": "echo-slow", "stream": True, "max_tokens": 8,
             "messages": [{"role": "user", "content": "one two three four five six seven eight"}]}
     with http.stream("POST", "/v1/chat/completions", headers=auth, json=body) as resp:
         assert resp.status_code == 200
@@ -103,15 +105,19 @@ def test_streams_record_time_to_first_token_and_inter_token_latency(
 
     def recorded() -> dict | None:
         now = scrape(http)
-        first = total(now, "haif_time_to_first_token_seconds_count", model="echo") - total(
-            before, "haif_time_to_first_token_seconds_count", model="echo"
+        first = total(now, "haif_time_to_first_token_seconds_count", model="echo-slow") - total(
+            before, "haif_time_to_first_token_seconds_count", model="echo-slow"
         )
-        gaps = total(now, "haif_inter_token_latency_seconds_count", model="echo") - total(
-            before, "haif_inter_token_latency_seconds_count", model="echo"
+        gaps = total(now, "haif_inter_token_latency_seconds_count", model="echo-slow") - total(
+            before, "haif_inter_token_latency_seconds_count", model="echo-slow"
         )
         return now if first == 1 and gaps >= 2 else None
 
-    wait_for(recorded, DEADLINE_S, 0.25, "TTFT and ITL of one stream")
+    now = wait_for(recorded, DEADLINE_S, 0.25, "TTFT and ITL of one stream")
+    first_s = total(now, "haif_time_to_first_token_seconds_sum", model="echo-slow") - total(
+        before, "haif_time_to_first_token_seconds_sum", model="echo-slow"
+    )
+    assert 0 < first_s < 60
 
 
 def test_gauges_cover_workers_and_every_process(http: httpx.Client, haif: Deployment) -> None:
