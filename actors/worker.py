@@ -41,12 +41,14 @@ from haif.exceptions import (
 from haif.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from haif.runtimes import RuntimeContext, SamplingParams, create_runtime
 from haif.runtimes.base import ChatMessage, GenerationOutput, StreamEvent, coalesce
+from haif.telemetry.metrics import ProcessMetrics, WorkerMetrics
 
 if TYPE_CHECKING:
     from haif.artifacts import ArtifactLoader
     from haif.config import ArtifactsConfig, ModelConfig
     from haif.envelope import WorkItem
     from haif.runtimes import Runtime
+    from haif.telemetry.metrics import MetricsTarget
 
 logger = logging.getLogger("haif.worker")
 
@@ -75,6 +77,7 @@ class ModelWorker:
         base_dir: str,
         worker_id: str,
         artifacts: ArtifactsConfig | None = None,
+        metrics: MetricsTarget | None = None,
     ):
         self.model = model
         self.worker_id = worker_id
@@ -94,6 +97,8 @@ class ModelWorker:
         self._served = 0
         self._cancelled = 0
         self._started = time.time()
+        self._metrics = WorkerMetrics(ProcessMetrics.start(metrics, "worker"), model.name)
+        self._metrics.watch_in_flight(lambda: self._in_flight)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -124,6 +129,7 @@ class ModelWorker:
             model_dir = None
             if target is not None:
                 pulled = await asyncio.to_thread(self._artifact_loader().acquire, target)
+                self._metrics.artifact_pulled(pulled.blobs_hit, pulled.blobs_fetched)
                 model_dir = str(pulled.path)
             elif self.model.path is not None:
                 path = self.model.resolved_path(Path(self._base_dir))

@@ -27,6 +27,7 @@
         ├── ModelLoadFailed         503  model_load_failed (fatal for the model)
         │   └── ArtifactRejected    503  artifact_rejected (a worker refused the model's bytes)
         ├── StoreUnavailable        503  store_unavailable (metadata store or Redis unreachable)
+        ├── MetricsUnavailable      503  metrics_unavailable (GET /metrics: aggregator off or silent)
         ├── ArtifactError           503  artifact_error (the artifact store)
         │   ├── ArtifactNotFound    503  artifact_not_found (no replica holds the manifest or a blob)
         │   ├── ArtifactCorrupt     503  artifact_corrupt (bytes differ from their digest in every replica)
@@ -192,6 +193,10 @@ class ModelLoadFailed(ServiceError):
 
 class StoreUnavailable(ServiceError):
     code = "store_unavailable"
+
+
+class MetricsUnavailable(ServiceError):
+    code = "metrics_unavailable"
 
 
 class InternalError(ServiceError):

@@ -1,4 +1,4 @@
-"""ASGI middleware of the Bridge: request ids and the body-size limit.
+"""ASGI middleware of the Bridge: request ids, the body-size limit, request metrics.
 
 Pure ASGI (not Starlette's BaseHTTPMiddleware) so that streaming responses and
 client disconnects pass through untouched.
@@ -7,6 +7,7 @@ client disconnects pass through untouched.
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING
 
 from starlette.exceptions import HTTPException
@@ -16,6 +17,8 @@ from haif.exceptions import PayloadTooLarge
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from haif.telemetry.metrics import BridgeMetrics
 
 REQUEST_ID_HEADER = b"x-request-id"
 
@@ -102,3 +105,39 @@ class EdgeMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+UNMATCHED_ROUTE = "other"
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route, model and status, and times it to its last byte.
+
+    The route is the matched template (``/v1/models/{model_id:path}``), never the raw
+    path, and the model is what the service recorded in ``request.state.model``, so
+    label values stay bounded whatever clients send.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: BridgeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the server answers when the app raises before responding
+
+        async def timed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+            model = (scope.get("state") or {}).get("model")
+            self.metrics.http(route, model, status, time.perf_counter() - started)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import ray
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from haif.bridge.errors import as_haif_error
 from haif.envelope import TIMEOUT_HEADER, RequestContext, build_work_item, timeout_from
-from haif.exceptions import InvalidRequest
+from haif.exceptions import InvalidRequest, MetricsUnavailable
 from haif.gateway.serving import embedding_response
 from haif.protocol import JobList, JobRecord, UsageList
+from haif.telemetry.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from haif.config import HaifConfig
     from haif.envelope import Body, EmbeddingResult, Kind
     from haif.protocol import EmbeddingRequest
+    from haif.telemetry.metrics import BridgeMetrics, MetricsReader
 
 logger = logging.getLogger("haif.bridge")
 
@@ -71,10 +74,18 @@ def sse(payload: bytes) -> bytes:
 class BridgeService:
     """What the routers call; holds the Gateway handles and the config."""
 
-    def __init__(self, config: HaifConfig, gateway: DeploymentHandle) -> None:
+    def __init__(
+        self,
+        config: HaifConfig,
+        gateway: DeploymentHandle,
+        metrics: BridgeMetrics,
+        metrics_reader: MetricsReader,
+    ) -> None:
         self.config = config
         self.gateway = gateway
         self.stream_gateway = gateway.options(stream=True)
+        self.metrics = metrics
+        self._metrics_reader = metrics_reader
 
     def context(self, request: Request) -> RequestContext:
         server = self.config.server
@@ -92,6 +103,7 @@ class BridgeService:
         )
 
     def _item(self, kind: Kind, body: Body, request: Request) -> Any:
+        request.state.model = body.model  # the metrics middleware labels the request with it
         return build_work_item(kind, body, self.context(request), self.config.limits, put=ray.put)
 
     async def models(self, request: Request) -> Response:
@@ -109,16 +121,17 @@ class BridgeService:
         return Response(card.model_dump_json(), media_type="application/json")
 
     async def generate(self, kind: Kind, body: Body, request: Request) -> Response:
+        started = time.perf_counter()
         item = self._item(kind, body, request)
         if item.stream:
-            return await self._stream(item)
+            return await self._stream(item, started)
         try:
             result = await self.gateway.generate.remote(item)
         except Exception as exc:
             raise as_haif_error(exc) from None
         return Response(result.model_dump_json(), media_type="application/json")
 
-    async def _stream(self, item: Any) -> Response:
+    async def _stream(self, item: Any, started: float) -> Response:
         gen = self.stream_gateway.stream.remote(item)
         try:
             # Pull the first chunk before answering, so that errors that happen before
@@ -129,7 +142,7 @@ class BridgeService:
         except Exception as exc:
             raise as_haif_error(exc) from None
         return StreamingResponse(
-            _sse_body(gen, first, item.ctx.request_id),
+            _sse_body(gen, first, item.ctx.request_id, _StreamTimer(self.metrics, item.model, started)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -174,13 +187,42 @@ class BridgeService:
             return JSONResponse({"ready": False, "error": err.message}, status_code=503)
         return JSONResponse(status, status_code=200 if status["ready"] else 503)
 
+    async def metrics_text(self) -> Response:
+        """The platform's metrics (every process, merged) in Prometheus text; 503 without."""
+        try:
+            body = await self._metrics_reader.render()
+        except MetricsUnavailable as exc:
+            return PlainTextResponse(exc.message + "\n", status_code=exc.status_code)
+        return Response(body, media_type=CONTENT_TYPE)
 
-async def _sse_body(gen: Any, first: Any, request_id: str) -> AsyncIterator[bytes]:
+
+class _StreamTimer:
+    """Time to the first chunk and between chunks of one stream, as the client sees them."""
+
+    def __init__(self, metrics: BridgeMetrics, model: str, started: float) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._last = started
+        self._first = True
+
+    def chunk(self) -> None:
+        now = time.perf_counter()
+        if self._first:
+            self._first = False
+            self._metrics.first_token(self._model, now - self._last)
+        else:
+            self._metrics.inter_token(self._model, now - self._last)
+        self._last = now
+
+
+async def _sse_body(gen: Any, first: Any, request_id: str, timer: _StreamTimer) -> AsyncIterator[bytes]:
     finished = False
     try:
         if first is not None:
+            timer.chunk()
             yield sse(first.model_dump_json().encode())
             async for chunk in gen:
+                timer.chunk()
                 yield sse(chunk.model_dump_json().encode())
         finished = True
     except Exception as exc:

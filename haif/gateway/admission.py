@@ -110,11 +110,15 @@ class Admission:
 
     async def admit(self, item: WorkItem) -> Ticket:
         """Raises: the 4xx of whatever refuses the request, StoreUnavailable, DeadlineExceeded."""
-        principal = await self.authenticate(item.ctx)
         try:
-            return await self._admit(item, principal)
-        except HaifError as exc:
-            self.metrics.refused(exc)
+            principal = await self.authenticate(item.ctx)
+            try:
+                return await self._admit(item, principal)
+            except HaifError as exc:
+                self.metrics.refused(exc, principal)
+                raise
+        except BaseException as exc:
+            self.metrics.finished(item.model, item.kind, exc)
             raise
 
     async def _admit(self, item: WorkItem, principal: Principal) -> Ticket:
@@ -162,6 +166,7 @@ class Admission:
             replay = await self._replay(item, principal.tenant_id, key, result)
             if replay is not None:
                 self.metrics.outcome("replayed")
+                self.metrics.finished(item.model, item.kind, None)
                 return Ticket(item, job_id=result.job_id, replay=replay)
             # The first execution failed: take its job over (one duplicate wins, the others wait).
 
@@ -222,6 +227,7 @@ class Admission:
         response: Any = None,
         vectors: Any = None,
     ) -> None:
+        self.metrics.finished(ticket.item.model, ticket.item.kind, None, prompt_tokens, completion_tokens)
         stored = None
         if ticket.key is not None and response is not None:
             stored = idempotency.encode_response(ticket.item.kind, response, vectors)
@@ -245,6 +251,7 @@ class Admission:
         self, ticket: Ticket, exc: BaseException, prompt_tokens: int = 0, completion_tokens: int = 0
     ) -> None:
         """Settle a failed or cancelled job; tokens a stream already delivered are billed."""
+        self.metrics.finished(ticket.item.model, ticket.item.kind, exc, prompt_tokens, completion_tokens)
         message = exc.message if isinstance(exc, HaifError) else type(exc).__name__
         await self._settle(
             ticket,

@@ -22,6 +22,7 @@ from haif.gateway.auth import Authenticator, DatabaseAuthenticator, StaticKeyAut
 from haif.gateway.metrics import GatewayMetrics
 from haif.gateway.serving import StreamFormatter, chat_response, completion_response
 from haif.protocol import ModelCard, ModelList, now
+from haif.telemetry.metrics import MetricsTarget, ProcessMetrics
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -65,7 +66,8 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._artifact_probe: tuple[float, dict[str, str]] | None = None
-        metrics = GatewayMetrics(ray_metrics=ray.is_initialized())
+        self._metrics = ProcessMetrics.start(MetricsTarget.from_config(config), "gateway")
+        metrics = GatewayMetrics(self._metrics, (m.name for m in config.models))
         if config.auth.backend == "static":
             self._admission = Admission(config, default_authenticator(config), metrics=metrics)
         else:
@@ -243,7 +245,7 @@ class Gateway:
         return self._config.limits
 
     def stats(self) -> dict[str, Any]:
-        """This replica's admission counters (Ray aggregates the same as metrics)."""
+        """This replica's admission counters (GET /metrics has them merged over replicas)."""
         return {"replica": _replica_id(), "outcomes": dict(self._admission.metrics.counts)}
 
     async def status(self) -> dict[str, Any]:

@@ -1,17 +1,23 @@
-"""The Gateway's admission counters: in-process (``Gateway.stats``) and as Ray metrics.
+"""The Gateway's metrics: admission outcomes, quota rejections, requests and tokens by model.
 
-Ray aggregates ``ray.util.metrics`` across replicas and exports them to Prometheus
-(``haif_gateway_requests_total{outcome=...}``); the in-process numbers answer for one
-replica without a metrics pipeline.
+They go to the platform's metrics pipeline (``haif.telemetry.metrics``: merged across
+every Gateway replica, served at ``GET /metrics``); the admission outcomes are also
+kept in-process for ``Gateway.stats`` (one replica's view, no pipeline needed).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING
 
 from haif.exceptions import AuthenticationFailed, HaifError, PermissionDenied, RateLimited
+from haif.telemetry.metrics import ProcessMetrics, model_label, status_of
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from haif.envelope import Principal
 
 logger = logging.getLogger("haif.gateway")
 
@@ -29,22 +35,35 @@ def _outcome_of(exc: BaseException) -> str:
 
 
 class GatewayMetrics:
-    def __init__(self, ray_metrics: bool = False) -> None:
-        self.counts: Counter[str] = Counter()
-        self._ray: Any = None
-        if ray_metrics:
-            from ray.util.metrics import Counter as RayCounter
+    """What one Gateway replica records (pass ``metrics`` to push them; tests need not)."""
 
-            self._ray = RayCounter(
-                "haif_gateway_requests",
-                description="Requests seen by the Gateway's admission, by outcome.",
-                tag_keys=("outcome",),
-            )
+    def __init__(self, metrics: ProcessMetrics | None = None, models: Iterable[str] = ()) -> None:
+        self.counts: Counter[str] = Counter()
+        self.registry = (metrics or ProcessMetrics("gateway")).registry
+        self._known = frozenset(models)
 
     def outcome(self, name: str) -> None:
         self.counts[name] += 1
-        if self._ray is not None:
-            self._ray.inc(1, tags={"outcome": name})
+        self.registry.inc("haif_gateway_admissions_total", (name,))
 
-    def refused(self, exc: BaseException) -> None:
+    def refused(self, exc: BaseException, principal: Principal | None = None) -> None:
+        """An admission refusal; a rate limit or quota of a known tenant is counted for it."""
         self.outcome(_outcome_of(exc))
+        if isinstance(exc, RateLimited) and principal is not None:
+            self.registry.inc("haif_quota_rejections_total", (principal.tenant, exc.code))
+
+    def finished(
+        self,
+        model: str,
+        kind: str,
+        exc: BaseException | None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> None:
+        """One inference request's end: refused, failed, or served (``exc`` None)."""
+        label = model_label(model, self._known)
+        self.registry.inc("haif_requests_total", (label, kind, status_of(exc)))
+        if prompt_tokens:
+            self.registry.inc("haif_prompt_tokens_total", (label,), prompt_tokens)
+        if completion_tokens:
+            self.registry.inc("haif_completion_tokens_total", (label,), completion_tokens)

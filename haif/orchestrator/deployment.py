@@ -28,6 +28,7 @@ from haif.exceptions import (
 from haif.orchestrator.breaker import Backoff
 from haif.orchestrator.placement import Placement, plan_placements
 from haif.orchestrator.pool import SHARED_TIER, ModelPool, Route, WorkerSlot, new_breaker
+from haif.telemetry.metrics import MetricsTarget, OrchestratorMetrics, ProcessMetrics
 
 if TYPE_CHECKING:
     from haif.config import HaifConfig
@@ -60,6 +61,7 @@ class Orchestrator:
         self._health_task: asyncio.Task[None] | None = None
         self.retries = 0
         self.replacements = 0
+        self._metrics_target = MetricsTarget.from_config(config)
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
         plans = plan_placements(config.models, cluster_gpus)
         for model in config.models:
@@ -92,7 +94,16 @@ class Orchestrator:
                         self._spawn(pool, slot)
                         pool.slots.append(slot)
             self._pools[model.name] = pool
+        # Metrics: workers by state and in flight are sampled; queue depth and circuit
+        # states are set by each health round.
+        self.metrics = OrchestratorMetrics(ProcessMetrics.start(self._metrics_target, "orchestrator"))
+        self.metrics.watch_workers(self._worker_samples)
         self._ensure_health_loop()
+
+    def _worker_samples(self) -> list[tuple[str, str, int]]:
+        """(model, state, in flight) of every worker; read from the metrics pusher's thread."""
+        return [(name, s.state, s.in_flight) for name, pool in list(self._pools.items())
+                for s in list(pool.slots)]
 
     def _spawn(self, pool: ModelPool, slot: WorkerSlot) -> None:
         """Start the actor of ``slot`` (a new one, or a replacement) and its load."""
@@ -106,6 +117,7 @@ class Orchestrator:
         if plan.needs_placement_group:
             options["scheduling_strategy"] = _tensor_parallel_strategy(plan)
         if slot.generation:
+            self.metrics.forget_worker(model.name, slot.worker_id)
             base = slot.worker_id.split("#", 1)[0]
             slot.worker_id = f"{base}#{slot.generation}"
         slot.actor = self._remote_worker.options(**options).remote(
@@ -114,6 +126,7 @@ class Orchestrator:
             str(self._config.base_path()),
             slot.worker_id,
             self._config.artifacts,
+            metrics=self._metrics_target,
         )
         slot.load_ref = slot.actor.load.remote(self._config.limits.object_ref_threshold_bytes)
         slot.state, slot.load_started, slot.probe_failures = "loading", time.monotonic(), 0
@@ -149,6 +162,7 @@ class Orchestrator:
             pool.refresh()
             probes += [self._probe(pool, s) for s in pool.slots if s.state == "ready"]
         await asyncio.gather(*probes)
+        self._record_states()
         if not self._res.replace_dead_workers:
             return
         now = time.monotonic()
@@ -178,6 +192,12 @@ class Orchestrator:
                 self._dead(pool, slot, type(exc).__name__)
             return
         slot.probe_failures = 0
+
+    def _record_states(self) -> None:
+        for name, pool in self._pools.items():
+            self.metrics.queue_depth(name, pool.queued)
+            for slot in pool.slots:
+                self.metrics.circuit_state(name, slot.worker_id, int(slot.breaker.state))
 
     def _dead(self, pool: ModelPool, slot: WorkerSlot, reason: str) -> None:
         pool.mark_dead(slot, reason, self._res.replacement_backoff_max_s)

@@ -144,7 +144,7 @@ class ModelPool:
             "ready_workers": ready,
             "workers_by_state": dict(by_state),
             "in_flight": sum(s.in_flight for s in self.slots),
-            "queued": len(self._waiters),
+            "queued": self.queued,
             "rejected_overloaded": self.rejected_overloaded,
             "breakers": {s.worker_id: s.breaker.state.name.lower() for s in self.slots},
             "regions": sorted({s.region for s in self.slots}),
@@ -191,6 +191,10 @@ class ModelPool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
 
     def release(self, slot: WorkerSlot) -> None:
         slot.in_flight -= 1

@@ -26,6 +26,7 @@ from tests import services
 from tests.integration.conftest import ROOT, Deployment, _free_port, _up, wait_for
 
 CONFIG = "tests/configs/chaos.yaml"
+AGENT_WAIT_S = 300  # a loaded 2-core machine can take minutes to start the job agent
 
 
 @dataclass
@@ -101,7 +102,7 @@ def _submit(dashboard_url: str, env: dict[str, str]) -> str:
         "--runtime-env-json", json.dumps({"env_vars": env}),
         "--", "python", "-m", "serve_app", "--config", str(ROOT / CONFIG),
     ]
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + AGENT_WAIT_S
     while True:  # the dashboard answers before its job agent is up
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
         agent_missing = "No available agent to submit job" in proc.stdout + proc.stderr
