@@ -60,7 +60,9 @@ class HaifError(Exception):
         self.message = message
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message,))
+        # The state carries attributes set after construction (e.g. the Orchestrator's
+        # ``attempts``) across Ray hops.
+        return (type(self), (self.message,), dict(self.__dict__))
 
     def to_body(self) -> dict[str, Any]:
         """The OpenAI-shaped error body."""
@@ -137,7 +139,7 @@ class _RetryAfter(HaifError):
         self.retry_after_s = retry_after_s
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.retry_after_s))
+        return (type(self), (self.message, self.retry_after_s), dict(self.__dict__))
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}

@@ -225,7 +225,8 @@ class Orchestrator:
         slots = [s for name, p in self._pools.items() if model in (None, name) for s in p.slots]
         infos = await asyncio.gather(*(s.actor.info.remote() for s in slots), return_exceptions=True)
         return [
-            {**info, "region": slot.region, "tier": slot.tier, "breaker": slot.breaker.state.name.lower()}
+            {**info, "region": slot.region, "tier": slot.tier, "assigned": slot.in_flight,
+             "breaker": slot.breaker.state.name.lower()}
             for slot, info in zip(slots, infos, strict=True)
             if isinstance(info, dict)
         ]

@@ -21,7 +21,7 @@ from tests.chaos.conftest import ChaosCluster
 from tests.integration.conftest import Deployment, wait_for
 
 DEADLINE_S = 10.0
-PROMPT = " ".join(f"w{i}" for i in range(12))  # 12 tokens: 720 ms on pool2, 1.2 s on tight
+PROMPT = " ".join(f"w{i}" for i in range(12))  # 12 tokens: 2.4 s on pool2, 1.2 s on tight
 
 
 @dataclass
@@ -121,12 +121,12 @@ def test_b_worker_killed_under_load(
                 "requests in flight on pool2",
             )
             workers = await asyncio.to_thread(_workers, chaos_orchestrator, "pool2")
-            victim = max(workers, key=lambda w: w["in_flight"])
+            victim = max(workers, key=lambda w: w["assigned"])  # the Orchestrator's count
             os.kill(victim["pid"], signal.SIGKILL)
             return list(await asyncio.gather(*tasks)), victim
 
     outcomes, victim = asyncio.run(scenario())
-    assert victim["in_flight"] > 0, "the killed worker was serving requests"
+    assert victim["assigned"] > 0, f"the killed worker was serving requests: {victim}"
     assert all(o.elapsed < DEADLINE_S + 2 for o in outcomes), "no request outlives its deadline"
     for o in outcomes:
         if o.idempotency_key:
