@@ -137,6 +137,11 @@ class DeadLetterQueue:
             raise StoreUnavailable(self.redis_error or "Redis is unavailable")
         return (in_redis or 0) + in_table
 
+    def ping(self) -> None:
+        """Raises: redis.RedisError when Redis is configured and does not answer."""
+        if self._redis is not None:
+            self._redis.ping()
+
     def close(self) -> None:
         if self._redis is not None:
             self._redis.close()

@@ -351,8 +351,14 @@ def mark_running(conn: Connection, job_ids: list[str], now: datetime) -> int:
     ).rowcount
 
 
-def stale_jobs(conn: Connection, older_than: datetime, limit: int = 100) -> list[Reservation]:
-    """Open jobs reserved before ``older_than``: their Gateway died or lost them."""
+def stale_jobs(
+    conn: Connection, older_than: datetime, limit: int = 100, exclude: set[str] | None = None
+) -> list[Reservation]:
+    """Open jobs reserved before ``older_than``: their Gateway died or lost them.
+
+    ``exclude``: jobs known to be settling (filtered here: the set may be large).
+    """
+    exclude = exclude or set()
     rows = conn.execute(
         select(
             jobs.c.id,
@@ -365,14 +371,15 @@ def stale_jobs(conn: Connection, older_than: datetime, limit: int = 100) -> list
         )
         .where(jobs.c.state.in_(OPEN_STATES), jobs.c.created_at < older_than)
         .order_by(jobs.c.created_at)
-        .limit(limit)
+        .limit(limit + len(exclude))
     ).all()
     return [
         Reservation(
             r.id, r.tenant_id, r.model, r.version, r.created_at, r.reserved_tokens, r.holds_slot
         )
         for r in rows
-    ]
+        if r.id not in exclude
+    ][:limit]
 
 
 def forget_idempotency_keys(conn: Connection, older_than: datetime) -> int:
