@@ -334,14 +334,16 @@ class Admission:
 
     async def _settle(self, ticket: Ticket, outcome: Outcome, entry: DeadLetter | None = None) -> None:
         """Settle once. Awaited when the client could tell otherwise (a concurrency slot it
-        may need next, duplicates waiting on its key); else it runs after the response."""
+        may need next, duplicates waiting on its key, a dead letter to replay); else it runs
+        after the response."""
         if ticket.reservation is None or ticket.settled or self._quotas is None:
             return
         ticket.settled = True
         task = asyncio.ensure_future(self._settle_now(ticket, ticket.reservation, outcome, entry))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
-        if ticket.reservation.holds_slot or ticket.key is not None:
+        # A dead letter too: the client's error comes once the DLQ holds the entry.
+        if ticket.reservation.holds_slot or ticket.key is not None or entry is not None:
             await asyncio.shield(task)  # a cancelled request still settles
 
     async def _settle_now(
