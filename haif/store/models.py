@@ -178,9 +178,9 @@ class Job(Base):
     completion_tokens: Mapped[int | None] = mapped_column(BigInteger)
     worker: Mapped[str | None] = mapped_column(String(256))
     region: Mapped[str | None] = mapped_column(String(64))
-    attempts: Mapped[int] = mapped_column(
-        Integer, default=1, server_default="1"
-    )  # dispatches to workers, retries included
+    # Dispatches to workers, retries included. A server default only: the single-statement
+    # reservation (haif.store.fastpath, sent precompiled by haif.store.aio) leaves it out.
+    attempts: Mapped[int] = mapped_column(Integer, server_default="1")
     gateway: Mapped[str | None] = mapped_column(String(128))  # the Gateway replica that admitted it
     error: Mapped[str | None] = mapped_column(String(1024))
     response: Mapped[str | None] = mapped_column(Text)  # JSON, kept for Idempotency-Key replays
