@@ -1,0 +1,79 @@
+"""The DLQ of a running deployment: a request that fails finally lands there with its
+attempts and trace id; `haif dlq replay` runs it again once, under its Idempotency-Key."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import ray
+from sqlalchemy import create_engine, select
+
+from haif.envelope import RequestContext, build_work_item
+from haif.exceptions import DeadlineExceeded, unwrap
+from haif.protocol import CompletionRequest
+from haif.store.models import Job, UsageRecord
+from tests.integration.conftest import Deployment, haif_cli, wait_for
+from tests.integration.test_tenancy import new_tenant, new_token, served
+
+pytestmark = pytest.mark.integration
+
+TRACE_ID = uuid.uuid4().hex
+TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
+
+
+def idle(orchestrator) -> bool:  # noqa: ANN001
+    return all(w["in_flight"] == 0 for w in orchestrator.workers_info.remote("echo-slow").result())
+
+
+@pytest.fixture(scope="module")
+def db(pg_url: str, haif: Deployment):  # noqa: ANN201 - the deployment migrated it
+    engine = create_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+def test_a_final_failure_is_dead_lettered_and_replayed_once(
+    haif: Deployment, store_env: dict, orchestrator, db  # noqa: ANN001
+) -> None:
+    from ray import serve
+
+    tenant = new_tenant(store_env)
+    token = new_token(store_env, tenant)
+    gateway = serve.get_deployment_handle("Gateway", app_name=haif.app_name)
+    limits = gateway.limits.remote().result(timeout_s=30)
+    key = f"dlq-{uuid.uuid4().hex}"
+    # 64 tokens at 50 ms each cannot fit a 1 s deadline: the Orchestrator gives up (504).
+    body = CompletionRequest(model="echo-slow", prompt="one two three", max_tokens=64)
+    ctx = RequestContext.new(timeout_s=1.0, api_key=token, idempotency_key=key, traceparent=TRACEPARENT)
+    with pytest.raises(Exception) as info:  # noqa: PT011 - Ray wraps it: unwrapped below
+        gateway.generate.remote(build_work_item("completion", body, ctx, limits)).result(timeout_s=60)
+    assert isinstance(unwrap(info.value), DeadlineExceeded)
+
+    [line] = haif_cli(store_env, "dlq", "list", "--tenant", tenant, "--json").splitlines()
+    entry = json.loads(line)
+    job_id = entry["id"]
+    assert entry["trace_id"] == TRACE_ID and entry["idempotency_key"] == key
+    assert (entry["error_type"], entry["error_code"]) == ("DeadlineExceeded", "timeout")
+    assert entry["attempts"] >= 1 and entry["model"] == "echo-slow"
+    with db.connect() as conn:
+        row = conn.execute(select(Job.state, Job.attempts).where(Job.id == job_id)).one()
+    assert row.state == "dead_lettered" and row.attempts == entry["attempts"]
+    shown = json.loads(haif_cli(store_env, "dlq", "show", job_id))
+    assert json.loads(shown["body"]) == body.model_dump(mode="json", exclude_unset=True)
+
+    address = ray.get_runtime_context().gcs_address
+    # The timed-out generation may still be running on the worker: count from its end.
+    wait_for(lambda: idle(orchestrator), 30, what="echo-slow idle")
+    before = served(orchestrator, "echo-slow")
+    first = haif_cli(store_env, "dlq", "replay", job_id, "--address", address, "--keep")
+    second = haif_cli(store_env, "dlq", "replay", job_id, "--address", address)
+    assert f"job {job_id} succeeded (executed)" in first
+    assert f"job {job_id} succeeded (already replayed" in second
+    assert served(orchestrator, "echo-slow") - before == 1  # two replays, one execution
+    with db.connect() as conn:
+        assert conn.execute(select(Job.state).where(Job.id == job_id)).scalar() == "succeeded"
+        billed = conn.execute(select(UsageRecord.job_id).where(UsageRecord.job_id == job_id)).all()
+    assert len(billed) == 1
+    assert haif_cli(store_env, "dlq", "list", "--tenant", tenant, "--json").strip() == ""
