@@ -48,7 +48,9 @@ def _queue(cfg: HaifConfig) -> Iterator[DeadLetterQueue]:
             yield dlq
         finally:
             if dlq.redis_error:
-                typer.echo(f"warning: {dlq.redis_error}; only the metadata store was read", err=True)
+                typer.echo(
+                    f"warning: {dlq.redis_error}; only the metadata store was read", err=True
+                )
             dlq.close()
             db.close()
 
@@ -63,8 +65,13 @@ def _find(dlq: DeadLetterQueue, entry_id: str) -> DeadLetter:
 
 @dlq_app.command("list")
 def list_(
-    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000, help="Most entries shown.")] = 50,
-    tenant: Annotated[Optional[str], typer.Option("--tenant", help="Only this tenant's.")] = None,  # noqa: UP045
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=10_000, help="Most entries shown.")
+    ] = 50,
+    tenant: Annotated[
+        Optional[str],  # noqa: UP045 - typer needs Optional here
+        typer.Option("--tenant", help="Only this tenant's."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     config: ConfigOption = None,
 ) -> None:
@@ -108,9 +115,13 @@ def replay(
     entry_id: IdArgument,
     address: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--address", help="Ray cluster of the deployment (default: RAY_ADDRESS, ray.address)."),
+        typer.Option(
+            "--address", help="Ray cluster of the deployment (default: RAY_ADDRESS, ray.address)."
+        ),
     ] = None,
-    keep: Annotated[bool, typer.Option("--keep", help="Keep the entry after a successful replay.")] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the entry after a successful replay.")
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Submit a dead letter again through the running deployment (its original Idempotency-Key)."""
@@ -155,14 +166,19 @@ def _call_gateway(cfg: HaifConfig, address: str, entry: DeadLetter) -> dict:
         cause = unwrap(exc)
         if isinstance(cause, HaifError):
             raise cause from None
-        raise ServiceError(f"the deployment did not answer: {type(cause).__name__}: {cause}") from None
+        raise ServiceError(
+            f"the deployment did not answer: {type(cause).__name__}: {cause}"
+        ) from None
     finally:
         ray.shutdown()
 
 
 @dlq_app.command("purge")
 def purge(
-    entry_id: Annotated[Optional[str], typer.Argument(help="The entry to remove.")] = None,  # noqa: UP045
+    entry_id: Annotated[
+        Optional[str],  # noqa: UP045 - typer needs Optional here
+        typer.Argument(help="The entry to remove."),
+    ] = None,
     all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
     config: ConfigOption = None,
 ) -> None:

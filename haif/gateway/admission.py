@@ -332,7 +332,9 @@ class Admission:
         )
         return entry
 
-    async def _settle(self, ticket: Ticket, outcome: Outcome, entry: DeadLetter | None = None) -> None:
+    async def _settle(
+        self, ticket: Ticket, outcome: Outcome, entry: DeadLetter | None = None
+    ) -> None:
         """Settle once. Awaited when the client could tell otherwise (a concurrency slot it
         may need next, duplicates waiting on its key, a dead letter to replay); else it runs
         after the response."""
@@ -355,7 +357,8 @@ class Admission:
     ) -> None:
         try:
             if self.settlements is not None:
-                await self.settlements.settle(reservation, outcome, entry)  # queued if the store is down
+                # Queued for retry when the store is down.
+                await self.settlements.settle(reservation, outcome, entry)
             elif self._quotas is not None:
                 await self._quotas.settle(reservation, outcome)
         except Exception:  # a bug, not an outage: the job stays open and the sweeper closes it

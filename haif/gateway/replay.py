@@ -39,7 +39,9 @@ async def replay_item(
     from haif.store.tenants import tenant_limits
 
     if db is None:
-        raise InvalidRequest("replaying dead letters needs the metadata store (auth.backend: database)")
+        raise InvalidRequest(
+            "replaying dead letters needs the metadata store (auth.backend: database)"
+        )
     if not isinstance(entry, DeadLetter):
         entry = DeadLetter.model_validate(entry)
     body = entry.request()

@@ -75,7 +75,9 @@ class Settlements:
         try:
             if not p.closed:
                 if p.entry is not None and (self.dlq is None or not self.dlq.redis_usable()):
-                    await self._db.run(_close_with_entry, self._db, p.reservation, p.outcome, p.entry)
+                    await self._db.run(
+                        _close_with_entry, self._db, p.reservation, p.outcome, p.entry
+                    )
                     return True
                 closed = await self._quotas.settle(p.reservation, p.outcome)
                 if not closed or p.entry is None:
