@@ -1,5 +1,6 @@
 """The DLQ of a running deployment: a request that fails finally lands there with its
-attempts and trace id; `haif dlq replay` runs it again once, under its Idempotency-Key."""
+attempts and trace id; `haif dlq replay` runs it again once (a stream carries no
+Idempotency-Key: the replay gets one made from the job id, and runs as a plain request)."""
 
 from __future__ import annotations
 
@@ -43,18 +44,19 @@ def test_a_final_failure_is_dead_lettered_and_replayed_once(
     token = new_token(store_env, tenant)
     gateway = serve.get_deployment_handle("Gateway", app_name=haif.app_name)
     limits = gateway.limits.remote().result(timeout_s=30)
-    key = f"dlq-{uuid.uuid4().hex}"
-    # 64 tokens at 50 ms each cannot fit a 1 s deadline: the Orchestrator gives up (504).
-    body = CompletionRequest(model="echo-slow", prompt="one two three", max_tokens=64)
-    ctx = RequestContext.new(timeout_s=1.0, api_key=token, idempotency_key=key, traceparent=TRACEPARENT)
+    # 64 streamed tokens at 50 ms each cannot fit a 1 s deadline: the Orchestrator gives up.
+    body = CompletionRequest(model="echo-slow", prompt="one two three", max_tokens=64, stream=True)
+    ctx = RequestContext.new(timeout_s=1.0, api_key=token, traceparent=TRACEPARENT)
+    item = build_work_item("completion", body, ctx, limits)
     with pytest.raises(Exception) as info:  # noqa: PT011 - Ray wraps it: unwrapped below
-        gateway.generate.remote(build_work_item("completion", body, ctx, limits)).result(timeout_s=60)
+        for _ in gateway.options(stream=True).stream.remote(item):
+            pass
     assert isinstance(unwrap(info.value), DeadlineExceeded)
 
     [line] = haif_cli(store_env, "dlq", "list", "--tenant", tenant, "--json").splitlines()
     entry = json.loads(line)
     job_id = entry["id"]
-    assert entry["trace_id"] == TRACE_ID and entry["idempotency_key"] == key
+    assert entry["trace_id"] == TRACE_ID and entry["idempotency_key"] is None
     assert (entry["error_type"], entry["error_code"]) == ("DeadlineExceeded", "timeout")
     assert entry["attempts"] >= 1 and entry["model"] == "echo-slow"
     with db.connect() as conn:
@@ -69,11 +71,12 @@ def test_a_final_failure_is_dead_lettered_and_replayed_once(
     before = served(orchestrator, "echo-slow")
     first = haif_cli(store_env, "dlq", "replay", job_id, "--address", address, "--keep")
     second = haif_cli(store_env, "dlq", "replay", job_id, "--address", address)
-    assert f"job {job_id} succeeded (executed)" in first
-    assert f"job {job_id} succeeded (already replayed" in second
+    replayed = first.split(" job ", 1)[1].split(" ", 1)[0]
+    assert f"replayed {job_id}: job {replayed} succeeded (executed)" in first
+    assert f"job {replayed} succeeded (already replayed" in second
     assert served(orchestrator, "echo-slow") - before == 1  # two replays, one execution
     with db.connect() as conn:
-        assert conn.execute(select(Job.state).where(Job.id == job_id)).scalar() == "succeeded"
-        billed = conn.execute(select(UsageRecord.job_id).where(UsageRecord.job_id == job_id)).all()
-    assert len(billed) == 1
+        assert conn.execute(select(Job.state).where(Job.id == replayed)).scalar() == "succeeded"
+        billed = conn.execute(select(UsageRecord.job_id).where(UsageRecord.job_id == replayed))
+        assert len(billed.all()) == 1
     assert haif_cli(store_env, "dlq", "list", "--tenant", tenant, "--json").strip() == ""
