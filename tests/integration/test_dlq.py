@@ -44,8 +44,9 @@ def test_a_final_failure_is_dead_lettered_and_replayed_once(
     token = new_token(store_env, tenant)
     gateway = serve.get_deployment_handle("Gateway", app_name=haif.app_name)
     limits = gateway.limits.remote().result(timeout_s=30)
-    # 64 streamed tokens at 50 ms each cannot fit a 1 s deadline: the Orchestrator gives up.
-    body = CompletionRequest(model="echo-slow", prompt="one two three", max_tokens=64, stream=True)
+    # echo-slow streams its prompt back at 50 ms a token: 60 tokens cannot fit a 1 s deadline.
+    prompt = " ".join(f"w{i}" for i in range(60))
+    body = CompletionRequest(model="echo-slow", prompt=prompt, max_tokens=64, stream=True)
     ctx = RequestContext.new(timeout_s=1.0, api_key=token, traceparent=TRACEPARENT)
     item = build_work_item("completion", body, ctx, limits)
     with pytest.raises(Exception) as info:  # noqa: PT011 - Ray wraps it: unwrapped below
