@@ -299,6 +299,15 @@ class QuotasConfig(_Model):
         4.0, gt=0, le=64,
         description="Prompt estimate for token reservations (bytes per token); settlement corrects it.",
     )
+    redis_unavailable: Literal["database", "reject"] = Field(
+        "database",
+        description="Redis down: count requests per minute in the metadata store instead (database) "
+        "or refuse requests with 503 (reject).",
+    )
+    redis_retry_after_s: float = Field(
+        5.0, ge=0, le=600,
+        description="After Redis failed, how long the fallback is used before Redis is tried again.",
+    )
 
 
 class JobsConfig(_Model):
@@ -324,6 +333,38 @@ class JobsConfig(_Model):
         description="Unsettled jobs older than request_timeout_s plus this are failed and their quota released.",
     )
     sweep_interval_s: float = Field(5.0, ge=0.1, le=3600, description="Background job upkeep period.")
+    settle_queue_max: int = Field(
+        100_000, ge=1, le=10_000_000,
+        description="Settlements (and DLQ entries) a Gateway replica keeps to retry while the store is down.",
+    )
+    settle_retry_initial_s: float = Field(
+        0.1, gt=0, le=60, description="First retry delay of a settlement the store refused (doubles, with jitter)."
+    )
+    settle_retry_max_s: float = Field(5.0, gt=0, le=600, description="Largest settlement retry delay.")
+
+
+class DlqConfig(_Model):
+    backend: Literal["auto", "redis", "database"] = Field(
+        "auto",
+        description="Where dead letters go: Redis Streams (falling back to the metadata store while "
+        "Redis is down) or the metadata store's table; auto: redis when redis.url is set.",
+    )
+    stream: str = Field(
+        "dlq", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$",
+        description="Name of the Redis stream, under redis.key_prefix.",
+    )
+    max_entries: int = Field(
+        100_000, ge=1, le=100_000_000,
+        description="Redis stream MAXLEN: the oldest entries beyond it are dropped.",
+    )
+    max_body_bytes: int = Field(
+        1024**2, ge=1024, le=256 * 1024**2,
+        description="Largest request body kept with an entry (larger: truncated, and not replayable).",
+    )
+    body_fetch_timeout_s: float = Field(
+        10.0, gt=0, le=600,
+        description="Deadline to fetch a body passed by reference (object store) for its entry.",
+    )
 
 
 class UsageConfig(_Model):
@@ -540,6 +581,7 @@ class HaifConfig(_Model):
     quotas: QuotasConfig = Field(default_factory=QuotasConfig, description="Quota enforcement.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job records and idempotency.")
     usage: UsageConfig = Field(default_factory=UsageConfig, description="Usage export.")
+    dlq: DlqConfig = Field(default_factory=DlqConfig, description="Dead-letter queue.")
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig, description="Artifact store.")
     regions: list[RegionConfig] = Field(
         default_factory=lambda: [RegionConfig(name="local")], min_length=1, description="Regions."
@@ -605,6 +647,16 @@ class HaifConfig(_Model):
     def database_url(self) -> str:
         """The metadata store's URL, a relative SQLite path resolved against ``base_dir``."""
         return self.database.resolved_url(self.base_path())
+
+    @model_validator(mode="after")
+    def _redis_for_dlq(self) -> HaifConfig:
+        if self.dlq.backend == "redis" and not self.redis.url:
+            raise ValueError("dlq.backend is redis but redis.url is unset")
+        return self
+
+    def dlq_on_redis(self) -> bool:
+        """Whether dead letters go to Redis Streams (else to the metadata store's table)."""
+        return self.dlq.backend == "redis" or (self.dlq.backend == "auto" and self.redis.url is not None)
 
     def rate_limits_on_redis(self) -> bool:
         """Whether requests per minute are counted in Redis (else in the metadata store)."""

@@ -259,6 +259,7 @@ class JobRecord(_Response):
     state: Literal["reserved", "running", "succeeded", "failed", "dead_lettered"]
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    attempts: int = 1  # dispatches to workers, retries included
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None

@@ -208,3 +208,112 @@ def drop_redis_keys(url: str, prefix: str) -> None:
     keys = list(client.scan_iter(f"{prefix}:*"))
     if keys:
         client.delete(*keys)
+
+
+class OwnRedis:
+    """A private redis-server the test may kill and restart (never the machine's shared one).
+
+    Append-only with fsync on every write, as a DLQ's Redis should run: entries survive a
+    kill -9 and a restart.
+    """
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("no redis-server to start a private Redis")
+        self._binary = binary
+        self._dir = Path(tempfile.mkdtemp(prefix="haif-redis-"))
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(
+            [
+                self._binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self._dir),
+                "--save", "",
+                "--appendonly", "yes",
+                "--appendfsync", "always",
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait(lambda: _redis_answers(self.url), "Redis")
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+            self._proc = None
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@contextmanager
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+class OwnPostgres:
+    """A private PostgreSQL the test may stop and start again (never the machine's shared one)."""
+
+    def __init__(self) -> None:
+        self._root = Path(tempfile.mkdtemp(prefix="haif-pg-"))
+        self._data = self._root / "data"
+        self.port = _free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses root
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self._root, "postgres")
+        subprocess.run(
+            [*self._as_user, _pg_bin("initdb"), "-D", str(self._data), "-U", "postgres",
+             "--auth=trust"],
+            check=True,
+            capture_output=True,
+        )
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(
+            [*self._as_user, _pg_bin("pg_ctl"), "-D", str(self._data), *args],
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        self._ctl(
+            "-l", str(self._root / "log"), "-w", "start",
+            "-o", f"-p {self.port} -k {self._root} -c listen_addresses=127.0.0.1",
+        )  # fmt: skip
+        _wait(lambda: _pg_answers(self.url), "PostgreSQL")
+
+    def stop(self) -> None:
+        """Immediate shutdown: connections are cut, as when the server dies."""
+        self._ctl("-m", "immediate", "-w", "stop")
+
+    def close(self) -> None:
+        subprocess.run(
+            [*self._as_user, _pg_bin("pg_ctl"), "-D", str(self._data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(self._root, ignore_errors=True)
+
+
+@contextmanager
+def own_postgres() -> Iterator[OwnPostgres]:
+    server = OwnPostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

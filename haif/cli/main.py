@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from haif.cli import db, tenancy
+from haif.cli import db, dlq, tenancy
 from haif.cli.models import keys_app, models_app
 from haif.exceptions import HaifError
 
@@ -21,6 +21,7 @@ app.add_typer(tenancy.tokens_app, name="tokens")
 app.add_typer(tenancy.quotas_app, name="quotas")
 app.add_typer(tenancy.usage_app, name="usage")
 app.add_typer(db.db_app, name="db")
+app.add_typer(dlq.dlq_app, name="dlq")
 
 ConfigOption = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional here

@@ -5,7 +5,11 @@ model, validates the Idempotency-Key, then reserves quota and records the job in
 transaction (``QuotaGate.reserve``). It returns a ``Ticket``: the request to dispatch,
 or the stored response of an earlier execution to replay. The Gateway settles the
 ticket once the work is done or has failed; settlement is shielded from cancellation,
-so a client that hangs up still gets its reservation settled.
+so a client that hangs up still gets its reservation settled, and it outlives a store
+outage (``haif.gateway.settlement``). A job that fails finally (a service error after
+the Orchestrator's retries) is dead-lettered: its row ends ``dead_lettered`` and an
+entry with its request goes to the DLQ, from where ``haif dlq replay`` submits it again
+(``admit_trusted``, under its original Idempotency-Key).
 """
 
 from __future__ import annotations
@@ -22,22 +26,27 @@ from haif.exceptions import (
     InvalidRequest,
     ModelNotFound,
     NotFound,
+    Overloaded,
     PermissionDenied,
+    ServiceError,
     UnprocessableRequest,
+    unwrap,
 )
 from haif.gateway import idempotency
 from haif.gateway.metrics import GatewayMetrics
 from haif.gateway.quota import reservation_tokens
 from haif.protocol import new_id
 from haif.store.ledger import Existing, JobRequest, Outcome, Reservation
-from haif.store.models import OPEN_STATES, JobState
+from haif.store.models import OPEN_STATES, RETRYABLE_STATES, JobState
 from haif.store.quotas import QuotaLimits
 
 if TYPE_CHECKING:
     from haif.config import HaifConfig
+    from haif.dlq import DeadLetter
     from haif.envelope import Dispatched, Principal, RequestContext, WorkItem
     from haif.gateway.auth import Authenticator
     from haif.gateway.quota import QuotaGate
+    from haif.gateway.settlement import Settlements
     from haif.gateway.upkeep import JobUpkeep
     from haif.store.db import Database
 
@@ -78,11 +87,18 @@ class Admission:
         upkeep: JobUpkeep | None = None,
         replica: str | None = None,
         metrics: GatewayMetrics | None = None,
+        settlements: Settlements | None = None,
     ) -> None:
         self._config = config
         self._auth = auth
         self._db = db
         self._quotas = quotas
+        if settlements is None and quotas is not None and db is not None:
+            from haif.dlq import DeadLetterQueue
+            from haif.gateway.settlement import Settlements
+
+            settlements = Settlements(quotas, db, DeadLetterQueue(config, db), config.jobs)
+        self.settlements = settlements
         self._upkeep = upkeep
         self._replica = replica
         self._region = config.regions[0].name
@@ -119,6 +135,17 @@ class Admission:
                 raise
         except BaseException as exc:
             self.metrics.finished(item.model, item.kind, exc)
+            raise
+
+    async def admit_trusted(self, item: WorkItem, principal: Principal) -> Ticket:
+        """Admit for an in-cluster caller that has established ``principal`` itself (no API key).
+
+        Raises: as ``admit``, but never AuthenticationFailed.
+        """
+        try:
+            return await self._admit(item, principal)
+        except HaifError as exc:
+            self.metrics.refused(exc)
             raise
 
     async def _admit(self, item: WorkItem, principal: Principal) -> Ticket:
@@ -209,7 +236,7 @@ class Admission:
                 self._config.jobs.idempotency_poll_ms / 1000,
                 self._local.get((tenant_id, key)),
             )
-        if state == JobState.FAILED.value:
+        if state in RETRYABLE_STATES:
             return None
         if state != JobState.SUCCEEDED.value or response is None:
             raise Conflict(
@@ -244,48 +271,109 @@ class Admission:
                 finished_at=datetime.now(UTC),
                 response=stored,
                 bill=True,
+                attempts=ticket.attempts,
+                worker=ticket.worker,
+                region=ticket.region,
             ),
         )
 
     async def fail(
         self, ticket: Ticket, exc: BaseException, prompt_tokens: int = 0, completion_tokens: int = 0
     ) -> None:
-        """Settle a failed or cancelled job; tokens a stream already delivered are billed."""
+        """Settle a failed or cancelled job; tokens a stream already delivered are billed.
+
+        A service error (the platform's side, after the Orchestrator's retries) is final:
+        the job is dead-lettered. Client errors and a client that went away are not.
+        """
         self.metrics.finished(ticket.item.model, ticket.item.kind, exc, prompt_tokens, completion_tokens)
-        message = exc.message if isinstance(exc, HaifError) else type(exc).__name__
+        cause = unwrap(exc)
+        attempts = int(getattr(cause, "attempts", getattr(exc, "attempts", ticket.attempts)))
+        entry = None
+        # Overloaded is backpressure (a deliberate 429 before any work), not a failure.
+        if isinstance(cause, ServiceError) and not isinstance(cause, Overloaded) and not ticket.settled:
+            entry = await self._dead_letter(ticket, cause, attempts)
+        message = cause.message if isinstance(cause, HaifError) else type(cause).__name__
         await self._settle(
             ticket,
             Outcome(
-                JobState.FAILED,
+                JobState.DEAD_LETTERED if entry is not None else JobState.FAILED,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
                 started_at=ticket.started_at,
                 finished_at=datetime.now(UTC),
                 error=message[:MAX_ERROR_CHARS],
                 bill=completion_tokens > 0,
+                attempts=max(1, attempts),
+                worker=ticket.worker,
+                region=ticket.region,
             ),
+            entry,
         )
 
-    async def _settle(self, ticket: Ticket, outcome: Outcome) -> None:
+    async def _dead_letter(
+        self, ticket: Ticket, exc: ServiceError, attempts: int
+    ) -> DeadLetter | None:
+        """The DLQ entry of ``ticket`` (None when there is no DLQ: no metadata store)."""
+        if ticket.reservation is None or self.settlements is None or self.settlements.dlq is None:
+            return None
+        from haif.dlq import dead_letter
+
+        item, dlq = ticket.item, self._config.dlq
+        body = item.body
+        if item.by_reference:  # fetched only now: a failure is rare, the hot path never reads it
+            try:
+                body = await asyncio.wait_for(item.body, timeout=dlq.body_fetch_timeout_s)
+            except Exception as err:  # noqa: BLE001 - lost or too slow: the entry stands without it
+                logger.warning(
+                    "job %s: its body could not be fetched for the DLQ: %r", ticket.job_id, err
+                )
+                body = None
+        entry = dead_letter(
+            job_id=ticket.reservation.job_id,
+            ctx=item.ctx,
+            kind=item.kind,
+            model=item.model,
+            exc=exc,
+            attempts=attempts,
+            body=body,
+            created_at=ticket.reservation.reserved_at,
+            max_body_bytes=dlq.max_body_bytes,
+        )
+        logger.warning(
+            "job %s dead-lettered after %d attempt(s): %s", entry.id, entry.attempts, entry.error
+        )
+        return entry
+
+    async def _settle(
+        self, ticket: Ticket, outcome: Outcome, entry: DeadLetter | None = None
+    ) -> None:
         """Settle once. Awaited when the client could tell otherwise (a concurrency slot it
-        may need next, duplicates waiting on its key); else it runs after the response."""
+        may need next, duplicates waiting on its key, a dead letter to replay); else it runs
+        after the response."""
         if ticket.reservation is None or ticket.settled or self._quotas is None:
             return
         ticket.settled = True
-        task = asyncio.ensure_future(
-            self._settle_now(self._quotas, ticket, ticket.reservation, outcome)
-        )
+        task = asyncio.ensure_future(self._settle_now(ticket, ticket.reservation, outcome, entry))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
-        if ticket.reservation.holds_slot or ticket.key is not None:
+        # A dead letter too: the client's error comes once the DLQ holds the entry.
+        if ticket.reservation.holds_slot or ticket.key is not None or entry is not None:
             await asyncio.shield(task)  # a cancelled request still settles
 
     async def _settle_now(
-        self, quotas: QuotaGate, ticket: Ticket, reservation: Reservation, outcome: Outcome
+        self,
+        ticket: Ticket,
+        reservation: Reservation,
+        outcome: Outcome,
+        entry: DeadLetter | None,
     ) -> None:
         try:
-            await quotas.settle(reservation, outcome)
-        except Exception:  # the answer stands; the job stays open and the sweeper closes it
+            if self.settlements is not None:
+                # Queued for retry when the store is down.
+                await self.settlements.settle(reservation, outcome, entry)
+            elif self._quotas is not None:
+                await self._quotas.settle(reservation, outcome)
+        except Exception:  # a bug, not an outage: the job stays open and the sweeper closes it
             logger.exception("job %s was not settled", reservation.job_id)
         finally:
             if self._upkeep is not None:

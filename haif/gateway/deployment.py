@@ -2,7 +2,8 @@
 
 Admission (authentication, scope and model checks, rate limits, quota reservation,
 idempotency) happens here for every entry point (HTTP Bridge, in-cluster SDK, P2P
-shim), so that none can bypass it; every dispatched job is settled here too.
+shim), so that none can bypass it; every dispatched job is settled here too, and a
+job that fails finally is dead-lettered here (``replay_dead_letter`` submits it again).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
     from haif.config import HaifConfig, LimitsConfig
+    from haif.dlq import DeadLetter, DeadLetterQueue
     from haif.envelope import EmbeddingResult, RequestContext, WorkItem
+    from haif.gateway.admission import Ticket
+    from haif.gateway.ratelimit import RedisRateLimiter
     from haif.protocol import ChatCompletionChunk, CompletionChunk
     from haif.store.db import Database
 
@@ -62,6 +66,8 @@ class Gateway:
         self._stream_handle = orchestrator.options(stream=True)
         self._created = now()
         self._db: Database | None = None
+        self._dlq: DeadLetterQueue | None = None
+        self._limiter: RedisRateLimiter | None = None
         self._background: list[Any] = []  # coroutine factories, started once a loop runs
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -86,7 +92,23 @@ class Gateway:
             from haif.gateway.ratelimit import RedisRateLimiter
 
             limiter = RedisRateLimiter(config.redis)
-        upkeep = JobUpkeep(db, config)
+        from haif.dlq import DeadLetterQueue
+        from haif.gateway.settlement import Settlements
+        from haif.store.aio import AsyncWrites
+
+        # On PostgreSQL the request's two writes go out from the event loop itself.
+        quotas = QuotaGate(
+            db,
+            limiter,
+            AsyncWrites.from_config(config),
+            redis_unavailable=config.quotas.redis_unavailable,
+            redis_retry_after_s=config.quotas.redis_retry_after_s,
+        )
+        self._limiter = limiter
+        self._dlq = DeadLetterQueue(config, db)
+        settlements = Settlements(quotas, db, self._dlq, config.jobs)
+        self._background.append(settlements.run)  # settlements the store refused, retried
+        upkeep = JobUpkeep(db, config, settlements.pending)
         self._background.append(upkeep.run)
         if config.usage.webhook_url:
             from haif.gateway.usage_export import UsageExporter
@@ -95,10 +117,6 @@ class Gateway:
         auth = DatabaseAuthenticator(
             db, config.auth.token_cache_ttl_s, config.auth.token_cache_max_entries
         )
-        from haif.store.aio import AsyncWrites
-
-        # On PostgreSQL the request's two writes go out from the event loop itself.
-        quotas = QuotaGate(db, limiter, AsyncWrites.from_config(config))
         return Admission(
             config,
             auth,
@@ -107,6 +125,7 @@ class Gateway:
             upkeep=upkeep,
             replica=_replica_id(),
             metrics=metrics,
+            settlements=settlements,
         )
 
     def _start_background(self) -> None:
@@ -142,7 +161,9 @@ class Gateway:
 
     async def generate(self, item: WorkItem) -> Any:
         self._start_background()
-        ticket = await self._admission.admit(item)
+        return await self._generate(item, await self._admission.admit(item))
+
+    async def _generate(self, item: WorkItem, ticket: Ticket) -> Any:
         if ticket.replay is not None:
             return ticket.replay
         try:
@@ -192,7 +213,9 @@ class Gateway:
 
     async def embed(self, item: WorkItem) -> EmbeddingResult:
         self._start_background()
-        ticket = await self._admission.admit(item)
+        return await self._embed(await self._admission.admit(item))
+
+    async def _embed(self, ticket: Ticket) -> EmbeddingResult:
         if ticket.replay is not None:
             return ticket.replay
         try:
@@ -209,6 +232,29 @@ class Gateway:
             raise
         await self._admission.succeed(ticket, result.prompt_tokens, 0, result, vectors)
         return result
+
+    # --- the DLQ ------------------------------------------------------------------------
+
+    async def replay_dead_letter(self, entry: DeadLetter | dict[str, Any]) -> dict[str, Any]:
+        """Submit a dead letter again (``haif dlq replay``); trusted in-cluster callers only.
+
+        Returns ``{"job_id", "executed", "state"}``: ``executed`` is False when the job had
+        already been replayed (the stored answer of that execution stands).
+
+        Raises: what the request raises: a ServiceError when it fails again (it is then
+        dead-lettered again), InvalidRequest when the entry cannot be replayed.
+        """
+        from haif.gateway.replay import replay_item
+
+        self._start_background()
+        item, principal = await replay_item(self._config, self._db, entry)
+        ticket = await self._admission.admit_trusted(item, principal)
+        executed = ticket.replay is None
+        if item.kind == "embedding":
+            await self._embed(ticket)
+        else:
+            await self._generate(item, ticket)
+        return {"job_id": ticket.job_id, "executed": executed, "state": "succeeded"}
 
     # --- the tenant's own records --------------------------------------------------------
 
@@ -249,6 +295,9 @@ class Gateway:
         return {"replica": _replica_id(), "outcomes": dict(self._admission.metrics.counts)}
 
     async def status(self) -> dict[str, Any]:
+        """Readiness. The metadata store down: not ready (requests would get 503). Redis down:
+        ready, degraded (rate limits count in the store, the DLQ writes to its table), unless
+        ``quotas.redis_unavailable`` is ``reject``."""
         status = await self._orchestrator.status.remote()
         if any(m.enabled and m.artifact for m in self._config.models):
             replicas = await self._probe_artifact_store()
@@ -263,4 +312,22 @@ class Gateway:
             except HaifError as exc:
                 status["database"] = exc.message
                 status["ready"] = False
+            if self._admission.settlements is not None:
+                status["pending_settlements"] = len(self._admission.settlements)
+        if self._config.redis.url and (self._limiter is not None or self._dlq is not None):
+            status["redis"] = await self._redis_status()
+            if status["redis"] != "ok" and self._config.quotas.redis_unavailable == "reject":
+                status["ready"] = False
         return status
+
+    async def _redis_status(self) -> str:
+        from redis.exceptions import RedisError
+
+        try:
+            if self._limiter is not None:
+                await self._limiter.ping()
+            elif self._dlq is not None and self._db is not None:
+                await self._db.run(self._dlq.ping)
+            return "ok"
+        except RedisError as exc:
+            return f"unavailable ({type(exc).__name__}); degraded: the metadata store stands in"

@@ -4,12 +4,23 @@ Requests per minute go to Redis when it is configured (one atomic script); the r
 (tokens per minute and per day, concurrent requests, and requests per minute without
 Redis) is one statement, or one transaction, on the metadata store
 (``haif.store.fastpath``, ``haif.store.ledger``).
+
+Redis down (``quotas.redis_unavailable``): by default requests per minute are counted
+in the metadata store instead, for ``quotas.redis_retry_after_s`` before Redis is
+tried again, so limits still hold and nothing waits on a dead socket. The two counts
+are separate windows: in the minute of a switch a tenant may get up to twice its
+requests per minute. ``reject`` answers 503 (``StoreUnavailable``) instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import TYPE_CHECKING
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Literal
+
+from haif.exceptions import StoreUnavailable
 
 from haif.store import fastpath
 from haif.store.quotas import QuotaLimits
@@ -23,6 +34,8 @@ if TYPE_CHECKING:
     from haif.store.db import Database
     from haif.store.ledger import Existing, JobRequest, Outcome, Reservation
 
+logger = logging.getLogger("haif.gateway")
+
 
 def reservation_tokens(item: WorkItem, bytes_per_token: float) -> int:
     """Tokens to reserve: the most the request may generate plus an estimate of its prompt."""
@@ -34,11 +47,25 @@ def reservation_tokens(item: WorkItem, bytes_per_token: float) -> int:
 
 class QuotaGate:
     def __init__(
-        self, db: Database, limiter: RedisRateLimiter | None, writes: AsyncWrites | None = None
+        self,
+        db: Database,
+        limiter: RedisRateLimiter | None,
+        writes: AsyncWrites | None = None,
+        *,
+        redis_unavailable: Literal["database", "reject"] = "database",
+        redis_retry_after_s: float = 5.0,
     ) -> None:
         self._db = db
         self._limiter = limiter
         self._writes = writes  # PostgreSQL: the two writes from the event loop
+        self._redis_unavailable = redis_unavailable
+        self._redis_retry_after_s = redis_retry_after_s
+        self._redis_down_until = 0.0
+
+    @property
+    def redis_down(self) -> bool:
+        """Redis failed within the last ``redis_retry_after_s``."""
+        return self._limiter is not None and time.monotonic() < self._redis_down_until
 
     @property
     def counts_requests_in_db(self) -> bool:
@@ -54,7 +81,9 @@ class QuotaGate:
             and limits.requests_per_minute is not None
             and principal.tenant_id is not None
         ):
-            await self._limiter.hit(principal.tenant_id, limits.requests_per_minute)
+            req = await self._count_on_redis(
+                self._limiter, principal.tenant_id, limits.requests_per_minute, req
+            )
         if self._writes is not None:
             reserved = await self._writes.reserve(req, now)
             if reserved is not None:
@@ -62,6 +91,27 @@ class QuotaGate:
             # An Idempotency-Key, or a refusal to explain exactly: the reference path.
             return await self._db.run(fastpath.reserve_job, self._db, req, now, fast=False)
         return await self._db.run(fastpath.reserve_job, self._db, req, now)
+
+    async def _count_on_redis(
+        self, limiter: RedisRateLimiter, tenant_id: int, rpm: int, req: JobRequest
+    ) -> JobRequest:
+        """Count the request on Redis; when Redis is down, the request the store must count."""
+        if not self.redis_down:
+            try:
+                await limiter.hit(tenant_id, rpm)
+                return req
+            except StoreUnavailable:
+                self._redis_down_until = time.monotonic() + self._redis_retry_after_s
+                logger.warning(
+                    "rate limits: Redis unavailable; %s for %.0f s",
+                    "refusing requests"
+                    if self._redis_unavailable == "reject"
+                    else "counting in the metadata store",
+                    self._redis_retry_after_s,
+                )
+        if self._redis_unavailable == "reject":
+            raise StoreUnavailable("the rate limiter is unavailable; retry later")
+        return replace(req, count_requests=True)
 
     async def settle(self, reservation: Reservation, outcome: Outcome) -> bool:
         if self._writes is not None:

@@ -5,7 +5,8 @@ after ``jobs.mark_running_after_s`` is marked running here, in one statement for
 such jobs of this replica; short jobs never cost that write. Jobs left open by a
 Gateway that died are failed after their deadline plus ``jobs.stale_after_s``, which
 refunds their reservation and frees their concurrency slot (exactly once: settlement
-only closes open jobs).
+only closes open jobs). Jobs whose settlement this replica holds for retry (the store
+was down) are not stale: their real outcome, and their usage, are on the way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from haif.store.ledger import Outcome
 from haif.store.models import JobState
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from haif.config import HaifConfig
     from haif.store.db import Database
 
@@ -29,8 +32,11 @@ logger = logging.getLogger("haif.gateway")
 
 
 class JobUpkeep:
-    def __init__(self, db: Database, config: HaifConfig) -> None:
+    def __init__(
+        self, db: Database, config: HaifConfig, pending: Collection[str] = frozenset()
+    ) -> None:
         self._db = db
+        self._pending = pending  # settlements queued on this replica (a live view)
         self._jobs = config.jobs
         self._stale_s = config.server.request_timeout_s + config.jobs.stale_after_s
         self._open: dict[str, float] = {}  # job id → monotonic time of dispatch
@@ -66,7 +72,9 @@ class JobUpkeep:
             await self._db.run(_mark_running, self._db, due)
         if now - self._last_sweep >= self._jobs.sweep_interval_s:
             self._last_sweep = now
-            await self._db.run(_sweep, self._db, self._stale_s, self._jobs.idempotency_ttl_s)
+            await self._db.run(
+                _sweep, self._db, self._stale_s, self._jobs.idempotency_ttl_s, set(self._pending)
+            )
 
 
 def _mark_running(db: Database, job_ids: list[str]) -> None:
@@ -74,10 +82,10 @@ def _mark_running(db: Database, job_ids: list[str]) -> None:
         ledger.mark_running(conn, job_ids, datetime.now(UTC))
 
 
-def _sweep(db: Database, stale_s: float, key_ttl_s: float) -> int:
+def _sweep(db: Database, stale_s: float, key_ttl_s: float, pending: set[str]) -> int:
     now = datetime.now(UTC)
     with db.begin() as conn:
-        stale = ledger.stale_jobs(conn, now - timedelta(seconds=stale_s))
+        stale = ledger.stale_jobs(conn, now - timedelta(seconds=stale_s), exclude=pending)
     failed = 0
     for res in stale:
         outcome = Outcome(

@@ -109,6 +109,9 @@ class AsyncWrites:
             return row
         except psycopg.OperationalError as exc:
             logger.warning("metadata store unavailable: %s", exc)
+            # The server went away: the idle connections are dead too. Closing them now
+            # spares the first requests after its return one failure each.
+            await self._drop_idle()
             raise StoreUnavailable("the metadata store is unavailable; retry later") from None
         finally:
             if healthy or not conn.broken and conn.info.transaction_status == 0:  # IDLE
@@ -135,8 +138,11 @@ class AsyncWrites:
         )
         return bool(row[0])
 
+    async def _drop_idle(self) -> None:
+        while self._idle is not None and not self._idle.empty():
+            conn = self._idle.get_nowait()
+            self._opened -= 1
+            await conn.close()
+
     async def close(self) -> None:
-        if self._idle is None:
-            return
-        while not self._idle.empty():
-            await self._idle.get_nowait().close()
+        await self._drop_idle()

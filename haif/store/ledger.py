@@ -21,7 +21,7 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from haif.exceptions import Conflict
-from haif.store.models import OPEN_STATES, Job, JobState, Quota, UsageRecord
+from haif.store.models import OPEN_STATES, RETRYABLE_STATES, Job, JobState, Quota, UsageRecord
 from haif.store.quotas import Ask, Counters, QuotaLimits, ask_for, check, check_requests
 
 if TYPE_CHECKING:
@@ -84,10 +84,12 @@ class Outcome:
     completion_tokens: int = 0
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    worker: str | None = None
+    worker: str | None = None  # None: keep what the row holds
     error: str | None = None
     response: str | None = None  # kept only for Idempotency-Key replays
     bill: bool = False  # record usage: tokens were served
+    attempts: int = 1  # dispatches, retries included
+    region: str | None = None  # where it ran; None: keep the admitting region
 
 
 def _insert(conn: Connection) -> Any:
@@ -131,7 +133,9 @@ _CLOSE_JOB = (
         completion_tokens=bindparam("b_completion"),
         started_at=bindparam("b_started"),
         finished_at=bindparam("b_finished"),
-        worker=bindparam("b_worker"),
+        worker=func.coalesce(bindparam("b_worker"), jobs.c.worker),
+        region=func.coalesce(bindparam("b_region"), jobs.c.region),
+        attempts=bindparam("b_attempts"),
         error=bindparam("b_error"),
         response=bindparam("b_response"),
     )
@@ -238,12 +242,12 @@ def _take_over_or_existing(
     ).one()
     if row.request_hash != req.request_hash:
         raise Conflict("this Idempotency-Key was already used with a different request")
-    if row.state != JobState.FAILED.value:
+    if row.state not in RETRYABLE_STATES:
         return Existing(row.id, row.state, row.response)
-    # A failed job was not billed: the retry runs it again, under the same job id.
+    # A failed (or dead-lettered) job was not billed: the retry runs it again, same job id.
     taken = conn.execute(
         update(jobs)
-        .where(jobs.c.id == row.id, jobs.c.state == JobState.FAILED.value)
+        .where(jobs.c.id == row.id, jobs.c.state == row.state)
         .values(
             state=JobState.RESERVED.value,
             token_id=values["token_id"],
@@ -256,6 +260,7 @@ def _take_over_or_existing(
             prompt_tokens=None,
             completion_tokens=None,
             worker=None,
+            attempts=1,
             error=None,
             response=None,
         )
@@ -293,6 +298,8 @@ def settle(conn: Connection, res: Reservation, out: Outcome) -> bool:
             "b_started": out.started_at,
             "b_finished": out.finished_at,
             "b_worker": out.worker,
+            "b_region": out.region,
+            "b_attempts": out.attempts,
             "b_error": out.error,
             "b_response": out.response,
         },
@@ -344,8 +351,14 @@ def mark_running(conn: Connection, job_ids: list[str], now: datetime) -> int:
     ).rowcount
 
 
-def stale_jobs(conn: Connection, older_than: datetime, limit: int = 100) -> list[Reservation]:
-    """Open jobs reserved before ``older_than``: their Gateway died or lost them."""
+def stale_jobs(
+    conn: Connection, older_than: datetime, limit: int = 100, exclude: set[str] | None = None
+) -> list[Reservation]:
+    """Open jobs reserved before ``older_than``: their Gateway died or lost them.
+
+    ``exclude``: jobs known to be settling (filtered here: the set may be large).
+    """
+    exclude = exclude or set()
     rows = conn.execute(
         select(
             jobs.c.id,
@@ -358,14 +371,15 @@ def stale_jobs(conn: Connection, older_than: datetime, limit: int = 100) -> list
         )
         .where(jobs.c.state.in_(OPEN_STATES), jobs.c.created_at < older_than)
         .order_by(jobs.c.created_at)
-        .limit(limit)
+        .limit(limit + len(exclude))
     ).all()
     return [
         Reservation(
             r.id, r.tenant_id, r.model, r.version, r.created_at, r.reserved_tokens, r.holds_slot
         )
         for r in rows
-    ]
+        if r.id not in exclude
+    ][:limit]
 
 
 def forget_idempotency_keys(conn: Connection, older_than: datetime) -> int:

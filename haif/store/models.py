@@ -7,6 +7,7 @@
               ├── jobs            (one per admitted request: reserved → running → terminal)
               │     └── usage_records   (one per served job; exported in usage_batches)
               └── usage_records
+    dead_letters                  (the DLQ's table: final failures, self-contained, keyed by job id)
 
 The Alembic migrations in ``haif/store/migrations`` create exactly these tables (a test
 compares them); change both together.
@@ -94,9 +95,11 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.RUNNING: frozenset(_TERMINAL),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset({JobState.RESERVED}),  # an Idempotency-Key may retry a failed job
-    JobState.DEAD_LETTERED: frozenset(),
+    JobState.DEAD_LETTERED: frozenset({JobState.RESERVED}),  # ... and `haif dlq replay` this one
 }
 OPEN_STATES = (JobState.RESERVED.value, JobState.RUNNING.value)
+# Closed without being served: a retry with the same Idempotency-Key runs it again.
+RETRYABLE_STATES = (JobState.FAILED.value, JobState.DEAD_LETTERED.value)
 
 
 class Base(DeclarativeBase):
@@ -175,6 +178,9 @@ class Job(Base):
     completion_tokens: Mapped[int | None] = mapped_column(BigInteger)
     worker: Mapped[str | None] = mapped_column(String(256))
     region: Mapped[str | None] = mapped_column(String(64))
+    # Dispatches to workers, retries included. A server default only: the single-statement
+    # reservation (haif.store.fastpath, sent precompiled by haif.store.aio) leaves it out.
+    attempts: Mapped[int] = mapped_column(Integer, server_default="1")
     gateway: Mapped[str | None] = mapped_column(String(128))  # the Gateway replica that admitted it
     error: Mapped[str | None] = mapped_column(String(1024))
     response: Mapped[str | None] = mapped_column(Text)  # JSON, kept for Idempotency-Key replays
@@ -213,3 +219,32 @@ class UsageBatch(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
     last_error: Mapped[str | None] = mapped_column(String(1024))
+
+
+class DeadLetter(Base):
+    """A job that failed finally (the DLQ's table; Redis Streams hold the same entries).
+
+    Self-contained on purpose (no foreign keys): an entry outlives what it names, and
+    holds everything ``haif dlq replay`` needs to submit the request again.
+    """
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (Index("ix_dead_letters_tenant_dead", "tenant", "dead_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the job id
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    tenant: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(16))
+    error_type: Mapped[str] = mapped_column(String(64))
+    error_code: Mapped[str] = mapped_column(String(64))
+    error: Mapped[str] = mapped_column(String(1024))
+    attempts: Mapped[int] = mapped_column(Integer)
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    traceparent: Mapped[str | None] = mapped_column(String(55))
+    request_id: Mapped[str] = mapped_column(String(128))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)  # the job's reservation
+    dead_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    body: Mapped[str] = mapped_column(Text)  # the request body, JSON
+    body_truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

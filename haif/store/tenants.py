@@ -14,6 +14,7 @@ from haif.store.models import Quota, Tenant
 from haif.store.quotas import QuotaLimits
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session
 
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -101,3 +102,21 @@ class TenantRepository:
         quota.updated_at = datetime.now(UTC)
         self.session.flush()
         return quota
+
+
+def tenant_limits(conn: Connection, tenant_id: int) -> tuple[str, QuotaLimits] | None:
+    """A tenant's name and limits by id (for trusted in-cluster callers: DLQ replays)."""
+    row = conn.execute(
+        select(
+            Tenant.name,
+            Quota.requests_per_minute,
+            Quota.tokens_per_minute,
+            Quota.tokens_per_day,
+            Quota.max_concurrent,
+        )
+        .outerjoin(Quota, Quota.tenant_id == Tenant.id)
+        .where(Tenant.id == tenant_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    return row.name, QuotaLimits(*row[1:])

@@ -49,7 +49,7 @@ def test_migrations_on_an_empty_database_and_from_the_previous_revision(pg_serve
                 )
             )
         migrate.upgrade(engine)
-        assert migrate.current(engine) == migrate.head() == "0002"
+        assert migrate.current(engine) == migrate.head() == "0003"
         with engine.connect() as conn:
             assert conn.execute(text("SELECT requests_per_minute FROM quotas")).scalar() == 7
             diff = compare_metadata(
@@ -64,7 +64,31 @@ def test_migrations_on_an_empty_database_and_from_the_previous_revision(pg_serve
         migrate.downgrade(engine, "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         migrate.upgrade(engine)  # and back up from nothing
-        assert migrate.current(engine) == "0002"
+        assert migrate.current(engine) == "0003"
+        engine.dispose()
+
+
+def test_migration_0003_from_the_previous_revision_and_back(pg_server: str) -> None:
+    with services.fresh_database(pg_server, "haif_mig3") as url:
+        engine = create_db_engine(url)
+        migrate.upgrade(engine, "0002")
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (name, created_at) VALUES ('old', now())"))
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant_id, kind, model, version, state, created_at) "
+                    "SELECT 'cmpl-old', id, 'completion', 'echo', '1', 'failed', now() FROM tenants"
+                )
+            )
+        migrate.upgrade(engine, "0003")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT attempts FROM jobs")).scalar() == 1
+        assert "dead_letters" in inspect(engine).get_table_names()
+        migrate.downgrade(engine, "0002")
+        assert "dead_letters" not in inspect(engine).get_table_names()
+        assert "attempts" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id FROM jobs")).scalar() == "cmpl-old"
         engine.dispose()
 
 
@@ -73,7 +97,7 @@ def test_db_cli_upgrade_downgrade_current(pg_server: str) -> None:
         env = {"HAIF_DATABASE__URL": url}
         assert "current: base" in haif_cli(env, "db", "current")
         assert "revision 0001" in haif_cli(env, "db", "upgrade", "0001")
-        assert "revision 0002" in haif_cli(env, "db", "upgrade")
+        assert "revision 0003" in haif_cli(env, "db", "upgrade")
         assert "revision base" in haif_cli(env, "db", "downgrade", "base")
 
 

@@ -43,3 +43,31 @@ def test_migrations_upgrade_downgrade_and_match_the_models(tmp_path: Path) -> No
     migrate.downgrade(engine, "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     engine.dispose()
+
+
+def test_migration_0003_adds_attempts_and_the_dead_letters_table(tmp_path: Path) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    migrate.upgrade(engine, "0002")  # the previous revision, with a job in it
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO tenants (name, created_at) VALUES ('old', '2024-01-01 00:00:00')")
+        )
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, tenant_id, kind, model, version, state, created_at) "
+                "SELECT 'cmpl-old', id, 'completion', 'echo', '1', 'failed', "
+                "'2024-01-01 00:00:00' FROM tenants"
+            )
+        )
+    migrate.upgrade(engine, "0003")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT attempts FROM jobs")).scalar() == 1
+    assert "dead_letters" in inspect(engine).get_table_names()
+    migrate.downgrade(engine, "0002")
+    assert "dead_letters" not in inspect(engine).get_table_names()
+    assert "attempts" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    with engine.connect() as conn:  # the job survived, and so did its state check
+        assert conn.execute(text("SELECT id FROM jobs")).scalar() == "cmpl-old"
+    with pytest.raises(Exception, match="CHECK"), engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET state = 'bogus'"))
+    engine.dispose()
