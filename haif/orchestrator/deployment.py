@@ -220,10 +220,15 @@ class Orchestrator:
         }
 
     async def workers_info(self, model: str | None = None) -> list[dict[str, Any]]:
-        """Each live worker's own report (placement, GPU ids, load) and its region; dead ones
-        are skipped."""
+        """Each live worker's own report (placement, GPU ids, load) and its region; dead ones,
+        and ones that do not answer within the health-check timeout, are skipped."""
         slots = [s for name, p in self._pools.items() if model in (None, name) for s in p.slots]
-        infos = await asyncio.gather(*(s.actor.info.remote() for s in slots), return_exceptions=True)
+        # Bounded: a replacement waiting for its region's node to come back never answers.
+        timeout = self._res.health_check_timeout_s
+        infos = await asyncio.gather(
+            *(asyncio.wait_for(_resolve(s.actor.info.remote()), timeout) for s in slots),
+            return_exceptions=True,
+        )
         return [
             {**info, "region": slot.region, "tier": slot.tier, "assigned": slot.in_flight,
              "breaker": slot.breaker.state.name.lower()}

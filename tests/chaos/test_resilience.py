@@ -212,7 +212,9 @@ def test_d_region_removed_under_load(
         stop = asyncio.Event()
         async with _client(chaos_haif) as client:
             loops = [asyncio.create_task(client_loop(client, stop)) for _ in range(6)]
+            warmup_until = time.monotonic() + 60
             while sum(o.status == 200 for o in outcomes) < 30:
+                assert time.monotonic() < warmup_until, [(o.status, o.code) for o in outcomes[-10:]]
                 await asyncio.sleep(0.05)
             workers = await asyncio.to_thread(_workers, chaos_orchestrator, "regional")
             before = {w["region"]: w["served"] for w in workers}
