@@ -225,3 +225,52 @@ def test_regions_must_be_known() -> None:
     )
     assert [r.name for r in config.model_regions(config.models[0])] == ["a", "b"]
     assert config.home_region("acme") == "b" and config.home_region("other") == "a"
+
+
+# --- retry classification ------------------------------------------------------------------
+
+
+def _orchestrator():  # noqa: ANN202
+    from haif.orchestrator.deployment import Orchestrator
+
+    orch = Orchestrator.__new__(Orchestrator)  # the routing logic alone: no Ray, no Serve
+    orch._res = ResilienceConfig()
+    return orch
+
+
+def _item(key: str | None):  # noqa: ANN202
+    from haif.config import LimitsConfig
+    from haif.envelope import build_work_item
+    from haif.protocol import CompletionRequest
+
+    ctx = RequestContext.new(timeout_s=5, api_key=None, idempotency_key=key)
+    return build_work_item("completion", CompletionRequest(model="m", prompt="hi"), ctx, LimitsConfig())
+
+
+def test_what_is_retried() -> None:
+    from ray.exceptions import ActorDiedError
+
+    from haif.exceptions import InternalError, PromptTooLong
+
+    orch = _orchestrator()
+    pool = _pool([("w1", "a", SHARED_TIER)])
+    slot = pool.slots[0]
+    sent = time.monotonic()
+    cases = [
+        (ModelNotReady("loading"), None, True),  # raised before any work
+        (Overloaded("busy", retry_after_s=1), None, True),
+        (WorkerUnavailable("draining"), None, True),
+        (InternalError("crashed mid-request"), None, False),  # may have run: only with a key
+        (InternalError("crashed mid-request"), "k1", True),
+        (PromptTooLong("too long"), "k1", False),  # the client's fault: never
+        (DeadlineExceeded("late"), "k1", False),
+    ]
+    for exc, key, retry in cases:
+        err, decided = orch._failure(pool, slot, exc, _item(key), sent)
+        assert (type(err), decided) == (type(exc), retry), exc
+    # A worker that died mid-request: retried only with a key...
+    err, decided = orch._failure(pool, slot, ActorDiedError(), _item(None), sent)
+    assert isinstance(err, WorkerUnavailable) and not decided and slot.state == "dead"
+    # ...unless it was known dead before the request was sent (it cannot have run).
+    err, decided = orch._failure(pool, slot, ActorDiedError(), _item(None), time.monotonic())
+    assert decided
