@@ -22,6 +22,7 @@ import random
 import signal
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -50,8 +51,8 @@ def _config(database_url: str) -> Any:
 
 
 async def _phase(url: str, key: str, seconds: float, concurrency: int, idempotent: bool,
-                 killer: Any | None) -> tuple[list[float], int, int]:
-    """Latencies (ms) of successes, successes, requests."""
+                 killer: Any | None, errors: Counter[str]) -> tuple[list[float], int, int]:
+    """Latencies (ms) of successes, successes, requests; failures counted by error code."""
     latencies: list[float] = []
     total = 0
     stop = time.monotonic() + seconds
@@ -66,10 +67,13 @@ async def _phase(url: str, key: str, seconds: float, concurrency: int, idempoten
             total += 1
             try:
                 resp = await client.post(url, json=BODY, headers=headers)
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] += 1
                 continue
             if resp.status_code == 200:
                 latencies.append((time.perf_counter() - started) * 1000)
+            else:
+                errors[f"{resp.status_code} {resp.json().get('error', {}).get('code')}"] += 1
 
     async with httpx.AsyncClient(timeout=30) as client:
         tasks = [asyncio.create_task(user(client)) for _ in range(concurrency)]
@@ -124,13 +128,16 @@ def main() -> None:
                 for kind in ("plain", "idempotent"):
                     for mode in ("calm", "chaos"):
                         killer = _killer(orchestrator, args.kill_every_s, kills) if mode == "chaos" else None
-                        lat, ok, total = asyncio.run(
-                            _phase(url, key, args.seconds, args.concurrency, kind == "idempotent", killer)
-                        )
-                        slot = data.setdefault((kind, mode), {"lat": [], "ok": 0, "total": 0})
+                        errors: Counter[str] = Counter()
+                        lat, ok, total = asyncio.run(_phase(
+                            url, key, args.seconds, args.concurrency, kind == "idempotent", killer, errors
+                        ))
+                        slot = data.setdefault((kind, mode), {"lat": [], "ok": 0, "total": 0,
+                                                              "errors": Counter()})
                         slot["lat"] += lat
                         slot["ok"] += ok
                         slot["total"] += total
+                        slot["errors"].update(errors)
             replacements = orchestrator.status.remote().result()["replacements"]
         finally:
             serve.shutdown()
@@ -154,6 +161,9 @@ def main() -> None:
         f"{len(kills)} workers killed, {replacements} replaced",
         rows,
     )
+    for (kind, mode), slot in data.items():
+        if slot["errors"]:
+            print(f"  failures ({kind}, {mode}): {dict(slot['errors'])}")
     path = write_results(BENCH, rows)
     print(f"\nwrote {path}")
     print(json.dumps([r.to_json() for r in rows]))

@@ -66,6 +66,7 @@ class WorkerSlot:
     generation: int = 0  # bumped by each replacement
     probe_failures: int = 0
     deaths: int = 0
+    ready_since: float | None = None  # monotonic time the current actor became ready
     died_at: float | None = None  # monotonic time this Orchestrator learned of the death
     replace_at: float | None = None  # monotonic time the replacement may start
 
@@ -91,6 +92,7 @@ class ModelPool:
     rng: random.Random = field(default_factory=random.Random)
     _waiters: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
     rejected_overloaded: int = 0
+    ever_ready: bool = False  # once served, a pool whose workers are all being replaced waits
 
     # --- state --------------------------------------------------------------------
 
@@ -113,14 +115,16 @@ class ModelPool:
                 continue
             try:
                 ray.get(slot.load_ref)
-                slot.state, slot.error = "ready", None
+                slot.state, slot.error, slot.ready_since = "ready", None, time.monotonic()
                 slot.breaker.success()
-                self._wake()
+                self.ever_ready = True
+                self._wake_all()
             except Exception as exc:  # the worker's load failure, recorded and reported
                 err = unwrap(exc)
                 slot.state = "failed"
                 slot.error = err.message if isinstance(err, HaifError) else f"{type(err).__name__}: {err}"
                 logger.error("worker %s failed to load: %s", slot.worker_id, slot.error)
+                self._wake_all()  # requests waiting for it get the error now, not at their deadline
             slot.load_ref = None
 
     def status(self) -> dict[str, Any]:
@@ -200,6 +204,12 @@ class ModelPool:
         slot.in_flight -= 1
         self._wake()
 
+    def _wake_all(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _wake(self) -> None:
         """Let the oldest waiter look again (it re-checks; a spurious wake is harmless)."""
         while self._waiters:
@@ -232,7 +242,14 @@ class ModelPool:
                     return self._two_choices(free)
             if saw_live:
                 return None  # live workers, all busy: queue
+        if self.ever_ready and self._replacing():
+            return None  # every worker died and is being replaced: wait for one (deadline-bound)
         raise self._no_live_worker()
+
+    def _replacing(self) -> bool:
+        return any(
+            s.state == "dead" or (s.state == "loading" and s.generation > 0) for s in self.slots
+        )
 
     def _two_choices(self, free: list[WorkerSlot]) -> WorkerSlot:
         if len(free) == 1:
@@ -258,10 +275,13 @@ class ModelPool:
         with each death of this slot (a worker that keeps dying is not restarted hot)."""
         if slot.state == "dead":
             return
-        slot.state, slot.error = "dead", reason
+        now = time.monotonic()
+        if slot.ready_since is not None and now - slot.ready_since >= replacement_backoff_max_s:
+            slot.deaths = 0  # it ran longer than the longest backoff: not a crash loop
+        slot.state, slot.error, slot.ready_since = "dead", reason, None
         slot.breaker.trip()
         slot.deaths += 1
-        slot.died_at = time.monotonic()
+        slot.died_at = now
         delay = min(replacement_backoff_max_s, 0.5 * 2 ** (slot.deaths - 2)) if slot.deaths > 1 else 0.0
         slot.replace_at = slot.died_at + delay
         logger.error("worker %s is dead (%s); replacement in %.1fs", slot.worker_id, reason, delay)

@@ -274,3 +274,29 @@ def test_what_is_retried() -> None:
     # ...unless it was known dead before the request was sent (it cannot have run).
     err, decided = orch._failure(pool, slot, ActorDiedError(), _item(None), time.monotonic())
     assert decided
+
+
+def test_requests_wait_for_the_replacement_when_every_worker_died() -> None:
+    async def scenario() -> None:
+        pool = _pool([("w1", "a", SHARED_TIER)])
+        pool.ever_ready = True
+        slot = pool.slots[0]
+        pool.mark_dead(slot, "SIGKILL", 30)
+        waiting = asyncio.create_task(pool.acquire(SHARED_A, _ctx(), frozenset()))
+        await asyncio.sleep(0.02)
+        assert not waiting.done() and pool.queued == 1
+        slot.generation, slot.state = 1, "ready"  # the replacement loaded (a fresh breaker)
+        slot.breaker.success()
+        pool._wake_all()
+        assert (await asyncio.wait_for(waiting, 1)) is slot
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_that_ran_long_is_not_a_crash_loop() -> None:
+    pool = _pool([("w1", "a", SHARED_TIER)])
+    slot = pool.slots[0]
+    for _ in range(3):
+        pool.mark_dead(slot, "crash", replacement_backoff_max_s=1.0)
+        slot.state, slot.ready_since = "ready", time.monotonic() - 5  # replaced, then up for 5 s
+    assert slot.deaths == 1 and slot.replace_at == slot.died_at
