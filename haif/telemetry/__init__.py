@@ -1,0 +1,1 @@
+"""Telemetry: traces, metrics and JSON logs."""
