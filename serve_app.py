@@ -20,36 +20,49 @@ from haif.bridge.deployment import Bridge
 from haif.config import HaifConfig, load_config
 from haif.gateway.deployment import Gateway
 from haif.orchestrator.deployment import Orchestrator
+from haif.telemetry.tracing import otel_environment
 
 if TYPE_CHECKING:
     from ray.serve import Application
 
-# Serve replicas are I/O-bound coordinators: they reserve no CPU, so that the
-# CPUs of the cluster go to the worker actors that run models. Their code is
-# all-async (nothing blocks the loop), so it runs on the replica's main event loop
-# and routes on it too: this saves two thread/loop crossings per hop.
-_COORDINATOR_OPTIONS = {
-    "num_cpus": 0,
-    "runtime_env": {
-        "env_vars": {
-            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-        }
-    },
-}
+
+def _coordinator_options() -> dict[str, Any]:
+    """Ray options of the Serve replicas (Bridge, Gateway, Orchestrator).
+
+    Serve replicas are I/O-bound coordinators: they reserve no CPU, so that the CPUs of
+    the cluster go to the worker actors that run models. Their code is all-async (nothing
+    blocks the loop), so it runs on the replica's main event loop and routes on it too:
+    this saves two thread/loop crossings per hop. A runtime_env of their own means they
+    would not inherit the deploying process's OTEL_* variables: those are handed on
+    (and from the Orchestrator on to its worker actors, which inherit its runtime_env).
+    """
+    return {
+        "num_cpus": 0,
+        "runtime_env": {
+            "env_vars": {
+                **otel_environment(),
+                "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+            }
+        },
+    }
 
 
 def build_app(config: HaifConfig) -> Application:
     """The Serve application graph for ``config`` (already prepared)."""
     server = config.server
-    logging = {"enable_access_log": server.access_log}
+    logging = {
+        "enable_access_log": server.access_log,
+        "encoding": "JSON" if config.telemetry.json_logs else "TEXT",
+    }
+    options = _coordinator_options()
     orchestrator = serve.deployment(
         Orchestrator,
         name="Orchestrator",
         logging_config=logging,
         num_replicas=server.orchestrator_replicas,
         max_ongoing_requests=server.max_ongoing_requests * 4,
-        ray_actor_options=_COORDINATOR_OPTIONS,
+        ray_actor_options=options,
     ).bind(config)
     gateway = serve.deployment(
         Gateway,
@@ -57,7 +70,7 @@ def build_app(config: HaifConfig) -> Application:
         logging_config=logging,
         num_replicas=server.gateway_replicas,
         max_ongoing_requests=server.max_ongoing_requests * 2,
-        ray_actor_options=_COORDINATOR_OPTIONS,
+        ray_actor_options=options,
     ).bind(config, orchestrator)
     return serve.deployment(
         Bridge,
@@ -65,7 +78,7 @@ def build_app(config: HaifConfig) -> Application:
         logging_config=logging,
         num_replicas=server.bridge_replicas,
         max_ongoing_requests=server.max_ongoing_requests,
-        ray_actor_options=_COORDINATOR_OPTIONS,
+        ray_actor_options=options,
     ).bind(config, gateway)
 
 

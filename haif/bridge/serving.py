@@ -15,6 +15,7 @@ from haif.envelope import RequestContext, build_work_item
 from haif.exceptions import InvalidRequest
 from haif.gateway.serving import embedding_response
 from haif.protocol import JobList, JobRecord, UsageList
+from haif.telemetry.tracing import traceparent_of
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -81,7 +82,8 @@ class BridgeService:
             timeout_s=self.config.server.request_timeout_s,
             api_key=api_key_from(request),
             request_id=request.state.request_id,
-            traceparent=request.headers.get("traceparent"),
+            # The request's server span (EdgeMiddleware) is the parent of what follows.
+            traceparent=traceparent_of() or request.headers.get("traceparent"),
             idempotency_key=request.headers.get(IDEMPOTENCY_HEADER),
         )
 

@@ -20,6 +20,8 @@ from haif.gateway.auth import Authenticator, DatabaseAuthenticator, StaticKeyAut
 from haif.gateway.metrics import GatewayMetrics
 from haif.gateway.serving import StreamFormatter, chat_response, completion_response
 from haif.protocol import ModelCard, ModelList, now
+from haif.telemetry import tracing
+from haif.telemetry.logs import install_json_logs
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
 
     from haif.config import HaifConfig, LimitsConfig
     from haif.envelope import EmbeddingResult, RequestContext, WorkItem
+    from opentelemetry.trace import Span
+
+    from haif.gateway.admission import Ticket
     from haif.protocol import ChatCompletionChunk, CompletionChunk
     from haif.store.db import Database
 
@@ -51,6 +56,9 @@ def _replica_id() -> str | None:
 
 class Gateway:
     def __init__(self, config: HaifConfig, orchestrator: DeploymentHandle) -> None:
+        self._region = config.regions[0].name
+        tracing.setup_tracing(config.telemetry, "gateway", region=self._region, instance=_replica_id())
+        install_json_logs(config.telemetry, "gateway")
         self._config = config
         self._orchestrator = orchestrator
         self._stream_handle = orchestrator.options(stream=True)
@@ -114,8 +122,9 @@ class Gateway:
 
     async def models(self, ctx: RequestContext) -> ModelList:
         self._start_background()
-        principal = await self._admission.authenticate(ctx)
-        names = await self._orchestrator.models.remote()
+        with tracing.span("gateway.models", ctx):
+            principal = await self._admission.authenticate(ctx)
+            names = await self._orchestrator.models.remote()
         allowed = principal.allowed_models
         return ModelList(
             data=[
@@ -134,79 +143,97 @@ class Gateway:
 
     async def generate(self, item: WorkItem) -> Any:
         self._start_background()
-        ticket = await self._admission.admit(item)
-        if ticket.replay is not None:
-            return ticket.replay
-        try:
-            outputs = await self._orchestrator.generate.remote(ticket.item)
-        except BaseException as exc:
-            await self._admission.fail(ticket, exc)
-            raise
-        shape = chat_response if item.kind == "chat" else completion_response
-        response = shape(item.model, outputs, ticket.job_id)
-        await self._admission.succeed(
-            ticket,
-            sum(o.prompt_tokens for o in outputs),
-            sum(o.completion_tokens for o in outputs),
-            response,
-        )
-        return response
+        with tracing.span("gateway.generate", item.ctx, attributes=self._attributes(item)) as span:
+            ticket = await self._admission.admit(item)
+            _admitted(span, ticket)
+            if ticket.replay is not None:
+                return ticket.replay
+            try:
+                outputs = await self._orchestrator.generate.remote(tracing.handoff(ticket.item))
+            except BaseException as exc:
+                await self._admission.fail(ticket, exc)
+                raise
+            shape = chat_response if item.kind == "chat" else completion_response
+            response = shape(item.model, outputs, ticket.job_id)
+            prompt_tokens = sum(o.prompt_tokens for o in outputs)
+            completion_tokens = sum(o.completion_tokens for o in outputs)
+            _served(span, prompt_tokens, completion_tokens)
+            await self._admission.succeed(ticket, prompt_tokens, completion_tokens, response)
+            return response
 
     async def stream(self, item: WorkItem) -> AsyncIterator[ChatCompletionChunk | CompletionChunk]:
         self._start_background()
-        ticket = await self._admission.admit(item)
-        fmt = StreamFormatter(item.kind, item.model, item.include_usage, ticket.job_id)
-        first = True
-        try:
-            async for event in self._stream_handle.stream.remote(ticket.item):
-                if first:
-                    # Sent only once the worker has produced something, so that errors
-                    # before the first token reach the client as a plain HTTP error.
-                    first = False
-                    role = fmt.first()
-                    if role is not None:
-                        yield role
-                chunk = fmt.event(event)
-                if chunk is not None:
-                    yield chunk
-        except BaseException as exc:  # failed, or the client went away: bill what was sent
-            await self._admission.fail(ticket, exc, fmt.prompt_tokens, fmt.completion_tokens)
-            raise
-        await self._admission.succeed(ticket, fmt.prompt_tokens, fmt.completion_tokens)
-        usage = fmt.usage_chunk()
-        if usage is not None:
-            yield usage
+        with tracing.span("gateway.stream", item.ctx, attributes=self._attributes(item)) as span:
+            ticket = await self._admission.admit(item)
+            _admitted(span, ticket)
+            fmt = StreamFormatter(item.kind, item.model, item.include_usage, ticket.job_id)
+            first = True
+            try:
+                async for event in self._stream_handle.stream.remote(tracing.handoff(ticket.item)):
+                    if first:
+                        # Sent only once the worker has produced something, so that errors
+                        # before the first token reach the client as a plain HTTP error.
+                        first = False
+                        role = fmt.first()
+                        if role is not None:
+                            yield role
+                    chunk = fmt.event(event)
+                    if chunk is not None:
+                        yield chunk
+            except BaseException as exc:  # failed, or the client went away: bill what was sent
+                _served(span, fmt.prompt_tokens, fmt.completion_tokens, ok=False)
+                await self._admission.fail(ticket, exc, fmt.prompt_tokens, fmt.completion_tokens)
+                raise
+            _served(span, fmt.prompt_tokens, fmt.completion_tokens)
+            await self._admission.succeed(ticket, fmt.prompt_tokens, fmt.completion_tokens)
+            usage = fmt.usage_chunk()
+            if usage is not None:
+                yield usage
 
     async def embed(self, item: WorkItem) -> EmbeddingResult:
         self._start_background()
-        ticket = await self._admission.admit(item)
-        if ticket.replay is not None:
-            return ticket.replay
-        try:
-            result = await self._orchestrator.embed.remote(ticket.item)
-            vectors = None
-            if ticket.key is not None:  # kept for replays: fetch it if it came by reference
-                vectors = result.vectors
-                if isinstance(vectors, ray.ObjectRef):
-                    vectors = await vectors
-        except BaseException as exc:
-            await self._admission.fail(ticket, exc)
-            raise
-        await self._admission.succeed(ticket, result.prompt_tokens, 0, result, vectors)
-        return result
+        with tracing.span("gateway.embed", item.ctx, attributes=self._attributes(item)) as span:
+            ticket = await self._admission.admit(item)
+            _admitted(span, ticket)
+            if ticket.replay is not None:
+                return ticket.replay
+            try:
+                result = await self._orchestrator.embed.remote(tracing.handoff(ticket.item))
+                vectors = None
+                if ticket.key is not None:  # kept for replays: fetch it if it came by reference
+                    vectors = result.vectors
+                    if isinstance(vectors, ray.ObjectRef):
+                        vectors = await vectors
+            except BaseException as exc:
+                await self._admission.fail(ticket, exc)
+                raise
+            _served(span, result.prompt_tokens, 0)
+            await self._admission.succeed(ticket, result.prompt_tokens, 0, result, vectors)
+            return result
+
+    def _attributes(self, item: WorkItem) -> dict[str, Any]:
+        model = self._config.model(item.model)
+        return {
+            tracing.MODEL: item.model,
+            tracing.MODEL_VERSION: model.version if model is not None else None,
+            tracing.REGION: self._region,
+        }
 
     # --- the tenant's own records --------------------------------------------------------
 
     async def job(self, job_id: str, ctx: RequestContext) -> dict[str, Any]:
-        return await self._admission.job(ctx, job_id)
+        with tracing.span("gateway.job", ctx):
+            return await self._admission.job(ctx, job_id)
 
     async def jobs(self, ctx: RequestContext, limit: int) -> list[dict[str, Any]]:
-        return await self._admission.jobs(ctx, limit)
+        with tracing.span("gateway.jobs", ctx):
+            return await self._admission.jobs(ctx, limit)
 
     async def usage(
         self, ctx: RequestContext, since: datetime | None, limit: int
     ) -> list[dict[str, Any]]:
-        return await self._admission.usage(ctx, since, limit)
+        with tracing.span("gateway.usage", ctx):
+            return await self._admission.usage(ctx, since, limit)
 
     # --- introspection -------------------------------------------------------------------
 
@@ -228,3 +255,19 @@ class Gateway:
                 status["database"] = exc.message
                 status["ready"] = False
         return status
+
+
+def _admitted(span: Span, ticket: Ticket) -> None:
+    principal = ticket.item.ctx.principal
+    tracing.set_attributes(
+        {tracing.TENANT: principal.tenant if principal else None, "haif.job_id": ticket.job_id}, span
+    )
+
+
+def _served(span: Span, prompt_tokens: int, completion_tokens: int, *, ok: bool = True) -> None:
+    attributes: dict[str, Any] = {
+        tracing.PROMPT_TOKENS: prompt_tokens, tracing.COMPLETION_TOKENS: completion_tokens
+    }
+    if ok:
+        attributes[tracing.STATUS] = "ok"
+    tracing.set_attributes(attributes, span)

@@ -22,6 +22,8 @@ from haif.exceptions import (
 )
 from haif.orchestrator.placement import Placement, plan_placements
 from haif.orchestrator.pool import ModelPool, WorkerSlot
+from haif.telemetry import tracing
+from haif.telemetry.logs import install_json_logs
 
 if TYPE_CHECKING:
     from haif.config import HaifConfig
@@ -41,12 +43,14 @@ class Orchestrator:
     """
 
     def __init__(self, config: HaifConfig) -> None:
+        replica = serve.get_replica_context().replica_id.unique_id
+        tracing.setup_tracing(config.telemetry, "orchestrator", region=config.regions[0].name, instance=replica)
+        install_json_logs(config.telemetry, "orchestrator")
         self._config = config
         self._pools: dict[str, ModelPool] = {}
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
         plans = plan_placements(config.models, cluster_gpus)
         remote_worker = ray.remote(ModelWorker)
-        replica = serve.get_replica_context().replica_id.unique_id
         for model in config.models:
             if not model.enabled:
                 continue
@@ -69,6 +73,7 @@ class Orchestrator:
                     str(config.base_path()),
                     worker_id,
                     config.artifacts,
+                    config.telemetry,
                 )
                 load_ref = actor.load.remote(config.limits.object_ref_threshold_bytes)
                 pool.slots.append(WorkerSlot(worker_id, actor, load_ref))
@@ -102,23 +107,25 @@ class Orchestrator:
         return pool
 
     async def _call(self, pool: ModelPool, item: WorkItem, method: str) -> Any:
-        slot = pool.pick()
-        slot.in_flight += 1
-        ref = getattr(slot.actor, method).remote(item)
-        try:
-            return await asyncio.wait_for(_resolve(ref), timeout=item.ctx.remaining_s())
-        except TimeoutError:
-            ray.cancel(ref)
-            raise DeadlineExceeded(
-                f"request {item.ctx.request_id} exceeded its deadline on model {item.model!r}"
-            ) from None
-        except _ACTOR_GONE as exc:
-            pool.mark_dead(slot, f"{type(exc).__name__}")
-            raise WorkerUnavailable(f"the worker serving {item.model!r} died; retry") from None
-        except Exception as exc:  # a Ray task error: re-raise the HAIF error it carries
-            raise _typed(exc) from None
-        finally:
-            slot.in_flight -= 1
+        with tracing.span("orchestrator.route", item.ctx, attributes={tracing.MODEL: item.model}) as span:
+            slot = pool.pick()
+            span.set_attribute(tracing.WORKER, slot.worker_id)
+            slot.in_flight += 1
+            ref = getattr(slot.actor, method).remote(tracing.handoff(item))
+            try:
+                return await asyncio.wait_for(_resolve(ref), timeout=item.ctx.remaining_s())
+            except TimeoutError:
+                ray.cancel(ref)
+                raise DeadlineExceeded(
+                    f"request {item.ctx.request_id} exceeded its deadline on model {item.model!r}"
+                ) from None
+            except _ACTOR_GONE as exc:
+                pool.mark_dead(slot, f"{type(exc).__name__}")
+                raise WorkerUnavailable(f"the worker serving {item.model!r} died; retry") from None
+            except Exception as exc:  # a Ray task error: re-raise the HAIF error it carries
+                raise _typed(exc) from None
+            finally:
+                slot.in_flight -= 1
 
     async def generate(self, item: WorkItem) -> list[GenerationOutput]:
         return await self._call(self._pool(item, "generate"), item, "generate")
@@ -128,37 +135,39 @@ class Orchestrator:
 
     async def stream(self, item: WorkItem) -> AsyncIterator[StreamEvent]:
         pool = self._pool(item, "generate")
-        slot = pool.pick()
-        slot.in_flight += 1
-        gen = slot.actor.generate_stream.options(num_returns="streaming").remote(item)
-        finished = False
-        try:
-            while True:
-                try:
-                    ref = await asyncio.wait_for(gen.__anext__(), timeout=item.ctx.remaining_s())
-                    event = await ref
-                except StopAsyncIteration:
-                    finished = True
-                    return
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"request {item.ctx.request_id} exceeded its deadline on model {item.model!r}"
-                    ) from None
-                except _ACTOR_GONE as exc:
-                    pool.mark_dead(slot, type(exc).__name__)
-                    raise WorkerUnavailable(
-                        f"the worker streaming {item.model!r} died mid-stream"
-                    ) from None
-                except HaifError:
-                    raise
-                except Exception as exc:
-                    raise _typed(exc) from None
-                yield event
-        finally:
-            slot.in_flight -= 1
-            if not finished:
-                # Client gone, deadline passed or error: stop the generation on the worker.
-                ray.cancel(gen)
+        with tracing.span("orchestrator.route", item.ctx, attributes={tracing.MODEL: item.model}) as span:
+            slot = pool.pick()
+            span.set_attribute(tracing.WORKER, slot.worker_id)
+            slot.in_flight += 1
+            gen = slot.actor.generate_stream.options(num_returns="streaming").remote(tracing.handoff(item))
+            finished = False
+            try:
+                while True:
+                    try:
+                        ref = await asyncio.wait_for(gen.__anext__(), timeout=item.ctx.remaining_s())
+                        event = await ref
+                    except StopAsyncIteration:
+                        finished = True
+                        return
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            f"request {item.ctx.request_id} exceeded its deadline on model {item.model!r}"
+                        ) from None
+                    except _ACTOR_GONE as exc:
+                        pool.mark_dead(slot, type(exc).__name__)
+                        raise WorkerUnavailable(
+                            f"the worker streaming {item.model!r} died mid-stream"
+                        ) from None
+                    except HaifError:
+                        raise
+                    except Exception as exc:
+                        raise _typed(exc) from None
+                    yield event
+            finally:
+                slot.in_flight -= 1
+                if not finished:
+                    # Client gone, deadline passed or error: stop the generation on the worker.
+                    ray.cancel(gen)
 
 
 def _tensor_parallel_strategy(plan: Placement) -> Any:

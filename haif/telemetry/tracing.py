@@ -68,6 +68,7 @@ __all__ = [
     "record_error",
     "record_span",
     "set_attributes",
+    "set_error",
     "setup_tracing",
     "span",
     "start_span",
@@ -297,7 +298,9 @@ def start_span(
     of the current span. End it yourself."""
     context = context_from(parent.traceparent) if parent is not None else None
     start_ns = int(start_time_s * 1e9) if start_time_s is not None else None
-    return _TRACER.start_span(name, context=context, kind=kind, attributes=attributes, start_time=start_ns)
+    return _TRACER.start_span(
+        name, context=context, kind=kind, attributes=_present(attributes), start_time=start_ns
+    )
 
 
 @contextmanager
@@ -373,7 +376,7 @@ def record_span(
 ) -> None:
     """Record a span that already happened (e.g. a queue wait that began in another process)."""
     done = _TRACER.start_span(
-        name, context=context_from(parent.traceparent), attributes=attributes,
+        name, context=context_from(parent.traceparent), attributes=_present(attributes),
         start_time=int(start_time_s * 1e9),
     )
     done.end(end_time=int((end_time_s if end_time_s is not None else time.time()) * 1e9))
@@ -397,6 +400,12 @@ def record_error(span: Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {message}"[:500]))
 
 
+def set_error(span: Span, description: str) -> None:
+    """Mark ``span`` failed without an exception (e.g. an HTTP 5xx written by a handler)."""
+    if span.is_recording():
+        span.set_status(Status(StatusCode.ERROR, description))
+
+
 def add_event(name: str, attributes: Mapping[str, Any] | None = None) -> None:
     """Add an event to the current span (e.g. ``retry`` with the attempt and the reason)."""
     trace.get_current_span().add_event(name, attributes=attributes)
@@ -406,7 +415,14 @@ def set_attributes(attributes: Mapping[str, Any], span: Span | None = None) -> N
     """Set attributes on ``span`` (default: the current span); None values are skipped."""
     target = span or trace.get_current_span()
     if target.is_recording():
-        target.set_attributes({k: v for k, v in attributes.items() if v is not None})
+        target.set_attributes(_present(attributes))
+
+
+def _present(attributes: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``attributes`` without None values (OpenTelemetry refuses them, with a warning)."""
+    if not attributes:
+        return None
+    return {k: v for k, v in attributes.items() if v is not None}
 
 
 def _tenant_of(request: RequestContext) -> str | None:
