@@ -281,6 +281,7 @@ class ModelWorker:
             self._in_flight += 1
             try:
                 yield span
+                logger.debug("%s served on %s", what, self.worker_id)
             except HaifError:
                 raise
             except Exception as exc:

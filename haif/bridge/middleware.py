@@ -9,6 +9,7 @@ covers the whole exchange, the streamed body included; it is the child of the cl
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from starlette.exceptions import HTTPException
@@ -19,6 +20,8 @@ from haif.telemetry import logs, tracing
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("haif.bridge")
 
 REQUEST_ID_HEADER = b"x-request-id"
 TRACEPARENT_HEADER = b"traceparent"
@@ -77,6 +80,7 @@ class EdgeMiddleware:
             if route is not None and getattr(route, "path", None):
                 span.set_attribute("http.route", route.path)
                 span.update_name(f"{method} {route.path}")
+            logger.debug("%s %s answered", method, path)
 
     async def _edge(
         self,

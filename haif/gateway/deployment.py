@@ -259,6 +259,7 @@ class Gateway:
 
 def _admitted(span: Span, ticket: Ticket) -> None:
     principal = ticket.item.ctx.principal
+    logger.debug("admitted %s on %s as job %s", ticket.item.kind, ticket.item.model, ticket.job_id)
     tracing.set_attributes(
         {tracing.TENANT: principal.tenant if principal else None, "haif.job_id": ticket.job_id}, span
     )
