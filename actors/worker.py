@@ -123,7 +123,9 @@ class ModelWorker:
         if warm is not None:
             self._activate(warm, warm=True)
             return self.info()
-        attributes = {tracing.MODEL: self.model.name, tracing.WORKER: self.worker_id, "haif.artifact": target}
+        attributes = {
+            tracing.MODEL: self.model.name, tracing.WORKER: self.worker_id, "haif.artifact": target
+        }
         with tracing.span("worker.load_model", attributes=attributes):
             return await self._load(key, target)
 
@@ -298,11 +300,12 @@ class ModelWorker:
             params = self._params(body, item.max_tokens)
             # Concurrently, so that the runtime can batch the prompts of one request.
             with tracing.span("runtime.generate") as generating:
-                outputs = list(
-                    await asyncio.gather(*(runtime.generate(p, params) for p in self._prompts(runtime, body)))
-                )
-                _usage(generating, sum(o.prompt_tokens for o in outputs), sum(o.completion_tokens for o in outputs))
-            _usage(span, sum(o.prompt_tokens for o in outputs), sum(o.completion_tokens for o in outputs))
+                prompts = self._prompts(runtime, body)
+                outputs = list(await asyncio.gather(*(runtime.generate(p, params) for p in prompts)))
+                prompt_tokens = sum(o.prompt_tokens for o in outputs)
+                completion_tokens = sum(o.completion_tokens for o in outputs)
+                _usage(generating, prompt_tokens, completion_tokens)
+            _usage(span, prompt_tokens, completion_tokens)
             self._served += 1
             return outputs
 
@@ -317,25 +320,20 @@ class ModelWorker:
                 (prompt,) = self._prompts(runtime, body)
                 last: StreamEvent | None = None
                 with tracing.span("runtime.stream") as streaming:
-                    first_token = tracing.start_span("runtime.first_token")
+                    started = time.time()
+                    # aclosing: a cancelled consumer must free the runtime's batch slot now,
+                    # not whenever the generator happens to be garbage-collected.
+                    # coalesce: tokens that pile up while the hops downstream are busy travel
+                    # together, one Ray object instead of one per token.
+                    pieces = coalesce(runtime.stream(prompt, params))
                     try:
-                        # aclosing: a cancelled consumer must free the runtime's batch slot now,
-                        # not whenever the generator happens to be garbage-collected.
-                        # coalesce: tokens that pile up while the hops downstream are busy travel
-                        # together, one Ray object instead of one per token.
-                        async with contextlib.aclosing(coalesce(runtime.stream(prompt, params))) as events:
+                        async with contextlib.aclosing(pieces) as events:
                             async for event in events:
                                 if last is None:
-                                    first_token.end()
+                                    tracing.record_span("runtime.first_token", streaming, started)
                                 last = event
                                 yield event
-                    except BaseException as exc:
-                        if last is None:
-                            tracing.record_error(first_token, exc)
-                        raise
                     finally:
-                        if last is None:
-                            first_token.end()
                         if last is not None:
                             _usage(streaming, last.prompt_tokens, last.completion_tokens)
                             _usage(span, last.prompt_tokens, last.completion_tokens)
@@ -351,7 +349,8 @@ class ModelWorker:
             body = await self._body(item)
             if not isinstance(body, EmbeddingRequest):
                 raise UnprocessableRequest(f"model {self.model.name!r} only produces embeddings")
-            with tracing.span("runtime.embed", attributes={"haif.inputs": item.n_inputs}) as embedding:
+            inputs = {"haif.inputs": item.n_inputs}
+            with tracing.span("runtime.embed", attributes=inputs) as embedding:
                 output = await runtime.embed(body.inputs())
                 _usage(embedding, output.prompt_tokens, 0)
             _usage(span, output.prompt_tokens, 0)

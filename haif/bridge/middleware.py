@@ -50,7 +50,7 @@ class EdgeMiddleware:
         raw_id = headers.get(REQUEST_ID_HEADER)
         request_id = request_id_from(raw_id.decode("latin-1") if raw_id is not None else None)
         scope.setdefault("state", {})["request_id"] = request_id
-        path = scope.get("path", "")
+        path = _app_path(scope)
         if not path.startswith(TRACED_PREFIX):
             previous = logs.bind(request_id)
             try:
@@ -151,3 +151,9 @@ class EdgeMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _app_path(scope: Scope) -> str:
+    """The request's path within the app (without the route prefix it is mounted at)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path

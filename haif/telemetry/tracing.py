@@ -369,14 +369,25 @@ def entry_span(
 
 def record_span(
     name: str,
-    parent: RequestContext,
+    parent: RequestContext | Span,
     start_time_s: float,
     end_time_s: float | None = None,
     attributes: Mapping[str, Any] | None = None,
 ) -> None:
-    """Record a span that already happened (e.g. a queue wait that began in another process)."""
+    """Record a span that already happened, ending now unless ``end_time_s`` is given (a
+    queue wait that began in another process, the time to a stream's first token).
+
+    Args:
+        parent: the hop's RequestContext (its traceparent is the parent) or a span.
+    """
+    from haif.envelope import RequestContext
+
+    context = (
+        context_from(parent.traceparent) if isinstance(parent, RequestContext)
+        else trace.set_span_in_context(parent)
+    )
     done = _TRACER.start_span(
-        name, context=context_from(parent.traceparent), attributes=_present(attributes),
+        name, context=context, attributes=_present(attributes),
         start_time=int(start_time_s * 1e9),
     )
     done.end(end_time=int((end_time_s if end_time_s is not None else time.time()) * 1e9))
