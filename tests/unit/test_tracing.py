@@ -257,3 +257,66 @@ def test_otel_environment_keeps_only_otel_variables() -> None:
     assert tracing.otel_environment(env) == {
         "OTEL_SERVICE_NAME": "x", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"
     }
+
+
+# --- the Bridge's server span ------------------------------------------------------------------
+
+
+def edge_app() -> Any:
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from haif.bridge.middleware import EdgeMiddleware
+
+    app = FastAPI()
+
+    @app.get("/v1/things/{thing_id}")
+    async def thing(thing_id: int) -> dict[str, Any]:
+        return {"id": thing_id, "traceparent": tracing.traceparent_of()}
+
+    @app.get("/v1/broken")
+    async def broken() -> JSONResponse:
+        return JSONResponse({"error": "down"}, status_code=503)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_middleware(EdgeMiddleware, max_body_bytes=1024)
+    return app
+
+
+def test_the_edge_span_is_the_clients_child_and_the_parent_of_what_follows(
+    spans: InMemorySpanExporter,
+) -> None:
+    from starlette.testclient import TestClient
+
+    with TestClient(edge_app()) as client:
+        resp = client.get("/v1/things/7", headers={"traceparent": TRACEPARENT, "X-Request-ID": "req-9"})
+    assert resp.status_code == 200
+    (done,) = spans.get_finished_spans()
+    assert done.name == "GET /v1/things/{thing_id}"
+    assert done.kind is trace.SpanKind.SERVER
+    assert f"{done.parent.span_id:016x}" == PARENT_ID and f"{done.context.trace_id:032x}" == TRACE_ID
+    assert done.attributes["http.response.status_code"] == 200
+    assert done.attributes[tracing.REQUEST_ID] == "req-9"
+    assert resp.json()["traceparent"] == f"00-{TRACE_ID}-{done.context.span_id:016x}-01"
+
+
+def test_a_5xx_marks_the_edge_span_failed_and_probes_make_no_span(spans: InMemorySpanExporter) -> None:
+    from starlette.testclient import TestClient
+
+    with TestClient(edge_app()) as client:
+        assert client.get("/v1/broken").status_code == 503
+        assert client.get("/healthz").status_code == 200
+    (done,) = spans.get_finished_spans()
+    assert done.name == "GET /v1/broken"
+    assert done.status.status_code is StatusCode.ERROR
+    assert done.parent is None  # no traceparent: a new trace
+
+
+def test_record_span_under_a_span(spans: InMemorySpanExporter) -> None:
+    with tracing.span("runtime.stream", ctx()) as stream:
+        tracing.record_span("runtime.first_token", stream, 1.0)
+    first, parent = spans.get_finished_spans()
+    assert first.parent.span_id == parent.context.span_id
