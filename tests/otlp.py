@@ -76,7 +76,9 @@ def decode(body: bytes) -> list[ReceivedSpan]:
                         resource=resource,
                         status=_STATUS.get(s.status.code, str(s.status.code)),
                         status_message=s.status.message,
-                        events=[{"name": e.name, "attributes": _attributes(e.attributes)} for e in s.events],
+                        events=[
+                            {"name": e.name, "attributes": _attributes(e.attributes)} for e in s.events
+                        ],
                         start_ns=s.start_time_unix_nano,
                         end_ns=s.end_time_unix_nano,
                     )
@@ -144,8 +146,10 @@ class OtlpReceiver:
         with self._lock:
             return [s for s in self.spans if s.trace_id == trace_id]
 
-    def wait_for_trace(self, trace_id: str, count: int, timeout_s: float = 30.0) -> list[ReceivedSpan]:
-        """The spans of ``trace_id`` once at least ``count`` have arrived (polled, with a deadline)."""
+    def wait_for_trace(
+        self, trace_id: str, count: int, timeout_s: float = 30.0
+    ) -> list[ReceivedSpan]:
+        """The spans of ``trace_id`` once ``count`` have arrived (polled, with a deadline)."""
         deadline = time.monotonic() + timeout_s
         while True:
             spans = self.trace(trace_id)

@@ -161,7 +161,8 @@ def pull(
                 pulled.bytes_fetched += size
                 pulled.sources[got.source or "?"] = pulled.sources.get(got.source or "?", 0) + 1
 
-        with tracing.span("artifact.verify_blobs", attributes={"haif.artifact.blobs": len(blobs)}) as span:
+        counted = {"haif.artifact.blobs": len(blobs)}
+        with tracing.span("artifact.verify_blobs", attributes=counted) as span:
             hits = cache.verified_hits(blobs)
             pulled.blobs_hit = len(hits)
             if advance is not None:

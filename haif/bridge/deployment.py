@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 @serve.ingress()
 class Bridge:
     def __init__(self, config: HaifConfig, gateway: DeploymentHandle) -> None:
-        setup_tracing(config.telemetry, "bridge", region=config.regions[0].name, instance=_replica_id())
+        region = config.regions[0].name
+        setup_tracing(config.telemetry, "bridge", region=region, instance=_replica_id())
         install_json_logs(config.telemetry, "bridge")
         self._config = config
         self._gateway = gateway

@@ -57,7 +57,9 @@ def _replica_id() -> str | None:
 class Gateway:
     def __init__(self, config: HaifConfig, orchestrator: DeploymentHandle) -> None:
         self._region = config.regions[0].name
-        tracing.setup_tracing(config.telemetry, "gateway", region=self._region, instance=_replica_id())
+        tracing.setup_tracing(
+            config.telemetry, "gateway", region=self._region, instance=_replica_id()
+        )
         install_json_logs(config.telemetry, "gateway")
         self._config = config
         self._orchestrator = orchestrator
@@ -260,9 +262,8 @@ class Gateway:
 def _admitted(span: Span, ticket: Ticket) -> None:
     principal = ticket.item.ctx.principal
     logger.debug("admitted %s on %s as job %s", ticket.item.kind, ticket.item.model, ticket.job_id)
-    tracing.set_attributes(
-        {tracing.TENANT: principal.tenant if principal else None, "haif.job_id": ticket.job_id}, span
-    )
+    tenant = principal.tenant if principal is not None else None
+    tracing.set_attributes({tracing.TENANT: tenant, "haif.job_id": ticket.job_id}, span)
 
 
 def _served(span: Span, prompt_tokens: int, completion_tokens: int, *, ok: bool = True) -> None:

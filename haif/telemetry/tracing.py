@@ -112,7 +112,9 @@ def _env_flag(environ: Mapping[str, str], name: str) -> str:
     return environ.get(name, "").strip().lower()
 
 
-def export_target(config: TelemetryConfig, environ: Mapping[str, str] = os.environ) -> ExportTarget | None:
+def export_target(
+    config: TelemetryConfig, environ: Mapping[str, str] = os.environ
+) -> ExportTarget | None:
     """Where to export, from the config and then the standard OTEL_* variables; None: nowhere.
 
     ``telemetry.otlp_endpoint`` is a base URL like ``OTEL_EXPORTER_OTLP_ENDPOINT``: over
@@ -127,7 +129,8 @@ def export_target(config: TelemetryConfig, environ: Mapping[str, str] = os.envir
     if endpoint is None:
         if _env_flag(environ, "OTEL_TRACES_EXPORTER") == "none":
             return None
-        if not (environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+        named = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+        if not any(environ.get(name) for name in named):
             return None
     protocol = (
         config.otlp_protocol
@@ -139,8 +142,9 @@ def export_target(config: TelemetryConfig, environ: Mapping[str, str] = os.envir
         raise ConfigError(
             f"OTLP protocol {protocol!r} is not supported; use one of {', '.join(PROTOCOLS)}"
         )
-    if endpoint is not None and protocol == "http/protobuf" and not endpoint.rstrip("/").endswith(TRACES_PATH):
-        endpoint = endpoint.rstrip("/") + TRACES_PATH
+    if endpoint is not None and protocol == "http/protobuf":
+        base = endpoint.rstrip("/")
+        endpoint = base if base.endswith(TRACES_PATH) else base + TRACES_PATH
     return ExportTarget(protocol=protocol, endpoint=endpoint)  # type: ignore[arg-type]
 
 
@@ -183,9 +187,8 @@ def build_provider(
     }
     if not environ.get("OTEL_SERVICE_NAME"):
         attributes["service.name"] = f"{config.service_name}-{component}"
-    for key, value in (("cloud.region", region), ("service.instance.id", instance), ("haif.node_id", node)):
-        if value:
-            attributes[key] = value
+    optional = {"cloud.region": region, "service.instance.id": instance, "haif.node_id": node}
+    attributes.update({key: value for key, value in optional.items() if value})
     sampler: Any
     if exporter is None:
         sampler = ALWAYS_OFF  # ids only: nothing is recorded, nothing exported
