@@ -191,3 +191,29 @@ def test_logs_of_one_request_share_its_request_and_trace_ids_across_processes(
     assert len({line["pid"] for line in lines}) >= 3  # three processes, one request
     tenants = {line.get("tenant") for line in lines if line["component"] in ("gateway", "worker")}
     assert tenants == {"default"}
+
+
+def test_model_loads_are_traced_with_their_artifact_checks(haif: Deployment, otlp: OtlpReceiver) -> None:
+    """The session's workers loaded their models at deployment: each load is a trace."""
+
+    def loads(model: str) -> list[ReceivedSpan]:
+        with otlp._lock:  # noqa: SLF001
+            return [s for s in otlp.spans
+                    if s.name == "worker.load_model" and s.attributes.get("haif.model") == model]
+
+    deadline = time.monotonic() + TRACE_WAIT_S
+    while time.monotonic() < deadline and not (loads("signed-echo") and loads("tampered-blob")):
+        time.sleep(0.2)
+    good, bad = loads("signed-echo"), loads("tampered-blob")
+    assert good and bad
+
+    tree = _tree(otlp.trace(good[0].trace_id), good[0].span_id)
+    assert {n["name"] for n in tree} == {"artifact.pull", "runtime.load"}
+    (pull,) = [n for n in tree if n["name"] == "artifact.pull"]
+    assert {c["name"] for c in pull["children"]} == {"artifact.verify_manifest", "artifact.verify_blobs"}
+    assert good[0].status == "UNSET" and good[0].service == "haif-worker"
+
+    refused = bad[0]
+    assert refused.status == "ERROR" and "ArtifactRejected" in refused.status_message
+    checks = [s for s in otlp.trace(refused.trace_id) if s.name.startswith("artifact.verify")]
+    assert any(s.status == "ERROR" for s in checks), checks
