@@ -174,11 +174,15 @@ def otlp() -> OtlpReceiver:
 
 @pytest.fixture(scope="session")
 def telemetry_env(otlp: OtlpReceiver) -> dict[str, str]:
-    """The standard OTEL_* variables (honoured by every process) plus HAIF's debug logs."""
+    """HAIF's telemetry config: export to ``otlp`` every 200 ms, debug logs.
+
+    Through the config rather than OTEL_* variables in the job's environment: those
+    would reach Ray's own processes of the session too (its Serve controller and proxy).
+    """
     return {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "HAIF_TELEMETRY__OTLP_ENDPOINT": otlp.endpoint,
+        "HAIF_TELEMETRY__OTLP_PROTOCOL": "http/protobuf",
+        "HAIF_TELEMETRY__EXPORT_INTERVAL_MS": "200",
         "HAIF_TELEMETRY__LOG_LEVEL": "DEBUG",
     }
 

@@ -1,8 +1,8 @@
 """Traces and logs of one request across every process: the span tree, errors, log ids.
 
 The session's deployment exports to a loopback OTLP/HTTP receiver (``otlp`` fixture,
-configured through the standard OTEL_* variables); each test sends its own
-``traceparent`` and reads back the spans of that trace id only.
+``telemetry.otlp_endpoint``); each test sends its own ``traceparent`` and reads back the
+spans of that trace id only.
 """
 
 from __future__ import annotations
