@@ -25,37 +25,43 @@ from haif.telemetry.tracing import otel_environment
 if TYPE_CHECKING:
     from ray.serve import Application
 
+# Serve replicas are I/O-bound coordinators: they reserve no CPU, so that the
+# CPUs of the cluster go to the worker actors that run models. Their code is
+# all-async (nothing blocks the loop), so it runs on the replica's main event loop
+# and routes on it too: this saves two thread/loop crossings per hop.
+_COORDINATOR_OPTIONS = {
+    "num_cpus": 0,
+    "runtime_env": {
+        "env_vars": {
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+        }
+    },
+}
 
-def _coordinator_options() -> dict[str, Any]:
-    """Ray options of the Serve replicas (Bridge, Gateway, Orchestrator).
 
-    Serve replicas are I/O-bound coordinators: they reserve no CPU, so that the CPUs of
-    the cluster go to the worker actors that run models. Their code is all-async (nothing
-    blocks the loop), so it runs on the replica's main event loop and routes on it too:
-    this saves two thread/loop crossings per hop. A runtime_env of their own means they
-    would not inherit the deploying process's OTEL_* variables: those are handed on
-    (and from the Orchestrator on to its worker actors, which inherit its runtime_env).
+def _with_otel_environment(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with this process's OTEL_* variables added to the runtime_env.
+
+    Serve replicas with a runtime_env of their own do not inherit the deploying job's
+    variables; the worker actors inherit the Orchestrator's.
     """
-    return {
-        "num_cpus": 0,
-        "runtime_env": {
-            "env_vars": {
-                **otel_environment(),
-                "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-            }
-        },
-    }
+    env = otel_environment()
+    if not env:
+        return options
+    runtime_env = options.get("runtime_env", {})
+    env_vars = {**env, **runtime_env.get("env_vars", {})}
+    return {**options, "runtime_env": {**runtime_env, "env_vars": env_vars}}
 
 
 def build_app(config: HaifConfig) -> Application:
     """The Serve application graph for ``config`` (already prepared)."""
     server = config.server
+    options = _with_otel_environment(_COORDINATOR_OPTIONS)
     logging = {
         "enable_access_log": server.access_log,
         "encoding": "JSON" if config.telemetry.json_logs else "TEXT",
     }
-    options = _coordinator_options()
     orchestrator = serve.deployment(
         Orchestrator,
         name="Orchestrator",
