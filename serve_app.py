@@ -20,6 +20,7 @@ from haif.bridge.deployment import Bridge
 from haif.config import HaifConfig, load_config
 from haif.gateway.deployment import Gateway
 from haif.orchestrator.deployment import Orchestrator
+from haif.telemetry.tracing import otel_environment
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -47,11 +48,28 @@ def _coordinator_options(config: HaifConfig) -> dict[str, Any]:
     return {**_COORDINATOR_OPTIONS, "resources": {resource: 0.001}}
 
 
+def _with_otel_environment(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with this process's OTEL_* variables added to the runtime_env.
+
+    Serve replicas with a runtime_env of their own do not inherit the deploying job's
+    variables; the worker actors inherit the Orchestrator's.
+    """
+    env = otel_environment()
+    if not env:
+        return options
+    runtime_env = options.get("runtime_env", {})
+    env_vars = {**env, **runtime_env.get("env_vars", {})}
+    return {**options, "runtime_env": {**runtime_env, "env_vars": env_vars}}
+
+
 def build_app(config: HaifConfig) -> Application:
     """The Serve application graph for ``config`` (already prepared)."""
     server = config.server
-    options = _coordinator_options(config)
-    logging = {"enable_access_log": server.access_log}
+    options = _with_otel_environment(_coordinator_options(config))
+    logging = {
+        "enable_access_log": server.access_log,
+        "encoding": "JSON" if config.telemetry.json_logs else "TEXT",
+    }
     orchestrator = serve.deployment(
         Orchestrator,
         name="Orchestrator",

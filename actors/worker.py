@@ -41,11 +41,16 @@ from haif.exceptions import (
 from haif.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from haif.runtimes import RuntimeContext, SamplingParams, create_runtime
 from haif.runtimes.base import ChatMessage, GenerationOutput, StreamEvent, coalesce
+from haif.telemetry import tracing
+from haif.telemetry.logs import install_json_logs
 from haif.telemetry.metrics import ProcessMetrics, WorkerMetrics
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from haif.artifacts import ArtifactLoader
-    from haif.config import ArtifactsConfig, ModelConfig
+
+    from haif.config import ArtifactsConfig, ModelConfig, TelemetryConfig
     from haif.envelope import WorkItem
     from haif.runtimes import Runtime
     from haif.telemetry.metrics import MetricsTarget
@@ -78,7 +83,11 @@ class ModelWorker:
         worker_id: str,
         artifacts: ArtifactsConfig | None = None,
         metrics: MetricsTarget | None = None,
+        telemetry: TelemetryConfig | None = None,
     ):
+        if telemetry is not None:
+            tracing.setup_tracing(telemetry, "worker", instance=worker_id)
+            install_json_logs(telemetry, "worker")
         self.model = model
         self.worker_id = worker_id
         self._base_dir = base_dir
@@ -121,6 +130,13 @@ class ModelWorker:
         if warm is not None:
             self._activate(warm, warm=True)
             return self.info()
+        attributes = {
+            tracing.MODEL: self.model.name, tracing.WORKER: self.worker_id, "haif.artifact": target
+        }
+        with tracing.span("worker.load_model", attributes=attributes):
+            return await self._load(key, target)
+
+    async def _load(self, key: str, target: str | None) -> dict[str, Any]:
         self._state = "loading"
         started = time.perf_counter()
         pulled = None
@@ -128,7 +144,9 @@ class ModelWorker:
             self._device = _pick_device(self.model.runtime, ray.get_gpu_ids())
             model_dir = None
             if target is not None:
-                pulled = await asyncio.to_thread(self._artifact_loader().acquire, target)
+                with tracing.span("artifact.pull", attributes={"haif.artifact": target}) as span:
+                    pulled = await asyncio.to_thread(self._artifact_loader().acquire, target)
+                    _pulled(span, pulled.summary())
                 self._metrics.artifact_pulled(pulled.blobs_hit, pulled.blobs_fetched)
                 model_dir = str(pulled.path)
             elif self.model.path is not None:
@@ -145,7 +163,8 @@ class ModelWorker:
                 max_prompt_tokens=self._max_prompt_tokens,
             )
             runtime = create_runtime(ctx)
-            await runtime.load()
+            with tracing.span("runtime.load", attributes={"haif.runtime": self.model.runtime}):
+                await runtime.load()
         except HaifError as exc:
             self._load_failed(exc.message, pulled)
             cls = type(exc) if isinstance(exc, ModelLoadFailed) else ModelLoadFailed
@@ -260,52 +279,79 @@ class ModelWorker:
         return self._state, self._in_flight
 
     @contextlib.contextmanager
-    def _serving(self, item: WorkItem, what: str) -> Iterator[None]:
-        """Count the request in flight; let HAIF errors through, turn others into InternalError.
-
-        A request whose deadline has passed is refused before any work (DeadlineExceeded).
-        """
+    def _serving(self, item: WorkItem, what: str) -> Iterator[Span]:
+        """Trace the request and count it in flight; let HAIF errors through, turn others
+        into InternalError. A request whose deadline has passed is refused before any work."""
         item.ctx.remaining_s()
-        self._in_flight += 1
-        try:
-            yield
-        except HaifError:
-            raise
-        except Exception as exc:
-            logger.exception("%s failed for request %s", what, item.ctx.request_id)
-            raise InternalError(f"worker {self.worker_id} failed: {type(exc).__name__}") from exc
-        finally:
-            self._in_flight -= 1
+        if item.ctx.sent_at is not None:  # from the Orchestrator's hand-off to this call
+            tracing.record_span("worker.queue_wait", item.ctx, item.ctx.sent_at, attributes={
+                tracing.WORKER: self.worker_id, "haif.in_flight": self._in_flight,
+            })
+        attributes = {
+            tracing.MODEL: self.model.name,
+            tracing.MODEL_VERSION: self.model.version,
+            tracing.WORKER: self.worker_id,
+        }
+        with tracing.span(f"worker.{what}", item.ctx, attributes=attributes) as span:
+            self._in_flight += 1
+            try:
+                yield span
+                logger.debug("%s served on %s", what, self.worker_id)
+            except HaifError:
+                raise
+            except Exception as exc:
+                logger.exception("%s failed for request %s", what, item.ctx.request_id)
+                raise InternalError(f"worker {self.worker_id} failed: {type(exc).__name__}") from exc
+            finally:
+                self._in_flight -= 1
 
     async def generate(self, item: WorkItem) -> list[GenerationOutput]:
         """Complete every prompt of the request (one output per prompt)."""
-        runtime = self._ready_runtime()
-        with self._serving(item, "generate"):
+        with self._serving(item, "generate") as span:
+            runtime = self._ready_runtime()
             body = await self._body(item)
             params = self._params(body, item.max_tokens)
             # Concurrently, so that the runtime can batch the prompts of one request;
             # past the deadline the work is cancelled here too, not only by the caller.
-            work = asyncio.gather(*(runtime.generate(p, params) for p in self._prompts(runtime, body)))
-            outputs = list(await _within_deadline(work, item))
+            with tracing.span("runtime.generate") as generating:
+                prompts = self._prompts(runtime, body)
+                work = asyncio.gather(*(runtime.generate(p, params) for p in prompts))
+                outputs = list(await _within_deadline(work, item))
+                prompt_tokens = sum(o.prompt_tokens for o in outputs)
+                completion_tokens = sum(o.completion_tokens for o in outputs)
+                _usage(generating, prompt_tokens, completion_tokens)
+            _usage(span, prompt_tokens, completion_tokens)
             self._served += 1
             return outputs
 
     async def generate_stream(self, item: WorkItem) -> AsyncIterator[StreamEvent]:
         """Stream the completion of a single-prompt request, one event per decoded piece."""
-        runtime = self._ready_runtime()
         finished = False
-        with self._serving(item, "stream"):
+        with self._serving(item, "stream") as span:
             try:
+                runtime = self._ready_runtime()
                 body = await self._body(item)
                 params = self._params(body, item.max_tokens)
                 (prompt,) = self._prompts(runtime, body)
-                # aclosing: a cancelled consumer must free the runtime's batch slot now,
-                # not whenever the generator happens to be garbage-collected.
-                # coalesce: tokens that pile up while the hops downstream are busy travel
-                # together, one Ray object instead of one per token.
-                async with contextlib.aclosing(coalesce(runtime.stream(prompt, params))) as events:
-                    async for event in events:
-                        yield event
+                last: StreamEvent | None = None
+                with tracing.span("runtime.stream") as streaming:
+                    started = time.time()
+                    # aclosing: a cancelled consumer must free the runtime's batch slot now,
+                    # not whenever the generator happens to be garbage-collected.
+                    # coalesce: tokens that pile up while the hops downstream are busy travel
+                    # together, one Ray object instead of one per token.
+                    pieces = coalesce(runtime.stream(prompt, params))
+                    try:
+                        async with contextlib.aclosing(pieces) as events:
+                            async for event in events:
+                                if last is None:
+                                    tracing.record_span("runtime.first_token", streaming, started)
+                                last = event
+                                yield event
+                    finally:
+                        if last is not None:
+                            _usage(streaming, last.prompt_tokens, last.completion_tokens)
+                            _usage(span, last.prompt_tokens, last.completion_tokens)
                 finished = True
                 self._served += 1
             finally:
@@ -313,12 +359,16 @@ class ModelWorker:
                     self._cancelled += 1
 
     async def embed(self, item: WorkItem) -> EmbeddingResult:
-        runtime = self._ready_runtime()
-        with self._serving(item, "embed"):
+        with self._serving(item, "embed") as span:
+            runtime = self._ready_runtime()
             body = await self._body(item)
             if not isinstance(body, EmbeddingRequest):
                 raise UnprocessableRequest(f"model {self.model.name!r} only produces embeddings")
-            output = await _within_deadline(runtime.embed(body.inputs()), item)
+            inputs = {"haif.inputs": item.n_inputs}
+            with tracing.span("runtime.embed", attributes=inputs) as embedding:
+                output = await _within_deadline(runtime.embed(body.inputs()), item)
+                _usage(embedding, output.prompt_tokens, 0)
+            _usage(span, output.prompt_tokens, 0)
             vectors: Any = output.vectors
             if body.dimensions is not None and body.dimensions != vectors.shape[1]:
                 raise UnprocessableRequest(
@@ -336,3 +386,22 @@ async def _within_deadline(work: Any, item: WorkItem) -> Any:
         return await asyncio.wait_for(work, timeout=item.ctx.remaining_s())
     except TimeoutError:
         raise DeadlineExceeded(f"request {item.ctx.request_id} passed its deadline") from None
+
+
+def _usage(span: Span, prompt_tokens: int, completion_tokens: int) -> None:
+    tracing.set_attributes(
+        {tracing.PROMPT_TOKENS: prompt_tokens, tracing.COMPLETION_TOKENS: completion_tokens}, span
+    )
+
+
+def _pulled(span: Span, summary: dict[str, Any]) -> None:
+    tracing.set_attributes(
+        {
+            "haif.artifact.manifest_digest": summary["manifest_digest"],
+            "haif.artifact.blobs_hit": summary["blobs_hit"],
+            "haif.artifact.blobs_fetched": summary["blobs_fetched"],
+            "haif.artifact.bytes_fetched": summary["bytes_fetched"],
+            "haif.artifact.manifest_from_cache": summary["manifest_from_cache"],
+        },
+        span,
+    )

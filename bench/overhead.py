@@ -9,6 +9,9 @@ The apps run on one Ray cluster behind the same Serve HTTP proxy, in this script
   with requests- and tokens-per-minute limits counted in PostgreSQL;
 * HAIF on PostgreSQL with a concurrency limit (route ``/pgc``): settlement is then
   awaited before the answer (the slot must be free for the client's next request);
+* HAIF with tracing on (route ``/otel``): the no-tenancy path with every process
+  exporting its spans over OTLP/HTTP to a receiver on loopback in this script (the
+  ``haif`` app, tracing off, is its baseline);
 * baseline: HTTP proxy → one Serve deployment that returns the same response bytes.
 
 Rounds alternate between them so that drift on a shared machine hits all alike.
@@ -62,7 +65,9 @@ def _bare_app(response_bytes: bytes) -> Any:
     return Bare.bind(response_bytes)
 
 
-def _haif_config(app_name: str = "haif", database_url: str | None = None) -> Any:
+def _haif_config(
+    app_name: str = "haif", database_url: str | None = None, otlp_endpoint: str | None = None
+) -> Any:
     from haif.config import HaifConfig
 
     data: dict[str, Any] = {
@@ -70,6 +75,8 @@ def _haif_config(app_name: str = "haif", database_url: str | None = None) -> Any
         "auth": {"dev_api_key": API_KEY, "backend": "static"},
         "models": [{"name": "echo", "runtime": "echo", "device": "cpu", "num_cpus": 0.1}],
     }
+    if otlp_endpoint is not None:
+        data["telemetry"] = {"otlp_endpoint": otlp_endpoint}
     if database_url is not None:
         data["auth"]["backend"] = "database"
         data["database"] = {"url": database_url}
@@ -261,13 +268,17 @@ def main() -> None:
     from haif.bootstrap import prepare
     from haif.cli.serve import wait_ready
     from serve_app import build_app, deploy
+    from tests.otlp import OtlpReceiver
 
     base = f"http://127.0.0.1:{PORT}"
     # A cluster of our own ("local"), never one that happens to run on this machine.
     ray.init(address="local", namespace="haif-bench", include_dashboard=False, log_to_driver=False)
-    with _bench_database() as database_url:
+    # Counts what it receives without decoding it: the exporters' cost is what is measured.
+    with _bench_database() as database_url, OtlpReceiver(keep=False) as otlp:
         try:
             config = deploy(_haif_config())
+            serve.run(build_app(prepare(_haif_config("haif-otel", otlp_endpoint=otlp.endpoint))),
+                      name="haif-otel", route_prefix="/otel")
             pg_config = prepare(_haif_config("haif-pg", database_url))
             pg_key = _tenant_token(pg_config, "bench", requests_per_minute=BIG, tokens_per_minute=BIG)
             pgc_key = _tenant_token(pg_config, "bench-c", requests_per_minute=BIG, tokens_per_minute=BIG,
@@ -282,11 +293,14 @@ def main() -> None:
             for key in (pg_key, pgc_key):
                 httpx.post(f"{base}/pg/v1/completions", json=BODY, headers={"Authorization": f"Bearer {key}"},
                            timeout=120).raise_for_status()
+            httpx.post(f"{base}/otel/v1/completions", json=BODY, headers={"Authorization": f"Bearer {API_KEY}"},
+                       timeout=120).raise_for_status()
             serve.run(_bare_app(probe.content), name="bare", route_prefix="/bare")
             targets = {
                 "haif": (f"{base}/v1/completions", API_KEY),
                 "pg": (f"{base}/pg/v1/completions", pg_key),
                 "pgc": (f"{base}/pg/v1/completions", pgc_key),
+                "otel": (f"{base}/otel/v1/completions", API_KEY),
                 "bare": (f"{base}/bare", API_KEY),
             }
             data = asyncio.run(
@@ -315,6 +329,14 @@ def main() -> None:
         Row(BENCH, f"requests/s (c={args.concurrency}), auth + quota on PostgreSQL", median(rps["pg"]),
             median(rps["haif"]), no_tenancy, True),
     ]
+    rows += [
+        Row(BENCH, "latency p50 ms (c=1), tracing on (OTLP/HTTP to loopback)", p50["otel"], p50["haif"],
+            "HAIF, tracing off", False, "<= 1.05x"),
+        Row(BENCH, f"requests/s (c={args.concurrency}), tracing on (OTLP/HTTP to loopback)",
+            median(rps["otel"]), median(rps["haif"]), "HAIF, tracing off", True),
+    ]
+    breakdown["added p50 ms: tracing on (OTLP/HTTP to loopback)"] = p50["otel"] - p50["haif"]
+    breakdown["OTLP export requests received (tracing on)"] = float(otlp.requests)
     breakdown["added p50 ms: auth + quota on PostgreSQL"] = p50["pg"] - p50["haif"]
     breakdown["added p50 ms: auth + quota + concurrency on PostgreSQL"] = p50["pgc"] - p50["haif"]
     print_table(f"overhead: echo through HAIF vs bare Serve ({config.server.app_name}, {args.rounds} rounds)", rows)

@@ -559,6 +559,26 @@ class TelemetryConfig(_Model):
         2.0, gt=0, le=60, description="Deadline of GET /metrics for the aggregator's answer (503 after)."
     )
 
+    otlp_protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        None,
+        description="OTLP transport; unset: OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf.",
+    )
+    sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Share of new traces recorded; a client's traceparent sampled flag is followed.",
+    )
+    export_interval_ms: int | None = Field(
+        None, ge=10, le=60_000,
+        description="Delay between span exports; unset: OTEL_BSP_SCHEDULE_DELAY, else 5000.",
+    )
+    max_queued_spans: int | None = Field(
+        None, ge=64, le=1_000_000,
+        description="Spans a process buffers for export (then drops); unset: OTEL_BSP_MAX_QUEUE_SIZE, else 2048.",
+    )
+    json_logs: bool = Field(
+        True, description="One JSON object per log line, with request id, trace id, span id, tenant."
+    )
+
     @model_validator(mode="after")
     def _metrics_timing(self) -> TelemetryConfig:
         if self.metrics_stale_after_s < 2 * self.metrics_push_interval_s:

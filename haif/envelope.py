@@ -90,6 +90,7 @@ class RequestContext:
     traceparent: str | None = None
     principal: Principal | None = None
     idempotency_key: str | None = None  # as the client sent it; the Gateway validates it
+    sent_at: float | None = None  # time.time() of the last hop's hand-off (queue-wait spans)
 
     @classmethod
     def new(

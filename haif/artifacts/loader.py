@@ -23,6 +23,7 @@ from haif.artifacts.keys import TrustPolicy
 from haif.artifacts.manifest import ArtifactRef, SignedManifest
 from haif.artifacts.store import ArtifactStore
 from haif.exceptions import ArtifactError, ArtifactNotFound, ArtifactRejected
+from haif.telemetry import tracing
 
 if TYPE_CHECKING:
     from haif.artifacts.manifest import Manifest
@@ -119,11 +120,14 @@ def pull(
             message names the artifact and the file). Nothing of a failed pull is used.
         CacheFull: the artifact does not fit under the cache cap.
     """
-    signed, cached_error = _cached_manifest(cache, ref, trust)
-    from_cache = signed is not None
-    if signed is None:
-        signed = _remote_manifest(store, ref, trust, cached_error)
-        cache.put_manifest(signed)
+    with tracing.span("artifact.verify_manifest") as span:
+        signed, cached_error = _cached_manifest(cache, ref, trust)
+        from_cache = signed is not None
+        if signed is None:
+            signed = _remote_manifest(store, ref, trust, cached_error)
+            cache.put_manifest(signed)
+        tracing.set_attributes({"haif.artifact.signer": signed.manifest.signer,
+                                "haif.artifact.manifest_from_cache": from_cache}, span)
     manifest = signed.manifest
     cache.set_ref(manifest.name, manifest.version, signed.digest)
     owner = new_owner()
@@ -157,16 +161,20 @@ def pull(
                 pulled.bytes_fetched += size
                 pulled.sources[got.source or "?"] = pulled.sources.get(got.source or "?", 0) + 1
 
-        hits = cache.verified_hits(blobs)
-        pulled.blobs_hit = len(hits)
-        if advance is not None:
-            advance(sum(blobs[d] for d in hits))
-        missing = sorted((d, s) for d, s in blobs.items() if d not in hits)
-        if missing:
-            with ThreadPoolExecutor(
-                max_workers=store.max_parallel, thread_name_prefix="haif-pull"
-            ) as pool:
-                list(pool.map(fetch, missing))
+        counted = {"haif.artifact.blobs": len(blobs)}
+        with tracing.span("artifact.verify_blobs", attributes=counted) as span:
+            hits = cache.verified_hits(blobs)
+            pulled.blobs_hit = len(hits)
+            if advance is not None:
+                advance(sum(blobs[d] for d in hits))
+            missing = sorted((d, s) for d, s in blobs.items() if d not in hits)
+            if missing:
+                with ThreadPoolExecutor(
+                    max_workers=store.max_parallel, thread_name_prefix="haif-pull"
+                ) as pool:
+                    list(pool.map(fetch, missing))
+            tracing.set_attributes({"haif.artifact.blobs_fetched": pulled.blobs_fetched,
+                                    "haif.artifact.bytes_fetched": pulled.bytes_fetched}, span)
         pulled.path = cache.view(manifest, signed.digest)
     except BaseException:
         cache.unpin(owner)

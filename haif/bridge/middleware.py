@@ -1,26 +1,35 @@
-"""ASGI middleware of the Bridge: request ids, the body-size limit, request metrics.
+"""ASGI middleware of the Bridge: request ids, the request's server span, the body-size
+limit, request metrics.
 
 Pure ASGI (not Starlette's BaseHTTPMiddleware) so that streaming responses and
-client disconnects pass through untouched.
+client disconnects pass through untouched. The span of an API request (``/v1/...``)
+covers the whole exchange, the streamed body included; it is the child of the client's
+``traceparent`` and the parent of every span the request causes downstream.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from starlette.exceptions import HTTPException
 
-from haif.envelope import request_id_from
+from haif.envelope import request_id_from, traceparent_from
 from haif.exceptions import PayloadTooLarge
+from haif.telemetry import logs, tracing
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from haif.telemetry.metrics import BridgeMetrics
 
+logger = logging.getLogger("haif.bridge")
+
 REQUEST_ID_HEADER = b"x-request-id"
+TRACEPARENT_HEADER = b"traceparent"
+TRACED_PREFIX = "/v1/"  # health probes and metrics scrapes make no traces
 
 
 class BodyTooLarge(HTTPException):
@@ -45,6 +54,47 @@ class EdgeMiddleware:
         raw_id = headers.get(REQUEST_ID_HEADER)
         request_id = request_id_from(raw_id.decode("latin-1") if raw_id is not None else None)
         scope.setdefault("state", {})["request_id"] = request_id
+        path = _app_path(scope)
+        if not path.startswith(TRACED_PREFIX):
+            previous = logs.bind(request_id)
+            try:
+                await self._edge(scope, receive, send, headers, raw_id, request_id)
+            finally:
+                logs.restore(previous)
+            return
+        raw_parent = headers.get(TRACEPARENT_HEADER)
+        method = scope.get("method", "")
+        with tracing.entry_span(
+            f"{method} {path}",
+            traceparent_from(raw_parent.decode("latin-1") if raw_parent is not None else None),
+            request_id,
+            attributes={"http.request.method": method, "url.path": path},
+        ) as span:
+
+            async def traced_send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:  # 4xx are the client's (OpenTelemetry HTTP conventions)
+                        tracing.set_error(span, f"HTTP {status}")
+                await send(message)
+
+            await self._edge(scope, receive, traced_send, headers, raw_id, request_id)
+            route = scope.get("route")
+            if route is not None and getattr(route, "path", None):
+                span.set_attribute("http.route", route.path)
+                span.update_name(f"{method} {route.path}")
+            logger.debug("%s %s answered", method, path)
+
+    async def _edge(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+        raw_id: bytes | None,
+        request_id: str,
+    ) -> None:
         id_header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
         # Under Ray Serve the proxy has already put the client's (or its own) id on the
         # request and echoes it on the response; only add it when nobody did.
@@ -141,3 +191,9 @@ class MetricsMiddleware:
             route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
             model = (scope.get("state") or {}).get("model")
             self.metrics.http(route, model, status, time.perf_counter() - started)
+
+
+def _app_path(scope: Scope) -> str:
+    """The request's path within the app (without the route prefix it is mounted at)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path

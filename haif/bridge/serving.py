@@ -17,6 +17,7 @@ from haif.exceptions import InvalidRequest, MetricsUnavailable
 from haif.gateway.serving import embedding_response
 from haif.protocol import JobList, JobRecord, UsageList
 from haif.telemetry.metrics import CONTENT_TYPE
+from haif.telemetry.tracing import traceparent_of
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -98,7 +99,8 @@ class BridgeService:
             ),
             api_key=api_key_from(request),
             request_id=request.state.request_id,
-            traceparent=request.headers.get("traceparent"),
+            # The request's server span (EdgeMiddleware) is the parent of what follows.
+            traceparent=traceparent_of() or request.headers.get("traceparent"),
             idempotency_key=request.headers.get(IDEMPOTENCY_HEADER),
         )
 

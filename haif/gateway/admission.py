@@ -39,6 +39,7 @@ from haif.protocol import new_id
 from haif.store.ledger import Existing, JobRequest, Outcome, Reservation
 from haif.store.models import OPEN_STATES, RETRYABLE_STATES, JobState
 from haif.store.quotas import QuotaLimits
+from haif.telemetry import logs, tracing
 
 if TYPE_CHECKING:
     from haif.config import HaifConfig
@@ -112,15 +113,18 @@ class Admission:
     # --- who -------------------------------------------------------------------------------
 
     async def authenticate(self, ctx: RequestContext, scope: str | None = "inference") -> Principal:
-        try:
-            principal = await self._auth.authenticate(ctx.api_key)
-        except HaifError as exc:
-            self.metrics.refused(exc)
-            raise
-        if scope is not None and scope not in principal.scopes:
-            self.metrics.outcome("forbidden")
-            raise PermissionDenied(f"this API key lacks the {scope!r} scope")
-        return principal
+        with tracing.span("gateway.auth") as span:
+            try:
+                principal = await self._auth.authenticate(ctx.api_key)
+            except HaifError as exc:
+                self.metrics.refused(exc)
+                raise
+            span.set_attribute(tracing.TENANT, principal.tenant)
+            logs.set_tenant(principal.tenant)
+            if scope is not None and scope not in principal.scopes:
+                self.metrics.outcome("forbidden")
+                raise PermissionDenied(f"this API key lacks the {scope!r} scope")
+            return principal
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -187,7 +191,8 @@ class Admission:
         )
         while True:
             ctx.remaining_s()
-            result = await self._quotas.reserve(principal, req, datetime.now(UTC))
+            with tracing.span("gateway.quota", attributes={"haif.job_id": req.job_id}):
+                result = await self._quotas.reserve(principal, req, datetime.now(UTC))
             if isinstance(result, Reservation):
                 return self._ticket(item, result, key)
             replay = await self._replay(item, principal.tenant_id, key, result)

@@ -23,6 +23,8 @@ from haif.gateway.auth import Authenticator, DatabaseAuthenticator, StaticKeyAut
 from haif.gateway.metrics import GatewayMetrics
 from haif.gateway.serving import StreamFormatter, chat_response, completion_response
 from haif.protocol import ModelCard, ModelList, now
+from haif.telemetry import tracing
+from haif.telemetry.logs import install_json_logs
 from haif.telemetry.metrics import MetricsTarget, ProcessMetrics
 
 if TYPE_CHECKING:
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from haif.config import HaifConfig, LimitsConfig
     from haif.dlq import DeadLetter, DeadLetterQueue
     from haif.envelope import EmbeddingResult, RequestContext, WorkItem
+    from opentelemetry.trace import Span
+
     from haif.gateway.admission import Ticket
     from haif.gateway.ratelimit import RedisRateLimiter
     from haif.protocol import ChatCompletionChunk, CompletionChunk
@@ -61,6 +65,11 @@ def _replica_id() -> str | None:
 
 class Gateway:
     def __init__(self, config: HaifConfig, orchestrator: DeploymentHandle) -> None:
+        self._region = config.regions[0].name
+        tracing.setup_tracing(
+            config.telemetry, "gateway", region=self._region, instance=_replica_id()
+        )
+        install_json_logs(config.telemetry, "gateway")
         self._config = config
         self._orchestrator = orchestrator
         self._stream_handle = orchestrator.options(stream=True)
@@ -141,8 +150,9 @@ class Gateway:
 
     async def models(self, ctx: RequestContext) -> ModelList:
         self._start_background()
-        principal = await self._admission.authenticate(ctx)
-        names = await self._orchestrator.models.remote()
+        with tracing.span("gateway.models", ctx):
+            principal = await self._admission.authenticate(ctx)
+            names = await self._orchestrator.models.remote()
         allowed = principal.allowed_models
         return ModelList(
             data=[
@@ -161,13 +171,16 @@ class Gateway:
 
     async def generate(self, item: WorkItem) -> Any:
         self._start_background()
-        return await self._generate(item, await self._admission.admit(item))
+        with tracing.span("gateway.generate", item.ctx, attributes=self._attributes(item)) as span:
+            ticket = await self._admission.admit(item)
+            _admitted(span, ticket)
+            return await self._generate(item, ticket, span)
 
-    async def _generate(self, item: WorkItem, ticket: Ticket) -> Any:
+    async def _generate(self, item: WorkItem, ticket: Ticket, span: Span | None = None) -> Any:
         if ticket.replay is not None:
             return ticket.replay
         try:
-            dispatched = await self._orchestrator.generate.remote(ticket.item)
+            dispatched = await self._orchestrator.generate.remote(tracing.handoff(ticket.item))
             ticket.ran_on(dispatched)
             outputs = dispatched.value
         except BaseException as exc:
@@ -175,51 +188,56 @@ class Gateway:
             raise
         shape = chat_response if item.kind == "chat" else completion_response
         response = shape(item.model, outputs, ticket.job_id)
-        await self._admission.succeed(
-            ticket,
-            sum(o.prompt_tokens for o in outputs),
-            sum(o.completion_tokens for o in outputs),
-            response,
-        )
+        prompt_tokens = sum(o.prompt_tokens for o in outputs)
+        completion_tokens = sum(o.completion_tokens for o in outputs)
+        _served(span, ticket, prompt_tokens, completion_tokens)
+        await self._admission.succeed(ticket, prompt_tokens, completion_tokens, response)
         return response
 
     async def stream(self, item: WorkItem) -> AsyncIterator[ChatCompletionChunk | CompletionChunk]:
         self._start_background()
-        ticket = await self._admission.admit(item)
-        fmt = StreamFormatter(item.kind, item.model, item.include_usage, ticket.job_id)
-        first = True
-        try:
-            async for event in self._stream_handle.stream.remote(ticket.item):
-                if isinstance(event, Dispatched):
-                    ticket.ran_on(event)
-                    continue
-                if first:
-                    # Sent only once the worker has produced something, so that errors
-                    # before the first token reach the client as a plain HTTP error.
-                    first = False
-                    role = fmt.first()
-                    if role is not None:
-                        yield role
-                chunk = fmt.event(event)
-                if chunk is not None:
-                    yield chunk
-        except BaseException as exc:  # failed, or the client went away: bill what was sent
-            await self._admission.fail(ticket, exc, fmt.prompt_tokens, fmt.completion_tokens)
-            raise
-        await self._admission.succeed(ticket, fmt.prompt_tokens, fmt.completion_tokens)
-        usage = fmt.usage_chunk()
-        if usage is not None:
-            yield usage
+        with tracing.span("gateway.stream", item.ctx, attributes=self._attributes(item)) as span:
+            ticket = await self._admission.admit(item)
+            _admitted(span, ticket)
+            fmt = StreamFormatter(item.kind, item.model, item.include_usage, ticket.job_id)
+            first = True
+            try:
+                async for event in self._stream_handle.stream.remote(tracing.handoff(ticket.item)):
+                    if isinstance(event, Dispatched):
+                        ticket.ran_on(event)
+                        continue
+                    if first:
+                        # Sent only once the worker has produced something, so that errors
+                        # before the first token reach the client as a plain HTTP error.
+                        first = False
+                        role = fmt.first()
+                        if role is not None:
+                            yield role
+                    chunk = fmt.event(event)
+                    if chunk is not None:
+                        yield chunk
+            except BaseException as exc:  # failed, or the client went away: bill what was sent
+                _served(span, ticket, fmt.prompt_tokens, fmt.completion_tokens, ok=False)
+                await self._admission.fail(ticket, exc, fmt.prompt_tokens, fmt.completion_tokens)
+                raise
+            _served(span, ticket, fmt.prompt_tokens, fmt.completion_tokens)
+            await self._admission.succeed(ticket, fmt.prompt_tokens, fmt.completion_tokens)
+            usage = fmt.usage_chunk()
+            if usage is not None:
+                yield usage
 
     async def embed(self, item: WorkItem) -> EmbeddingResult:
         self._start_background()
-        return await self._embed(await self._admission.admit(item))
+        with tracing.span("gateway.embed", item.ctx, attributes=self._attributes(item)) as span:
+            ticket = await self._admission.admit(item)
+            _admitted(span, ticket)
+            return await self._embed(ticket, span)
 
-    async def _embed(self, ticket: Ticket) -> EmbeddingResult:
+    async def _embed(self, ticket: Ticket, span: Span | None = None) -> EmbeddingResult:
         if ticket.replay is not None:
             return ticket.replay
         try:
-            dispatched = await self._orchestrator.embed.remote(ticket.item)
+            dispatched = await self._orchestrator.embed.remote(tracing.handoff(ticket.item))
             ticket.ran_on(dispatched)
             result = dispatched.value
             vectors = None
@@ -230,8 +248,16 @@ class Gateway:
         except BaseException as exc:
             await self._admission.fail(ticket, exc)
             raise
+        _served(span, ticket, result.prompt_tokens, 0)
         await self._admission.succeed(ticket, result.prompt_tokens, 0, result, vectors)
         return result
+
+    def _attributes(self, item: WorkItem) -> dict[str, Any]:
+        model = self._config.model(item.model)
+        return {
+            tracing.MODEL: item.model,
+            tracing.MODEL_VERSION: model.version if model is not None else None,
+        }
 
     # --- the DLQ ------------------------------------------------------------------------
 
@@ -259,15 +285,18 @@ class Gateway:
     # --- the tenant's own records --------------------------------------------------------
 
     async def job(self, job_id: str, ctx: RequestContext) -> dict[str, Any]:
-        return await self._admission.job(ctx, job_id)
+        with tracing.span("gateway.job", ctx):
+            return await self._admission.job(ctx, job_id)
 
     async def jobs(self, ctx: RequestContext, limit: int) -> list[dict[str, Any]]:
-        return await self._admission.jobs(ctx, limit)
+        with tracing.span("gateway.jobs", ctx):
+            return await self._admission.jobs(ctx, limit)
 
     async def usage(
         self, ctx: RequestContext, since: datetime | None, limit: int
     ) -> list[dict[str, Any]]:
-        return await self._admission.usage(ctx, since, limit)
+        with tracing.span("gateway.usage", ctx):
+            return await self._admission.usage(ctx, since, limit)
 
     async def _probe_artifact_store(self) -> dict[str, str]:
         """Replica reachability, probed at most every ARTIFACT_PROBE_TTL_S and within a timeout."""
@@ -331,3 +360,27 @@ class Gateway:
             return "ok"
         except RedisError as exc:
             return f"unavailable ({type(exc).__name__}); degraded: the metadata store stands in"
+
+
+def _admitted(span: Span, ticket: Ticket) -> None:
+    principal = ticket.item.ctx.principal
+    logger.debug("admitted %s on %s as job %s", ticket.item.kind, ticket.item.model, ticket.job_id)
+    tenant = principal.tenant if principal is not None else None
+    tracing.set_attributes({tracing.TENANT: tenant, "haif.job_id": ticket.job_id}, span)
+
+
+def _served(
+    span: Span | None, ticket: Ticket, prompt_tokens: int, completion_tokens: int, *, ok: bool = True
+) -> None:
+    if span is None:  # a DLQ replay: no request span
+        return
+    attributes: dict[str, Any] = {
+        tracing.PROMPT_TOKENS: prompt_tokens,
+        tracing.COMPLETION_TOKENS: completion_tokens,
+        tracing.WORKER: ticket.worker,
+        tracing.REGION: ticket.region,
+        "haif.attempts": ticket.attempts,
+    }
+    if ok:
+        attributes[tracing.STATUS] = "ok"
+    tracing.set_attributes(attributes, span)

@@ -28,6 +28,8 @@ from haif.exceptions import (
 from haif.orchestrator.breaker import Backoff
 from haif.orchestrator.placement import Placement, plan_placements
 from haif.orchestrator.pool import SHARED_TIER, ModelPool, Route, WorkerSlot, new_breaker
+from haif.telemetry import tracing
+from haif.telemetry.logs import install_json_logs
 from haif.telemetry.metrics import MetricsTarget, OrchestratorMetrics, ProcessMetrics
 
 if TYPE_CHECKING:
@@ -50,6 +52,9 @@ class Orchestrator:
     """
 
     def __init__(self, config: HaifConfig) -> None:
+        replica = serve.get_replica_context().replica_id.unique_id
+        tracing.setup_tracing(config.telemetry, "orchestrator", region=config.regions[0].name, instance=replica)
+        install_json_logs(config.telemetry, "orchestrator")
         self._config = config
         self._res = config.resilience
         self._backoff = Backoff(
@@ -57,7 +62,7 @@ class Orchestrator:
         )
         self._pools: dict[str, ModelPool] = {}
         self._remote_worker = ray.remote(ModelWorker)
-        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._replica = replica
         self._health_task: asyncio.Task[None] | None = None
         self.retries = 0
         self.replacements = 0
@@ -127,6 +132,7 @@ class Orchestrator:
             slot.worker_id,
             self._config.artifacts,
             metrics=self._metrics_target,
+            telemetry=self._config.telemetry,
         )
         slot.load_ref = slot.actor.load.remote(self._config.limits.object_ref_threshold_bytes)
         slot.state, slot.load_started, slot.probe_failures = "loading", time.monotonic(), 0
@@ -269,6 +275,10 @@ class Orchestrator:
         if delay >= item.ctx.deadline - time.time():
             raise err  # no time left for another try: the client gets the typed error now
         self.retries += 1
+        tracing.add_event("retry", {
+            "haif.attempt": attempts, "haif.reason": err.code, tracing.WORKER: slot.worker_id,
+            "haif.backoff_ms": round(delay * 1000, 1),
+        })
         logger.warning(
             "request %s: attempt %d on %s failed (%s); retrying in %.0f ms",
             item.ctx.request_id, attempts, slot.worker_id, err.code, delay * 1000,
@@ -308,6 +318,13 @@ class Orchestrator:
         return cause, False
 
     async def _unary(self, item: WorkItem, kind: str, method: str) -> Dispatched:
+        attributes = {tracing.MODEL: item.model}
+        with tracing.span("orchestrator.route", item.ctx, attributes=attributes) as span:
+            dispatched = await self._unary_attempts(item, kind, method)
+            _routed(span, dispatched)
+            return dispatched
+
+    async def _unary_attempts(self, item: WorkItem, kind: str, method: str) -> Dispatched:
         pool = self._pool(item, kind)
         route = self._route(item, pool)
         avoid: set[str] = set()
@@ -318,7 +335,7 @@ class Orchestrator:
             if slot is None:
                 continue
             sent = time.monotonic()
-            ref = getattr(slot.actor, method).remote(item)
+            ref = getattr(slot.actor, method).remote(tracing.handoff(item))
             try:
                 value = await asyncio.wait_for(_resolve(ref), timeout=item.ctx.remaining_s())
             except TimeoutError:
@@ -350,6 +367,7 @@ class Orchestrator:
             if attempts >= self._res.max_attempts or delay >= item.ctx.deadline - time.time():
                 raise
             self.retries += 1
+            tracing.add_event("retry", {"haif.attempt": attempts, "haif.reason": exc.code})
             await asyncio.sleep(delay)
             return None
 
@@ -365,6 +383,14 @@ class Orchestrator:
         A failure before the first event is retried like a unary call; after it, the
         stream ends with the typed error (the Bridge turns it into an SSE error event).
         """
+        attributes = {tracing.MODEL: item.model}
+        with tracing.span("orchestrator.route", item.ctx, attributes=attributes) as span:
+            async for event in self._stream_attempts(item):
+                if isinstance(event, Dispatched):
+                    _routed(span, event)
+                yield event
+
+    async def _stream_attempts(self, item: WorkItem) -> AsyncIterator[Dispatched | StreamEvent]:
         pool = self._pool(item, "generate")
         route = self._route(item, pool)
         avoid: set[str] = set()
@@ -375,7 +401,7 @@ class Orchestrator:
             if slot is None:
                 continue
             sent = time.monotonic()
-            gen = slot.actor.generate_stream.options(num_returns="streaming").remote(item)
+            gen = slot.actor.generate_stream.options(num_returns="streaming").remote(tracing.handoff(item))
             started = finished = False
             failure: Exception | None = None
             try:
@@ -426,6 +452,13 @@ def _tensor_parallel_strategy(plan: Placement) -> Any:
 
 async def _resolve(ref: Any) -> Any:
     return await ref
+
+
+def _routed(span: Any, dispatched: Dispatched) -> None:
+    tracing.set_attributes({
+        tracing.WORKER: dispatched.worker, tracing.REGION: dispatched.region,
+        "haif.attempts": dispatched.attempts,
+    }, span)
 
 
 def _deadline(item: WorkItem) -> DeadlineExceeded:

@@ -19,6 +19,7 @@ from haif.protocol import (
     EmbeddingResponse,
     ModelList,
 )
+from haif.telemetry.tracing import traceparent_of
 
 if TYPE_CHECKING:
     from haif.config import LimitsConfig
@@ -66,7 +67,10 @@ class HandleClient:
     # --- plumbing ---------------------------------------------------------------------
 
     def _ctx(self) -> RequestContext:
-        return RequestContext.new(timeout_s=self._timeout_s, api_key=self._api_key)
+        # A caller that traces makes its current span the parent of the request's spans.
+        return RequestContext.new(
+            timeout_s=self._timeout_s, api_key=self._api_key, traceparent=traceparent_of()
+        )
 
     def _item(self, kind: Kind, body: Body, limits: LimitsConfig) -> WorkItem:
         import ray

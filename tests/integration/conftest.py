@@ -23,6 +23,7 @@ import pytest
 from tests.integration.artifact_fixtures import ArtifactSetup, artifact_setup, moto_s3  # noqa: F401
 
 from tests import services
+from tests.otlp import OtlpReceiver
 from tests.webhook import WebhookReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,6 +166,28 @@ def webhook() -> WebhookReceiver:
 
 
 @pytest.fixture(scope="session")
+def otlp() -> OtlpReceiver:
+    """The OTLP/HTTP trace receiver every process of the deployment exports to."""
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def telemetry_env(otlp: OtlpReceiver) -> dict[str, str]:
+    """HAIF's telemetry config: export to ``otlp`` every 200 ms, debug logs.
+
+    Through the config rather than OTEL_* variables in the job's environment: those
+    would reach Ray's own processes of the session too (its Serve controller and proxy).
+    """
+    return {
+        "HAIF_TELEMETRY__OTLP_ENDPOINT": otlp.endpoint,
+        "HAIF_TELEMETRY__OTLP_PROTOCOL": "http/protobuf",
+        "HAIF_TELEMETRY__EXPORT_INTERVAL_MS": "200",
+        "HAIF_TELEMETRY__LOG_LEVEL": "DEBUG",
+    }
+
+
+@pytest.fixture(scope="session")
 def store_env(pg_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
     """HAIF_* variables that point a process at this session's PostgreSQL and Redis."""
     return {
@@ -176,12 +199,16 @@ def store_env(pg_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def haif(
-    ray_cluster: str, store_env: dict[str, str], webhook: WebhookReceiver, artifact_setup: ArtifactSetup
+    ray_cluster: str,
+    store_env: dict[str, str],
+    webhook: WebhookReceiver,
+    artifact_setup: ArtifactSetup,
+    telemetry_env: dict[str, str],
 ) -> Deployment:
     # A free port, so that test sessions (and a running `make serve`) never collide.
     port = _free_port()
     env = {"HAIF_SERVER__PORT": str(port), "HAIF_USAGE__WEBHOOK_URL": webhook.url, **store_env,
-           **artifact_setup.env}
+           **artifact_setup.env, **telemetry_env}
     out = submit_job(ray_cluster, "python", "serve_app.py", "--config", CONFIG, env=env)
     url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("URL: "))
     key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("API key: "))
