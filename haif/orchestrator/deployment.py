@@ -112,8 +112,9 @@ class Orchestrator:
 
     def _spawn(self, pool: ModelPool, slot: WorkerSlot) -> None:
         """Start the actor of ``slot`` (a new one, or a replacement) and its load."""
-        assert pool.placement is not None  # noqa: S101 - pools without placement have no slots
         plan, model = pool.placement, pool.model
+        if plan is None:
+            raise InternalError(f"model {model.name!r} has no placement; it has no workers to start")
         options = plan.actor_options(model.max_concurrency)
         region = next(r for r in self._config.regions if r.name == slot.region)
         if region.resource:
@@ -433,7 +434,8 @@ class Orchestrator:
                 if not started:
                     yield Dispatched(slot.worker_id, slot.region, attempts)
                 return
-            assert failure is not None  # noqa: S101 - the loop ends finished or failed
+            if failure is None:
+                raise InternalError("a stream attempt ended neither finished nor failed")
             avoid.add(slot.worker_id)
             await self._attempt_failed(pool, slot, failure, item, sent, attempts)
 

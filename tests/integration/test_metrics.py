@@ -73,9 +73,14 @@ def test_request_counter_sums_both_gateway_replicas(http: httpx.Client, haif: De
         bridge = total(now, "haif_http_requests_total", status="200", **route) - total(
             before, "haif_http_requests_total", status="200", **route
         )
+        seen.append((got, bridge))
         return now if got == N and bridge == N else None
 
-    after = wait_for(counted, DEADLINE_S, 0.25, f"{N} more echo requests in /metrics")
+    seen: list[tuple[float, float]] = []
+    try:
+        after = wait_for(counted, DEADLINE_S, 0.25, f"{N} more echo requests in /metrics")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; (gateway, bridge) counts seen last: {seen[-3:]}") from None
     # Both Gateway replicas served some: a view of either one alone would be short of N.
     gained = {p: v - per_gateway_before.get(p, 0) for p, v in gateway_counts().items()}
     assert sum(gained.values()) == N, gained

@@ -104,7 +104,11 @@ def test_one_streamed_chat_is_one_trace_matching_the_golden_tree(
     assert gateway.attributes["gen_ai.usage.output_tokens"] == 5
     assert gateway.attributes["haif.status"] == "ok"
     worker = _find(spans, "worker.stream")
-    assert worker.attributes["haif.worker"] == _find(spans, "orchestrator.route").attributes["haif.worker"]
+    route = _find(spans, "orchestrator.route")
+    assert worker.attributes["haif.worker"] == route.attributes["haif.worker"]
+    # Where it ran and after how many tries, on the route and the gateway span alike.
+    assert route.attributes["haif.region"] == gateway.attributes["haif.region"] == "local"
+    assert route.attributes["haif.attempts"] == gateway.attributes["haif.attempts"] == 1
     assert worker.resource["haif.component"] == "worker"
     first_token, stream = _find(spans, "runtime.first_token"), _find(spans, "runtime.stream")
     assert stream.start_ns <= first_token.start_ns <= first_token.end_ns <= stream.end_ns
