@@ -7,6 +7,7 @@ counter that only one of them could see would come out short.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import httpx
@@ -17,6 +18,7 @@ from tests.integration.conftest import Deployment, haif_cli, wait_for
 N = 40
 DEADLINE_S = 30
 OK_ECHO = {"model": "echo", "kind": "completion", "status": "ok"}
+PUSH_INTERVAL_S = 1.0  # telemetry.metrics_push_interval_s (the default) of the deployment
 
 
 def scrape(http: httpx.Client) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -58,8 +60,23 @@ async def burst(haif: Deployment, n: int) -> list[int]:
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+def settled_scrape(http: httpx.Client, *names: str) -> dict:
+    """A scrape in which earlier tests' requests are all counted: processes push on their
+    own beat (1 s), so the counters must hold still across a few push intervals first."""
+    last: tuple[float, ...] | None = None
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        now = scrape(http)
+        totals = tuple(total(now, name) for name in names)
+        if totals == last:
+            return now
+        last = totals
+        time.sleep(3 * PUSH_INTERVAL_S)
+    raise AssertionError(f"the counters {names} kept moving for {DEADLINE_S}s")
+
+
 def test_request_counter_sums_both_gateway_replicas(http: httpx.Client, haif: Deployment) -> None:
-    before = scrape(http)
+    before = settled_scrape(http, "haif_requests_total", "haif_http_requests_total")
     per_gateway_before = gateway_counts()
     statuses = asyncio.run(burst(haif, N))
     assert statuses == [200] * N
