@@ -60,28 +60,27 @@ async def burst(haif: Deployment, n: int) -> list[int]:
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def settled_scrape(http: httpx.Client, *names: str) -> dict:
+def settled_scrape(http: httpx.Client, *series: tuple[str, dict[str, str]]) -> dict:
     """A scrape in which earlier tests' requests are all counted: processes push on their
     own beat (1 s), so the counters must hold still across a few push intervals first."""
     last: tuple[float, ...] | None = None
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
         now = scrape(http)
-        totals = tuple(total(now, name) for name in names)
+        totals = tuple(total(now, name, **labels) for name, labels in series)
         if totals == last:
             return now
         last = totals
         time.sleep(3 * PUSH_INTERVAL_S)
-    raise AssertionError(f"the counters {names} kept moving for {DEADLINE_S}s")
+    raise AssertionError(f"the counters {series} kept moving for {DEADLINE_S}s")
 
 
 def test_request_counter_sums_both_gateway_replicas(http: httpx.Client, haif: Deployment) -> None:
-    before = settled_scrape(http, "haif_requests_total", "haif_http_requests_total")
+    route = {"endpoint": "/v1/completions", "model": "echo"}
+    before = settled_scrape(http, ("haif_requests_total", OK_ECHO), ("haif_http_requests_total", route))
     per_gateway_before = gateway_counts()
     statuses = asyncio.run(burst(haif, N))
     assert statuses == [200] * N
-
-    route = {"endpoint": "/v1/completions", "model": "echo"}
 
     def counted() -> dict | None:
         now = scrape(http)
