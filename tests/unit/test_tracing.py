@@ -320,3 +320,33 @@ def test_record_span_under_a_span(spans: InMemorySpanExporter) -> None:
         tracing.record_span("runtime.first_token", stream, 1.0)
     first, parent = spans.get_finished_spans()
     assert first.parent.span_id == parent.context.span_id
+
+
+def test_a_retry_is_an_event_on_the_route_span(spans: InMemorySpanExporter) -> None:
+    from haif.config import LimitsConfig, ModelConfig, ResilienceConfig
+    from haif.envelope import build_work_item
+    from haif.exceptions import WorkerUnavailable
+    from haif.orchestrator.breaker import Backoff
+    from haif.orchestrator.deployment import Orchestrator
+    from haif.orchestrator.placement import Placement
+    from haif.orchestrator.pool import ModelPool, WorkerSlot, new_breaker
+    from haif.protocol import CompletionRequest
+
+    orch = Orchestrator.__new__(Orchestrator)  # the retry path alone: no Ray, no Serve
+    orch._res, orch._backoff, orch.retries = ResilienceConfig(), Backoff(0.0, 0.0), 0
+    pool = ModelPool(ModelConfig(name="m", runtime="echo"), Placement("m", False, 1.0))
+    slot = WorkerSlot("m/local/r/0", None, None, new_breaker(orch._res), state="ready")
+    item = build_work_item("completion", CompletionRequest(model="m", prompt="hi"), ctx(), LimitsConfig())
+
+    async def attempt() -> None:
+        with tracing.span("orchestrator.route", item.ctx):
+            await orch._attempt_failed(pool, slot, WorkerUnavailable("draining"), item, 0.0, 1)
+
+    asyncio.run(attempt())
+    (route,) = [s for s in spans.get_finished_spans() if s.name == "orchestrator.route"]
+    (event,) = route.events
+    assert event.name == "retry"
+    assert event.attributes["haif.attempt"] == 1
+    assert event.attributes["haif.reason"] == "worker_unavailable"
+    assert event.attributes["haif.worker"] == "m/local/r/0"
+    assert orch.retries == 1
