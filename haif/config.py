@@ -655,6 +655,10 @@ class HaifConfig(_Model):
         names = model.regions or [self.regions[0].name]
         return [r for r in self.regions if r.name in names]
 
+    def total_workers(self, model: ModelConfig) -> int:
+        """Workers of ``model`` in all: ``workers`` per region, per tier (shared + dedicated)."""
+        return model.workers * len(self.model_regions(model)) * (1 + len(model.dedicated_tenants))
+
     def home_region(self, tenant: str | None) -> str:
         """Where ``tenant``'s requests go first."""
         if tenant is not None and tenant in self.sharding.home_regions:

@@ -68,7 +68,7 @@ class Orchestrator:
         self.replacements = 0
         self._metrics_target = MetricsTarget.from_config(config)
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
-        plans = plan_placements(config.models, cluster_gpus)
+        plans = plan_placements(config.models, cluster_gpus, config.total_workers)
         for model in config.models:
             if not model.enabled:
                 continue

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from haif.exceptions import GpuUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from haif.config import ModelConfig
 
 
@@ -51,7 +53,9 @@ class Placement:
 
 
 def plan_placements(
-    models: list[ModelConfig], cluster_gpus: float
+    models: list[ModelConfig],
+    cluster_gpus: float,
+    workers_of: Callable[[ModelConfig], int] | None = None,
 ) -> dict[str, Placement | GpuUnavailable]:
     """Decide each enabled model's placement, in config order.
 
@@ -60,6 +64,7 @@ def plan_placements(
     allows, else gets a ``GpuUnavailable`` naming what it asked and what was there.
     ``device: auto`` takes GPUs when enough are left, CPUs otherwise.
     """
+    count = workers_of or (lambda m: m.workers)
     free = int(cluster_gpus)
     plans: dict[str, Placement | GpuUnavailable] = {}
     for model in models:
@@ -69,8 +74,9 @@ def plan_placements(
             plans[model.name] = Placement(model.name, False, model.num_cpus)
             continue
         per_worker = gpus_per_worker(model)
-        if free >= model.workers * per_worker:
-            free -= model.workers * per_worker
+        workers = count(model)
+        if free >= workers * per_worker:
+            free -= workers * per_worker
             plans[model.name] = Placement(model.name, True, model.num_cpus, gpus_per_worker=per_worker)
             continue
         if model.device == "auto":
@@ -79,7 +85,7 @@ def plan_placements(
             plans[model.name] = Placement(model.name, False, model.num_cpus, fell_back_to_cpu=True)
         else:
             plans[model.name] = GpuUnavailable(
-                f"model {model.name!r} asks for {model.workers} GPU worker(s) of {per_worker} GPU(s) "
+                f"model {model.name!r} asks for {workers} GPU worker(s) of {per_worker} GPU(s) "
                 f"each (device: gpu) but "
                 f"the Ray cluster has {free} free GPU(s) of {int(cluster_gpus)}; add GPUs, "
                 f"lower `workers`, or set `allow_cpu_fallback: true`"

@@ -123,3 +123,17 @@ def test_tensor_parallel_counts_every_gpu_of_every_worker() -> None:
 def test_tensor_parallel_size_is_ignored_by_non_vllm_runtimes() -> None:
     model = ModelConfig(name="t", runtime="torch", path="/m", device="gpu", tensor_parallel_size=4)
     assert plan_placements([model], cluster_gpus=1)["t"].gpus_per_worker == 1
+
+
+def test_gpus_are_counted_for_every_region_and_dedicated_pool() -> None:
+    from haif.config import HaifConfig
+
+    config = HaifConfig.model_validate({
+        "regions": [{"name": "a"}, {"name": "b"}],
+        "models": [{"name": "g", "runtime": "echo", "device": "gpu", "regions": ["a", "b"],
+                    "dedicated_tenants": ["acme"]}],
+    })
+    assert config.total_workers(config.models[0]) == 4
+    assert plan_placements(config.models, 4, config.total_workers)["g"].use_gpu
+    refused = plan_placements(config.models, 3, config.total_workers)["g"]
+    assert "4 GPU worker(s)" in refused.message
