@@ -333,7 +333,11 @@ def test_metrics_config_is_bounded_and_consistent(tmp_path: Path) -> None:
     assert (target.actor_name, target.namespace, target.enabled) == ("prod-metrics", "ns", True)
 
 
-def test_scrape_without_a_pipeline_is_a_clear_503() -> None:
+def test_scrape_without_a_pipeline_is_a_clear_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    # A process without Ray (the same pytest process may hold the integration cluster).
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(MetricsUnavailable, match="disabled") as info:
         asyncio.run(MetricsReader(MetricsTarget(enabled=False)).render())
     assert info.value.status_code == 503
