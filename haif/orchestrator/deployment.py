@@ -264,25 +264,33 @@ class Orchestrator:
     async def _attempt_failed(
         self, pool: ModelPool, slot: WorkerSlot, exc: Exception, item: WorkItem, sent: float, attempts: int
     ) -> None:
-        """Raise the typed error of a failed attempt when it is final; else back off.
-
-        The error carries ``attempts``, which the Gateway writes into the job record.
-        """
+        """Raise the typed error of a failed attempt when it is final; else back off."""
         err, retry = self._failure(pool, slot, exc, item, sent)
-        err.attempts = attempts  # type: ignore[attr-defined]
-        if not retry or attempts >= self._res.max_attempts:
+        if not retry:
+            err.attempts = attempts  # type: ignore[attr-defined]
             raise err
+        await self._back_off(err, attempts, item, slot.worker_id)
+
+    async def _back_off(
+        self, err: HaifError, attempts: int, item: WorkItem, worker: str | None = None
+    ) -> None:
+        """Sleep before another try, or raise ``err`` when the tries or the deadline are spent.
+
+        The error carries ``attempts``, which the Gateway writes into the job record; each
+        retry is an event on the route span.
+        """
+        err.attempts = attempts  # type: ignore[attr-defined]
         delay = self._backoff.delay(attempts)
-        if delay >= item.ctx.deadline - time.time():
-            raise err  # no time left for another try: the client gets the typed error now
+        if attempts >= self._res.max_attempts or delay >= item.ctx.deadline - time.time():
+            raise err  # no tries or no time left: the client gets the typed error now
         self.retries += 1
-        tracing.add_event("retry", {
-            "haif.attempt": attempts, "haif.reason": err.code, tracing.WORKER: slot.worker_id,
-            "haif.backoff_ms": round(delay * 1000, 1),
-        })
+        event = {"haif.attempt": attempts, "haif.reason": err.code, "haif.backoff_ms": round(delay * 1000, 1)}
+        if worker is not None:
+            event[tracing.WORKER] = worker
+        tracing.add_event("retry", event)
         logger.warning(
             "request %s: attempt %d on %s failed (%s); retrying in %.0f ms",
-            item.ctx.request_id, attempts, slot.worker_id, err.code, delay * 1000,
+            item.ctx.request_id, attempts, worker or item.model, err.code, delay * 1000,
         )
         await asyncio.sleep(delay)
 
@@ -363,13 +371,7 @@ class Orchestrator:
         try:
             return await pool.acquire(route, item.ctx, frozenset(avoid))
         except (ModelNotReady, WorkerUnavailable) as exc:
-            exc.attempts = attempts  # type: ignore[attr-defined]
-            delay = self._backoff.delay(attempts)
-            if attempts >= self._res.max_attempts or delay >= item.ctx.deadline - time.time():
-                raise
-            self.retries += 1
-            tracing.add_event("retry", {"haif.attempt": attempts, "haif.reason": exc.code})
-            await asyncio.sleep(delay)
+            await self._back_off(exc, attempts, item)
             return None
 
     async def generate(self, item: WorkItem) -> Dispatched:

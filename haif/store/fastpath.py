@@ -342,17 +342,7 @@ def settle_pg(conn: Connection, res: Reservation, out: Outcome) -> bool:
 def _settle_params(res: Reservation, out: Outcome) -> dict[str, Any]:
     charged = out.prompt_tokens + out.completion_tokens if out.bill else 0
     return {
-        "b_job": res.job_id,
-        "b_state": out.state.value,
-        "b_prompt": out.prompt_tokens,
-        "b_completion": out.completion_tokens,
-        "b_started": out.started_at,
-        "b_finished": out.finished_at,
-        "b_worker": out.worker,
-        "b_region": out.region,
-        "b_attempts": out.attempts,
-        "b_error": out.error,
-        "b_response": out.response,
+        **ledger.close_job_params(res, out),
         "b_reserved_at": res.reserved_at,
         "b_refund": res.reserved_tokens - charged if res.reserved_tokens else 0,
         "b_slot": int(res.holds_slot),

@@ -10,11 +10,8 @@ tier after the others), since a process joins one Ray cluster at a time.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests import services
-from tests.integration.conftest import ROOT, Deployment, _free_port, _up, wait_for
+from tests.integration.conftest import ROOT, Deployment, _free_port, _up, submit_job, wait_for
 
 CONFIG = "tests/configs/chaos.yaml"
 AGENT_WAIT_S = 300  # a loaded 2-core machine can take minutes to start the job agent
@@ -91,29 +88,6 @@ def chaos_store_env(chaos_pg_url: str) -> dict[str, str]:
         services.drop_redis_keys(redis_url, prefix)
 
 
-def _submit(dashboard_url: str, env: dict[str, str]) -> str:
-    """``ray job submit -- python -m serve_app --config ...`` with HAIF installed on every node.
-
-    No ``--working-dir``: on a cluster of several nodes on one host, their runtime-env
-    agents unpack a working-dir package into one shared session directory and race.
-    """
-    cmd = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard_url,
-        "--runtime-env-json", json.dumps({"env_vars": env}),
-        "--", "python", "-m", "serve_app", "--config", str(ROOT / CONFIG),
-    ]
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:  # the dashboard answers before its job agent is up
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-        agent_missing = "No available agent to submit job" in proc.stdout + proc.stderr
-        if proc.returncode == 0 or not agent_missing or time.monotonic() > deadline:
-            break
-        time.sleep(1.0)
-    if proc.returncode != 0:
-        raise AssertionError(f"job failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc.stdout
-
-
 @pytest.fixture(scope="session")
 def chaos_haif(
     chaos_cluster: ChaosCluster, chaos_store_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
@@ -123,7 +97,13 @@ def chaos_haif(
         "HAIF_BASE_DIR": str(tmp_path_factory.mktemp("haif-chaos")),
         **chaos_store_env,
     }
-    out = _submit(chaos_cluster.dashboard_url, env)
+    # No --working-dir: on several raylets of one host, their runtime-env agents unpack a
+    # working-dir package into one shared session directory and race. HAIF is installed
+    # in the venv every node uses, so `python -m serve_app` needs no package.
+    out = submit_job(
+        chaos_cluster.dashboard_url, "python", "-m", "serve_app", "--config", str(ROOT / CONFIG),
+        env=env, working_dir=None, agent_wait_s=AGENT_WAIT_S,
+    )
     url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("URL: "))
     key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("API key: "))
     return Deployment(url=url.strip(), api_key=key.strip(), dashboard_url=chaos_cluster.dashboard_url)

@@ -108,17 +108,18 @@ def submit_job(
     *entrypoint: str,
     timeout_s: float = DEPLOY_TIMEOUT_S,
     env: dict[str, str] | None = None,
+    working_dir: Path | None = ROOT,
+    agent_wait_s: float = AGENT_WAIT_S,
 ) -> str:
-    """Run ``ray job submit --working-dir . -- ENTRYPOINT`` and return its output."""
-    cmd = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit",
-        "--address", dashboard_url, "--working-dir", str(ROOT),
-    ]
+    """Run ``ray job submit [--working-dir DIR] -- ENTRYPOINT`` and return its output."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard_url]
+    if working_dir is not None:
+        cmd += ["--working-dir", str(working_dir)]
     if env:
         cmd += ["--runtime-env-json", json.dumps({"env_vars": env})]
     cmd += ["--", *entrypoint]
     # The dashboard answers before its job agent is up; until then a submission is refused.
-    deadline = time.monotonic() + AGENT_WAIT_S
+    deadline = time.monotonic() + agent_wait_s
     while True:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
         agent_missing = "No available agent to submit job" in proc.stdout + proc.stderr
