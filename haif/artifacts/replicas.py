@@ -25,7 +25,7 @@ import fsspec
 from fsspec.callbacks import Callback
 from fsspec.implementations.local import LocalFileSystem
 
-from haif.artifacts._io import fsync_dir
+from haif.artifacts._io import fsync_dir, start_writeback
 
 # Object stores whose fsspec writers upload in parts and can abort an unfinished upload.
 _ABORTABLE_UPLOADS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
@@ -234,9 +234,13 @@ class _Progress(Callback):
 def _kernel_copy(
     src: BinaryIO, dst: BinaryIO, chunk_bytes: int, on_bytes: Callable[[int], None] | None
 ) -> None:
-    """Copy in the kernel, chunk by chunk (progress); plain reads where the kernel cannot."""
+    """Copy in the kernel, chunk by chunk (progress, early writeback); plain reads where the
+    kernel cannot."""
+    offset = 0
     try:
         while n := os.copy_file_range(src.fileno(), dst.fileno(), chunk_bytes):
+            start_writeback(dst.fileno(), offset, n)
+            offset += n
             if on_bytes is not None:
                 on_bytes(n)
         return

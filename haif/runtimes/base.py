@@ -26,6 +26,15 @@ if TYPE_CHECKING:
 FinishReason = Literal["stop", "length"]
 
 
+def quiet_transformers() -> None:
+    """No progress bars from ``transformers`` in a serving process: they are noise in the
+    logs, and tqdm's lock has been seen to deadlock a process that loads models on several
+    threads (its ``__del__`` runs during garbage collection while a bar holds the lock)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What a generation request asks of the sampler (OpenAI semantics)."""

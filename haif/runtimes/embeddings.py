@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from haif.exceptions import HaifError, ModelLoadFailed, ModelNotReady, PromptTooLong
-from haif.runtimes.base import EmbeddingOutput, Runtime
+from haif.runtimes.base import EmbeddingOutput, Runtime, quiet_transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -222,6 +222,7 @@ class EmbeddingsRuntime(Runtime):
         if self.ctx.model.torch_threads:
             torch.set_num_threads(self.ctx.model.torch_threads)
         spec = read_encoder_spec(model_dir)
+        quiet_transformers()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         dtype = getattr(torch, self.ctx.model.dtype)
         model = AutoModel.from_pretrained(str(model_dir), dtype=dtype)

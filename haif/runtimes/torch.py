@@ -42,6 +42,7 @@ from haif.runtimes.base import (
     SamplingParams,
     StopMatcher,
     StreamEvent,
+    quiet_transformers,
 )
 
 if TYPE_CHECKING:
@@ -301,6 +302,7 @@ class TorchRuntime(Runtime):
         if self.ctx.device == "cuda" and not torch.cuda.is_available():
             raise ModelLoadFailed(f"model {self.ctx.model.name!r}: CUDA is not available")
         device = torch.device(self.ctx.device)
+        quiet_transformers()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=getattr(torch, self.ctx.model.dtype)
