@@ -5,7 +5,9 @@ All in one process, on the same bytes, baselines interleaved with HAIF's runs:
 * verify: HAIF hashing a stored blob (streamed) vs ``sha256sum`` of the same file;
 * publish / pull on a local directory: HAIF (hash, copy, verify, fsync, rename) vs a
   plain copy of the same bytes (``shutil.copyfile`` + fsync, as durable as the cache);
-* publish / pull on S3 (a moto server on loopback): HAIF vs s3fs ``put_file`` / ``get_file``;
+* publish / pull on S3 (a moto server on loopback, in a process of its own as S3 would
+  be: in this process it would share the GIL with the transfers it serves): HAIF vs s3fs
+  ``put_file`` / ``get_file``;
 * model start: MiniLM from a warm node cache (manifest signature checked, blobs hit, a
   directory of symlinks, then the embeddings runtime loads) vs the runtime loading the
   same files from a plain local directory. Cold start (pull + verify + load) and a warm
@@ -21,7 +23,9 @@ import argparse
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -164,10 +168,7 @@ def bench_local(work: Path, size_mb: int, rounds: int) -> list[Row]:
 
 
 def bench_s3(work: Path, size_mb: int, rounds: int) -> list[Row]:
-    import logging
-
     import s3fs
-    from moto.server import ThreadedMotoServer
 
     from haif.artifacts import (
         ArtifactRef,
@@ -179,12 +180,14 @@ def bench_s3(work: Path, size_mb: int, rounds: int) -> list[Row]:
         pull,
     )
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
     try:
-        host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}", "key": "bench", "secret": "bench"}
+        _wait_listening(port, server)
+        options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
         fs.mkdir("bench")
         src = work / "s3-model"
@@ -235,7 +238,27 @@ def bench_s3(work: Path, size_mb: int, rounds: int) -> list[Row]:
             ),
         ]
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the moto server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"the moto server did not listen on port {port} within {timeout_s} s")
 
 
 def bench_model_start(work: Path, rounds: int) -> list[Row]:
