@@ -10,8 +10,8 @@ The apps run on one Ray cluster behind the same Serve HTTP proxy, in this script
 * HAIF on PostgreSQL with a concurrency limit (route ``/pgc``): settlement is then
   awaited before the answer (the slot must be free for the client's next request);
 * HAIF with tracing on (route ``/otel``): the no-tenancy path with every process
-  exporting its spans over OTLP/HTTP to a receiver on loopback in this script (the
-  ``haif`` app, tracing off, is its baseline);
+  exporting its spans over OTLP/HTTP to a receiver on loopback, in a process of its own
+  as a collector would be (the ``haif`` app, tracing off, is its baseline);
 * baseline: HTTP proxy → one Serve deployment that returns the same response bytes.
 
 Rounds alternate between them so that drift on a shared machine hits all alike.
@@ -268,13 +268,14 @@ def main() -> None:
     from haif.bootstrap import prepare
     from haif.cli.serve import wait_ready
     from serve_app import build_app, deploy
-    from tests.otlp import OtlpReceiver
+    from tests.otlp import ReceiverProcess
 
     base = f"http://127.0.0.1:{PORT}"
     # A cluster of our own ("local"), never one that happens to run on this machine.
     ray.init(address="local", namespace="haif-bench", include_dashboard=False, log_to_driver=False)
     # Counts what it receives without decoding it: the exporters' cost is what is measured.
-    with _bench_database() as database_url, OtlpReceiver(keep=False) as otlp:
+    # In a process of its own, as a collector is: here it would take this client's GIL.
+    with _bench_database() as database_url, ReceiverProcess() as otlp:
         try:
             config = deploy(_haif_config())
             serve.run(build_app(prepare(_haif_config("haif-otel", otlp_endpoint=otlp.endpoint))),

@@ -156,3 +156,51 @@ class OtlpReceiver:
             if len(spans) >= count or time.monotonic() > deadline:
                 return spans
             time.sleep(0.1)
+
+
+class ReceiverProcess:
+    """An ``OtlpReceiver(keep=False)`` in a process of its own, as a collector would be:
+    a receiver in the benchmark's process would handle exports on the GIL of the client
+    that measures latency. ``requests``/``bytes`` are read when the block ends."""
+
+    def __init__(self) -> None:
+        self.endpoint = ""
+        self.requests = 0
+        self.bytes = 0
+
+    def __enter__(self) -> ReceiverProcess:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        self._proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "tests.otlp"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=Path(__file__).resolve().parent.parent,  # the repository root: `tests` imports
+        )
+        assert self._proc.stdout is not None
+        self.endpoint = self._proc.stdout.readline().strip()
+        if not self.endpoint.startswith("http://"):
+            self._proc.kill()
+            raise RuntimeError(f"the OTLP receiver did not start: {self.endpoint!r}")
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        out, _err = self._proc.communicate(timeout=30)  # closes its stdin: it reports, exits
+        requests, nbytes = out.split()
+        self.requests, self.bytes = int(requests), int(nbytes)
+
+
+def _serve() -> None:
+    """``python -m tests.otlp``: print the endpoint, count exports until stdin closes,
+    then print ``<requests> <bytes>``."""
+    import sys
+
+    with OtlpReceiver(keep=False) as receiver:
+        print(receiver.endpoint, flush=True)
+        sys.stdin.read()
+        print(receiver.requests, receiver.bytes, flush=True)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -350,3 +350,21 @@ def test_a_retry_is_an_event_on_the_route_span(spans: InMemorySpanExporter) -> N
     assert event.attributes["haif.reason"] == "worker_unavailable"
     assert event.attributes["haif.worker"] == "m/local/r/0"
     assert orch.retries == 1
+
+
+def test_the_benchmarks_receiver_process_counts_the_exports_it_answers() -> None:
+    import httpx
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from tests.otlp import ReceiverProcess
+
+    body = ExportTraceServiceRequest().SerializeToString()  # an empty export
+    with ReceiverProcess() as receiver:
+        for _ in range(3):
+            answer = httpx.post(
+                f"{receiver.endpoint}/v1/traces", content=body,
+                headers={"content-type": "application/x-protobuf"},
+            )
+            assert answer.status_code == 200
+        assert httpx.post(f"{receiver.endpoint}/elsewhere", content=b"").status_code == 404
+    assert receiver.requests == 3
