@@ -27,9 +27,9 @@ FinishReason = Literal["stop", "length"]
 
 
 def quiet_transformers() -> None:
-    """No progress bars from ``transformers`` in a serving process: they are noise in the
-    logs, and tqdm's lock has been seen to deadlock a process that loads models on several
-    threads (its ``__del__`` runs during garbage collection while a bar holds the lock)."""
+    """No progress bars from ``transformers`` where HAIF loads models: they are noise in the
+    logs, and a process that loaded models on worker threads was seen to hang for good in
+    tqdm's write lock (a bar's ``__del__``, while loading weights)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
