@@ -209,6 +209,13 @@ class ModelConfig(_Model):
         1, ge=1, le=4096, description="vllm on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
     enforce_eager: bool = Field(False, description="vllm: no CUDA graphs / compilation.")
+    stream_interval: int = Field(
+        1, ge=1, le=1024,
+        description=(
+            "vllm: tokens per streamed piece after the first (vLLM's --stream-interval); "
+            "1 streams every token, more trades smoother streams for throughput."
+        ),
+    )
     task: Literal["generate", "embed"] | None = Field(
         None, description="vllm: serve the model for generation or as a pooling/embedding model."
     )

@@ -47,6 +47,7 @@ def engine_args(ctx_model: Any, model_dir: str, device: str) -> Any:
         "max_model_len": ctx_model.max_model_len,
         "max_num_seqs": ctx_model.max_batch_size,
         "enforce_eager": ctx_model.enforce_eager,
+        "stream_interval": ctx_model.stream_interval,  # the first token always goes at once
         "seed": 0,
     }
     if ctx_model.kind == "embed":

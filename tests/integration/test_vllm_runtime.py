@@ -133,3 +133,14 @@ def test_pooling_model_embeds_like_sentence_transformers() -> None:
     finally:
         loop.run_until_complete(runtime.unload())
         loop.close()
+
+
+def test_stream_interval_reaches_the_engine(tmp_path) -> None:  # noqa: ANN001
+    from haif.runtimes.vllm import engine_args
+
+    default = ModelConfig(name="m", runtime="vllm", path=str(tmp_path))
+    chunky = ModelConfig(name="m", runtime="vllm", path=str(tmp_path), stream_interval=8)
+    assert engine_args(default, str(tmp_path), "cpu").stream_interval == 1  # every token
+    assert engine_args(chunky, str(tmp_path), "cpu").stream_interval == 8
+    with pytest.raises(ValueError, match="stream_interval"):
+        ModelConfig(name="m", runtime="vllm", path=str(tmp_path), stream_interval=0)
