@@ -186,9 +186,17 @@ class ReceiverProcess:
         return self
 
     def __exit__(self, *_: Any) -> None:
-        out, _err = self._proc.communicate(timeout=30)  # closes its stdin: it reports, exits
-        requests, nbytes = out.split()
-        self.requests, self.bytes = int(requests), int(nbytes)
+        import subprocess
+
+        try:
+            out, _err = self._proc.communicate(timeout=30)  # closes its stdin: it reports, exits
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.communicate()
+            return  # the counts stay 0: never mask what the block raised
+        parts = out.split()
+        if len(parts) == 2:
+            self.requests, self.bytes = int(parts[0]), int(parts[1])
 
 
 def _serve() -> None:
