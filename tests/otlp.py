@@ -12,13 +12,15 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+
+from tests.loopback import LoopbackServer
 
 MAX_SPANS = 200_000
 _KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
@@ -86,7 +88,7 @@ def decode(body: bytes) -> list[ReceivedSpan]:
     return out
 
 
-class OtlpReceiver:
+class OtlpReceiver(LoopbackServer):
     """Accepts OTLP/HTTP protobuf exports on loopback. ``endpoint`` is the base URL to
     configure (as ``OTEL_EXPORTER_OTLP_ENDPOINT``); with ``keep=False`` it only counts."""
 
@@ -129,18 +131,7 @@ class OtlpReceiver:
             def log_message(self, *_: Any) -> None:
                 return None
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> OtlpReceiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self.endpoint = self._listen(Handler)
 
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         with self._lock:

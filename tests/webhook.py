@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from tests.loopback import LoopbackServer
 
-class WebhookReceiver:
+
+class WebhookReceiver(LoopbackServer):
     """Accepts POSTed usage batches; answers 503 to the first ``fail_first`` requests."""
 
     def __init__(self, fail_first: int = 2) -> None:
@@ -35,17 +37,7 @@ class WebhookReceiver:
             def log_message(self, *_: Any) -> None:
                 return None
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/usage"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> WebhookReceiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self.url = f"{self._listen(Handler)}/usage"
 
     def records(self) -> dict[str, dict[str, Any]]:
         """Records by job id, de-duplicated by batch id as a receiver should."""
