@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("haif.worker")
 
 _TORCH_RUNTIMES = frozenset({"torch", "embeddings", "vllm"})
+# However many streams share a worker's piece budget, a stream sends a piece at least this often.
+MAX_PIECE_INTERVAL_S = 1.0
 
 
 def _pick_device(runtime: str, gpu_ids: list[Any]) -> str:
@@ -103,6 +105,7 @@ class ModelWorker:
         self._error: str | None = None
         self._device = "cpu"
         self._in_flight = 0
+        self._streams = 0  # streams in flight: they share the model's stream_pieces_per_s
         self._served = 0
         self._cancelled = 0
         self._started = time.time()
@@ -338,9 +341,10 @@ class ModelWorker:
                     started = time.time()
                     # aclosing: a cancelled consumer must free the runtime's batch slot now,
                     # not whenever the generator happens to be garbage-collected.
-                    # coalesce: tokens that pile up while the hops downstream are busy travel
-                    # together, one Ray object instead of one per token.
-                    pieces = coalesce(runtime.stream(prompt, params))
+                    # coalesce: tokens that pile up while the hops downstream are busy, or
+                    # within the model's stream_batch_ms, travel together as one Ray object.
+                    pieces = coalesce(runtime.stream(prompt, params), self._piece_interval_s)
+                    self._streams += 1
                     try:
                         async with contextlib.aclosing(pieces) as events:
                             async for event in events:
@@ -349,6 +353,7 @@ class ModelWorker:
                                 last = event
                                 yield event
                     finally:
+                        self._streams -= 1
                         if last is not None:
                             _usage(streaming, last.prompt_tokens, last.completion_tokens)
                             _usage(span, last.prompt_tokens, last.completion_tokens)
@@ -357,6 +362,15 @@ class ModelWorker:
             finally:
                 if not finished:
                     self._cancelled += 1
+
+    def _piece_interval_s(self) -> float:
+        """How far apart one stream's pieces leave: the model's ``stream_batch_ms``, widened
+        so that all of this worker's streams together send at most ``stream_pieces_per_s``
+        pieces a second (never beyond ``MAX_PIECE_INTERVAL_S``)."""
+        interval = self.model.stream_batch_ms / 1000
+        if self.model.stream_pieces_per_s:
+            interval = max(interval, self._streams / self.model.stream_pieces_per_s)
+        return min(interval, MAX_PIECE_INTERVAL_S)
 
     async def embed(self, item: WorkItem) -> EmbeddingResult:
         with self._serving(item, "embed") as span:

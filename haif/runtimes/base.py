@@ -12,7 +12,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -207,17 +208,30 @@ class StopMatcher:
         return out
 
 
-async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+def _ends_stream(item: StreamEvent | BaseException | None) -> bool:
+    return not isinstance(item, StreamEvent) or item.finish_reason is not None
+
+
+async def coalesce(
+    events: AsyncIterator[StreamEvent],
+    min_interval_s: float | Callable[[], float] = 0.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[StreamEvent]:
     """Merge the events that pile up while the consumer is busy into one.
 
-    Every event yielded by a worker becomes a Ray object that crosses three hops; when
-    the consumer (that chain) is slower than the engine, forwarding tokens one by one
-    costs CPU the engine needs. This reader drains ``events`` into a queue and hands
-    over everything that is there, so a fast consumer still sees every token as soon
-    as it exists, and a slow one sees fewer, larger pieces. Closing the returned
-    generator closes ``events``.
+    Every event yielded by a worker becomes a Ray object that crosses four hops (worker,
+    Orchestrator, Gateway, Bridge, HTTP proxy); forwarding tokens one by one costs CPU
+    the engine needs. This reader drains ``events`` into a queue and hands over
+    everything that is there: a slow consumer sees fewer, larger pieces.
+
+    With ``min_interval_s`` > 0 (the model's ``stream_batch_ms``), the first piece leaves
+    at once and each later one no sooner than ``min_interval_s`` after the one before,
+    with every token that arrived in between; the piece that ends the stream (finish
+    reason, error or end) leaves as soon as it exists. 0 hands each event over as soon
+    as the consumer takes it. Closing the returned generator closes ``events``.
     """
     queue: asyncio.Queue[StreamEvent | BaseException | None] = asyncio.Queue()
+    ended = asyncio.Event()
 
     async def pump() -> None:
         try:
@@ -229,11 +243,21 @@ async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEv
             raise
         except BaseException as exc:  # handed to the consumer, which re-raises it
             queue.put_nowait(exc)
+        finally:
+            ended.set()
 
     task = asyncio.ensure_future(pump())
+    last_sent: float | None = None
     try:
         while True:
             item = await queue.get()
+            interval_s = min_interval_s() if callable(min_interval_s) else min_interval_s
+            if interval_s > 0 and last_sent is not None and not _ends_stream(item):
+                wait_s = last_sent + interval_s - clock()
+                if wait_s > 0:
+                    # Woken early when the stream ends: its last piece never waits.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ended.wait(), wait_s)
             merged: StreamEvent | None = None
             while True:
                 if item is None or isinstance(item, BaseException):
@@ -248,6 +272,7 @@ async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEv
                 if queue.empty():
                     break
                 item = queue.get_nowait()
+            last_sent = clock()
             yield merged
     finally:
         if not task.done():
