@@ -262,10 +262,11 @@ class Orchestrator:
         return Route(tier=tier, regions=(self._config.home_region(tenant),))
 
     async def _attempt_failed(
-        self, pool: ModelPool, slot: WorkerSlot, exc: Exception, item: WorkItem, sent: float, attempts: int
+        self, pool: ModelPool, slot: WorkerSlot, actor: Any, exc: Exception, item: WorkItem, sent: float,
+        attempts: int,
     ) -> None:
         """Raise the typed error of a failed attempt when it is final; else back off."""
-        err, retry = self._failure(pool, slot, exc, item, sent)
+        err, retry = self._failure(pool, slot, actor, exc, item, sent)
         if not retry:
             err.attempts = attempts  # type: ignore[attr-defined]
             raise err
@@ -295,7 +296,7 @@ class Orchestrator:
         await asyncio.sleep(delay)
 
     def _failure(
-        self, pool: ModelPool, slot: WorkerSlot, exc: Exception, item: WorkItem, sent: float
+        self, pool: ModelPool, slot: WorkerSlot, actor: Any, exc: Exception, item: WorkItem, sent: float
     ) -> tuple[HaifError, bool]:
         """The typed error of a failed attempt, and whether another attempt is safe.
 
@@ -303,27 +304,42 @@ class Orchestrator:
         unavailable), and a dead worker when this Orchestrator knew it was dead before the
         request was sent. A request that may already have run on a worker that died or
         failed unexpectedly is retried only when it carries an idempotency key.
+
+        ``actor`` is the worker the attempt went to. When the slot holds another one by now
+        (the first died and was replaced while this request was failing), the failure says
+        nothing about the replacement: its breaker and state are left alone.
         """
         idempotent = item.ctx.idempotency_key is not None
+        current = slot.actor is actor
+
+        def breaker_says(worker_ok: bool) -> None:
+            if not current:
+                return
+            if worker_ok:
+                slot.breaker.success()
+            else:
+                slot.breaker.failure()
+
         if isinstance(exc, _ACTOR_GONE):
             known_dead_before = slot.died_at is not None and slot.died_at < sent
-            self._dead(pool, slot, type(exc).__name__)
+            if current:
+                self._dead(pool, slot, type(exc).__name__)
             return WorkerUnavailable(
                 f"the worker serving {item.model!r} died; retry (send an Idempotency-Key to let HAIF retry)"
             ), idempotent or known_dead_before
         cause = unwrap(exc)
         if not isinstance(cause, HaifError):  # a Ray system error: the task may have run
-            slot.breaker.failure()
+            breaker_says(False)
             logger.error("unexpected worker failure: %r", exc)
             return WorkerUnavailable(f"worker failed: {type(cause).__name__}"), idempotent
         if isinstance(cause, RetryableError):  # raised by the worker before any work
             if isinstance(cause, WorkerUnavailable):
-                slot.breaker.failure()
+                breaker_says(False)
             return cause, True
         if isinstance(cause, InternalError):  # the worker failed while working on it
-            slot.breaker.failure()
+            breaker_says(False)
             return cause, idempotent
-        slot.breaker.success()  # a request error: the worker itself is fine
+        breaker_says(True)  # a request error: the worker itself is fine
         return cause, False
 
     async def _unary(self, item: WorkItem, kind: str, method: str) -> Dispatched:
@@ -343,8 +359,8 @@ class Orchestrator:
             slot = await self._acquire(pool, route, item, avoid, attempts)
             if slot is None:
                 continue
-            sent = time.monotonic()
-            ref = getattr(slot.actor, method).remote(tracing.handoff(item))
+            sent, actor = time.monotonic(), slot.actor
+            ref = getattr(actor, method).remote(tracing.handoff(item))
             try:
                 value = await asyncio.wait_for(_resolve(ref), timeout=item.ctx.remaining_s())
             except TimeoutError:
@@ -358,10 +374,11 @@ class Orchestrator:
             except Exception as exc:
                 pool.release(slot)
                 avoid.add(slot.worker_id)
-                await self._attempt_failed(pool, slot, exc, item, sent, attempts)
+                await self._attempt_failed(pool, slot, actor, exc, item, sent, attempts)
                 continue
             pool.release(slot)
-            slot.breaker.success()
+            if slot.actor is actor:
+                slot.breaker.success()
             return Dispatched(slot.worker_id, slot.region, attempts, value)
 
     async def _acquire(
@@ -403,8 +420,8 @@ class Orchestrator:
             slot = await self._acquire(pool, route, item, avoid, attempts)
             if slot is None:
                 continue
-            sent = time.monotonic()
-            gen = slot.actor.generate_stream.options(num_returns="streaming").remote(tracing.handoff(item))
+            sent, actor = time.monotonic(), slot.actor
+            gen = actor.generate_stream.options(num_returns="streaming").remote(tracing.handoff(item))
             started = finished = False
             failure: Exception | None = None
             try:
@@ -419,7 +436,7 @@ class Orchestrator:
                         raise _deadline(item) from None
                     except Exception as exc:
                         if started:
-                            raise self._failure(pool, slot, exc, item, sent)[0] from None
+                            raise self._failure(pool, slot, actor, exc, item, sent)[0] from None
                         failure = exc
                         break
                     if not started:
@@ -432,14 +449,15 @@ class Orchestrator:
                     # Client gone, deadline passed or error: stop the generation on the worker.
                     ray.cancel(gen)
             if finished:
-                slot.breaker.success()
+                if slot.actor is actor:
+                    slot.breaker.success()
                 if not started:
                     yield Dispatched(slot.worker_id, slot.region, attempts)
                 return
             if failure is None:
                 raise InternalError("a stream attempt ended neither finished nor failed")
             avoid.add(slot.worker_id)
-            await self._attempt_failed(pool, slot, failure, item, sent, attempts)
+            await self._attempt_failed(pool, slot, actor, failure, item, sent, attempts)
 
 
 def _tensor_parallel_strategy(plan: Placement) -> Any:

@@ -266,14 +266,41 @@ def test_what_is_retried() -> None:
         (DeadlineExceeded("late"), "k1", False),
     ]
     for exc, key, retry in cases:
-        err, decided = orch._failure(pool, slot, exc, _item(key), sent)
+        err, decided = orch._failure(pool, slot, slot.actor, exc, _item(key), sent)
         assert (type(err), decided) == (type(exc), retry), exc
     # A worker that died mid-request: retried only with a key...
-    err, decided = orch._failure(pool, slot, ActorDiedError(), _item(None), sent)
+    err, decided = orch._failure(pool, slot, slot.actor, ActorDiedError(), _item(None), sent)
     assert isinstance(err, WorkerUnavailable) and not decided and slot.state == "dead"
     # ...unless it was known dead before the request was sent (it cannot have run).
-    err, decided = orch._failure(pool, slot, ActorDiedError(), _item(None), time.monotonic())
+    err, decided = orch._failure(pool, slot, slot.actor, ActorDiedError(), _item(None), time.monotonic())
     assert decided
+
+
+def test_late_failures_of_a_replaced_worker_leave_its_replacement_alone() -> None:
+    """Requests that were on a worker when it died can fail after its replacement started:
+    they must neither open the replacement's breaker nor mark it dead."""
+    from ray.exceptions import ActorDiedError
+
+    from haif.exceptions import InternalError
+
+    orch = _orchestrator()
+    pool = _pool([("w1", "a", SHARED_TIER)])
+    slot = pool.slots[0]
+    old, sent = object(), time.monotonic()
+    slot.actor = old
+    pool.mark_dead(slot, "SIGKILL", 30)
+    slot.actor, slot.generation, slot.state = object(), 1, "loading"  # the replacement
+    slot.breaker = new_breaker(ResilienceConfig())
+    for _ in range(ResilienceConfig().breaker_failure_threshold + 1):
+        err, retry = orch._failure(pool, slot, old, InternalError("lost"), _item("k"), sent)
+        assert isinstance(err, InternalError) and retry  # still the old request's answer
+    err, retry = orch._failure(pool, slot, old, ActorDiedError(), _item(None), sent)
+    assert isinstance(err, WorkerUnavailable) and not retry  # it may have run: no key, no retry
+    assert slot.state == "loading" and slot.breaker.allows()
+    # The same failures from the current worker do count.
+    for _ in range(ResilienceConfig().breaker_failure_threshold):
+        orch._failure(pool, slot, slot.actor, InternalError("lost"), _item("k"), sent)
+    assert not slot.breaker.allows()
 
 
 def test_requests_wait_for_the_replacement_when_every_worker_died() -> None:

@@ -340,7 +340,7 @@ def test_a_retry_is_an_event_on_the_route_span(spans: InMemorySpanExporter) -> N
 
     async def attempt() -> None:
         with tracing.span("orchestrator.route", item.ctx):
-            await orch._attempt_failed(pool, slot, WorkerUnavailable("draining"), item, 0.0, 1)
+            await orch._attempt_failed(pool, slot, slot.actor, WorkerUnavailable("draining"), item, 0.0, 1)
 
     asyncio.run(attempt())
     (route,) = [s for s in spans.get_finished_spans() if s.name == "orchestrator.route"]
