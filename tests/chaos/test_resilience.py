@@ -94,7 +94,10 @@ def test_a_full_queue_answers_429_at_once(chaos_haif: Deployment, chaos_orchestr
     held, refused = asyncio.run(scenario())
     assert [o.status for o in held] == [200, 200, 200], "queued requests are served, not dropped"
     assert {(o.status, o.code) for o in refused} == {(429, "overloaded")}
-    assert statistics.median(o.elapsed for o in refused) < 0.1, [round(o.elapsed, 3) for o in refused]
+    # "At once": far sooner than a queued request could be answered (a held one takes
+    # 12 tokens x 100 ms = 1.2 s); not a fixed 0.1 s, which a loaded CI machine exceeds.
+    bound = min(0.5, min(o.elapsed for o in held) / 3)
+    assert statistics.median(o.elapsed for o in refused) < bound, [round(o.elapsed, 3) for o in refused]
 
 
 def _pg_rows(pg_url: str, query: str, *args: object) -> list[tuple]:
