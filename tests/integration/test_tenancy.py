@@ -12,6 +12,7 @@ import io
 import json
 import time
 import uuid
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -91,29 +92,46 @@ def assert_429(resp: httpx.Response) -> None:
 # --- quotas under concurrency -----------------------------------------------------------------
 
 
+def both_gateways(burst_once: Callable[[], set[str]], tries: int = 3) -> None:
+    """Run ``burst_once`` (which checks that the books are exact and returns the Gateway
+    replicas that admitted its requests) until both replicas took part in one burst.
+
+    Serve spreads requests over the replicas, but on a loaded machine one of them can win
+    all of a burst's admissions; every try still checks exactness, and the quota must be
+    seen holding across two replicas in at least one of them."""
+    seen = [burst_once()]
+    while len(seen[-1]) < 2 and len(seen) < tries:
+        seen.append(burst_once())
+    assert len(seen[-1]) == 2, f"the admitting Gateway replicas in {tries} bursts: {seen}"
+
+
 def test_200_concurrent_requests_50_allowed_per_minute(
     haif: Deployment, store_env: dict, db
 ) -> None:  # noqa: ANN001
     """Requests per minute on Redis, across both Gateway replicas: exactly 50 pass."""
-    tenant = new_tenant(store_env, "--requests-per-minute", "50")
-    token = new_token(store_env, tenant)
-    body = {"model": "echo", "prompt": "one two three four five six", "max_tokens": 4}
-    responses = asyncio.run(burst(haif.url, token, body, 200))
-    ok = [r for r in responses if r.status_code == 200]
-    assert len(ok) == 50, sorted({r.status_code for r in responses})
-    for r in responses:
-        if r.status_code != 200:
-            assert_429(r)
-    # Recorded usage equals what was served (settlement may finish just after the answer).
-    served_usage = sorted(
-        (r.json()["id"], r.json()["usage"]["prompt_tokens"], r.json()["usage"]["completion_tokens"])
-        for r in ok
-    )
-    wait_for(lambda: len(tenant_usage(db, tenant)) == 50, 30, what="50 usage records")
-    assert sorted(tenant_usage(db, tenant)) == served_usage
-    jobs = tenant_jobs(db, tenant)
-    assert len(jobs) == 50 and {j.state for j in jobs} == {"succeeded"}
-    assert len({j.gateway for j in jobs}) == 2, "both Gateway replicas admitted requests"
+
+    def burst_once() -> set[str]:
+        tenant = new_tenant(store_env, "--requests-per-minute", "50")
+        token = new_token(store_env, tenant)
+        body = {"model": "echo", "prompt": "one two three four five six", "max_tokens": 4}
+        responses = asyncio.run(burst(haif.url, token, body, 200))
+        ok = [r for r in responses if r.status_code == 200]
+        assert len(ok) == 50, sorted({r.status_code for r in responses})
+        for r in responses:
+            if r.status_code != 200:
+                assert_429(r)
+        # Recorded usage equals what was served (settlement may finish just after the answer).
+        served_usage = sorted(
+            (r.json()["id"], r.json()["usage"]["prompt_tokens"], r.json()["usage"]["completion_tokens"])
+            for r in ok
+        )
+        wait_for(lambda: len(tenant_usage(db, tenant)) == 50, 30, what="50 usage records")
+        assert sorted(tenant_usage(db, tenant)) == served_usage
+        jobs = tenant_jobs(db, tenant)
+        assert len(jobs) == 50 and {j.state for j in jobs} == {"succeeded"}
+        return {j.gateway for j in jobs}
+
+    both_gateways(burst_once)
 
 
 def test_200_concurrent_requests_50_fit_tokens_per_minute_on_postgres(
@@ -126,29 +144,33 @@ def test_200_concurrent_requests_50_fit_tokens_per_minute_on_postgres(
     Each request reserves exactly what it uses (8 prompt tokens, estimated from 32 bytes,
     plus max_tokens 4, all generated), so exactly 50 x 12 tokens fit a limit of 600.
     """
-    tenant = new_tenant(store_env, "--tokens-per-minute", "600")
-    token = new_token(store_env, tenant)
-    body = {"model": "echo", "prompt": "abc " * 8, "max_tokens": 4}
-    responses = asyncio.run(burst(haif.url, token, body, 200))
-    ok = [r for r in responses if r.status_code == 200]
-    assert len(ok) == 50, sorted({r.status_code for r in responses})
-    for r in ok:
-        assert r.json()["usage"] == {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}
-    for r in responses:
-        if r.status_code != 200:
-            assert_429(r)
-    wait_for(lambda: len(tenant_usage(db, tenant)) == 50, 30, what="50 usage records")
-    assert sum(p + c for _, p, c in tenant_usage(db, tenant)) == 600
-    assert len({j.gateway for j in tenant_jobs(db, tenant)}) == 2
-    with db.connect() as conn:
-        row = conn.execute(
-            text(
-                "SELECT q.minute_tokens, q.in_flight FROM quotas q JOIN tenants t ON t.id = q.tenant_id "
-                "WHERE t.name = :n"
-            ),
-            {"n": tenant},
-        ).one()
-    assert tuple(row) == (600, 0)
+
+    def burst_once() -> set[str]:
+        tenant = new_tenant(store_env, "--tokens-per-minute", "600")
+        token = new_token(store_env, tenant)
+        body = {"model": "echo", "prompt": "abc " * 8, "max_tokens": 4}
+        responses = asyncio.run(burst(haif.url, token, body, 200))
+        ok = [r for r in responses if r.status_code == 200]
+        assert len(ok) == 50, sorted({r.status_code for r in responses})
+        for r in ok:
+            assert r.json()["usage"] == {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}
+        for r in responses:
+            if r.status_code != 200:
+                assert_429(r)
+        wait_for(lambda: len(tenant_usage(db, tenant)) == 50, 30, what="50 usage records")
+        assert sum(p + c for _, p, c in tenant_usage(db, tenant)) == 600
+        with db.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT q.minute_tokens, q.in_flight FROM quotas q JOIN tenants t ON t.id = q.tenant_id "
+                    "WHERE t.name = :n"
+                ),
+                {"n": tenant},
+            ).one()
+        assert tuple(row) == (600, 0)
+        return {j.gateway for j in tenant_jobs(db, tenant)}
+
+    both_gateways(burst_once)
 
 
 def test_max_concurrent_slots_are_released(haif: Deployment, store_env: dict) -> None:
