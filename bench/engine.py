@@ -152,28 +152,19 @@ def run_haif(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
         ray.shutdown()
 
 
-def variant(args: argparse.Namespace) -> str:
-    """What this run changes from both servers' defaults ('' when nothing): names its rows
-    and its JSON file. The targets are for the defaults only."""
-    parts = []
+def variant(args: argparse.Namespace) -> tuple[str, str]:
+    """What this run changes from both servers' defaults: the label of its rows ('' when
+    nothing) and the name of its JSON file. The targets are for the defaults only."""
+    changes: list[tuple[str, str]] = []  # (row label, file tag)
     if args.stream_interval > 1:
-        parts.append(f"stream interval {args.stream_interval} on both sides")
-    if args.stream_batch_ms is not None:
-        parts.append("HAIF token by token" if args.stream_batch_ms == 0 else f"HAIF stream_batch_ms {args.stream_batch_ms:g}")
+        changes.append((f"stream interval {args.stream_interval} on both sides", f"interval{args.stream_interval}"))
+    if args.stream_batch_ms == 0:
+        changes.append(("HAIF token by token", "tokenwise"))
+    elif args.stream_batch_ms is not None:
+        changes.append((f"HAIF stream_batch_ms {args.stream_batch_ms:g}", f"batch{args.stream_batch_ms:g}ms"))
     if args.stream_pieces_per_s is not None:
-        parts.append(f"HAIF stream_pieces_per_s {args.stream_pieces_per_s:g}")
-    return ", ".join(parts)
-
-
-def result_name(args: argparse.Namespace) -> str:
-    tags = []
-    if args.stream_interval > 1:
-        tags.append(f"interval{args.stream_interval}")
-    if args.stream_batch_ms is not None:
-        tags.append("tokenwise" if args.stream_batch_ms == 0 else f"batch{args.stream_batch_ms:g}ms")
-    if args.stream_pieces_per_s is not None:
-        tags.append(f"pieces{args.stream_pieces_per_s:g}")
-    return "_".join([BENCH, *tags])
+        changes.append((f"HAIF stream_pieces_per_s {args.stream_pieces_per_s:g}", f"pieces{args.stream_pieces_per_s:g}"))
+    return ", ".join(label for label, _ in changes), "_".join([BENCH, *(tag for _, tag in changes)])
 
 
 def rows_for(haif: list[LevelResult], base: list[LevelResult], device: str, variant: str = "") -> list[Row]:
@@ -252,9 +243,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = run_vllm_serve(model_dir, args)
     haif = run_haif(model_dir, args)
-    rows = rows_for(haif, base, device, variant(args))
+    label, name = variant(args)
+    rows = rows_for(haif, base, device, label)
     print_table(f"engine: tiny-llama, HAIF vllm runtime vs vllm serve ({device})", rows)
-    name = result_name(args)
     path = write_results(name, rows)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(haif, base, RESULTS_DIR / f"{name}.png")
