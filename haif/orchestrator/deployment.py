@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -64,6 +65,7 @@ class Orchestrator:
         self._remote_worker = ray.remote(ModelWorker)
         self._replica = replica
         self._health_task: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[None]] = set()  # replacement loads being awaited
         self.retries = 0
         self.replacements = 0
         self._metrics_target = MetricsTarget.from_config(config)
@@ -138,6 +140,25 @@ class Orchestrator:
         slot.load_ref = slot.actor.load.remote(self._config.limits.object_ref_threshold_bytes)
         slot.state, slot.load_started, slot.probe_failures = "loading", time.monotonic(), 0
         slot.breaker = new_breaker(self._res)
+        self._settle_when_loaded(pool, slot.load_ref)
+
+    def _settle_when_loaded(self, pool: ModelPool, load_ref: Any) -> None:
+        """Take a worker into routing as soon as its load() returns, not at the next health
+        round: a replacement serves the moment it is ready. (Workers started while the
+        replica is constructed, outside the event loop, are settled by the health loop.)"""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        async def settle() -> None:
+            with contextlib.suppress(Exception):  # refresh() records a failed load
+                await load_ref
+            pool.refresh()
+
+        task = loop.create_task(settle())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     # --- health ----------------------------------------------------------------------
 
@@ -228,7 +249,12 @@ class Orchestrator:
 
     async def workers_info(self, model: str | None = None) -> list[dict[str, Any]]:
         """Each live worker's own report (placement, GPU ids, load) and its region; dead ones,
-        and ones that do not answer within the health-check timeout, are skipped."""
+        and ones that do not answer within the health-check timeout, are skipped.
+
+        ``state`` is the worker's own; ``routed`` says whether this Orchestrator sends it
+        requests now (its load settled here and its circuit breaker allows calls)."""
+        for p in self._pools.values():
+            p.refresh()
         slots = [s for name, p in self._pools.items() if model in (None, name) for s in p.slots]
         # Bounded: a replacement waiting for its region's node to come back never answers.
         timeout = self._res.health_check_timeout_s
@@ -238,7 +264,7 @@ class Orchestrator:
         )
         return [
             {**info, "region": slot.region, "tier": slot.tier, "assigned": slot.in_flight,
-             "breaker": slot.breaker.state.name.lower()}
+             "breaker": slot.breaker.state.name.lower(), "routed": slot.live()}
             for slot, info in zip(slots, infos, strict=True)
             if isinstance(info, dict)
         ]

@@ -154,9 +154,10 @@ def test_b_worker_killed_under_load(
     # records say so (the victim held requests; 13 keyed ones went to two workers).
     assert max(r[3] for r in rows) >= 2, rows
 
-    # A replacement worker takes the dead one's place and serves.
+    # A replacement worker takes the dead one's place and serves: ready by its own report
+    # and routed by the Orchestrator (its load settles there the moment it returns).
     wait_for(
-        lambda: sum(w["state"] == "ready" for w in _workers(chaos_orchestrator, "pool2")) == 2
+        lambda: sum(w["state"] == "ready" and w["routed"] for w in _workers(chaos_orchestrator, "pool2")) == 2
         and any("#" in w["worker_id"] for w in _workers(chaos_orchestrator, "pool2")),
         60, 0.2, "a replacement pool2 worker",
     )
@@ -168,7 +169,7 @@ def test_b_worker_killed_under_load(
     assert [o.status for o in asyncio.run(after())] == [200] * 6
     workers = _workers(chaos_orchestrator, "pool2")
     assert any("#" in w["worker_id"] and w["served"] > 0 for w in workers), [
-        {k: w.get(k) for k in ("worker_id", "served", "assigned", "breaker", "in_flight")} for w in workers
+        {k: w.get(k) for k in ("worker_id", "served", "assigned", "breaker", "routed", "in_flight")} for w in workers
     ]
 
 

@@ -327,3 +327,43 @@ def test_a_worker_that_ran_long_is_not_a_crash_loop() -> None:
         pool.mark_dead(slot, "crash", replacement_backoff_max_s=1.0)
         slot.state, slot.ready_since = "ready", time.monotonic() - 5  # replaced, then up for 5 s
     assert slot.deaths == 1 and slot.replace_at == slot.died_at
+
+
+def test_a_replacement_is_routed_as_soon_as_its_load_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not at the next health round: requests sent right after the load reach it."""
+    import types
+
+    from haif.orchestrator import pool as pool_module
+
+    # ray.wait / ray.get over plain futures: the pool's settling logic, without a cluster.
+    fake_ray = types.SimpleNamespace(
+        wait=lambda refs, num_returns, timeout: ([r for r in refs if r.done()], [r for r in refs if not r.done()]),
+        get=lambda ref: ref.result(),
+        kill=lambda actor: None,
+    )
+    monkeypatch.setattr(pool_module, "ray", fake_ray)
+
+    async def scenario() -> None:
+        orch = _orchestrator()
+        orch._settling = set()
+        pool = _pool([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
+        slot = pool.slots[1]
+        pool.mark_dead(slot, "SIGKILL", 30)
+        load = asyncio.get_running_loop().create_future()
+        slot.state, slot.generation, slot.load_ref = "loading", 1, load
+        slot.breaker = new_breaker(ResilienceConfig())
+        orch._settle_when_loaded(pool, load)
+        await asyncio.sleep(0.01)
+        assert slot.state == "loading"
+        load.set_result(None)
+        await asyncio.sleep(0.01)  # no health round runs in this test
+        assert slot.state == "ready" and slot.live() and not orch._settling
+        # A failed load is recorded the same way.
+        broken = asyncio.get_running_loop().create_future()
+        slot.state, slot.load_ref = "loading", broken
+        orch._settle_when_loaded(pool, broken)
+        broken.set_exception(RuntimeError("weights missing"))
+        await asyncio.sleep(0.01)
+        assert slot.state == "failed" and "weights missing" in (slot.error or "")
+
+    asyncio.run(scenario())
