@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from actors.loaded import LoadedModel, LoadedModels
+from haif.config import CPU_STREAM_PIECES_PER_S
 from haif.envelope import EmbeddingResult
 from haif.exceptions import (
     ConfigError,
@@ -368,9 +369,17 @@ class ModelWorker:
         so that all of this worker's streams together send at most ``stream_pieces_per_s``
         pieces a second (never beyond ``MAX_PIECE_INTERVAL_S``)."""
         interval = self.model.stream_batch_ms / 1000
-        if self.model.stream_pieces_per_s:
-            interval = max(interval, self._streams / self.model.stream_pieces_per_s)
+        budget = self.pieces_per_s
+        if budget:
+            interval = max(interval, self._streams / budget)
         return min(interval, MAX_PIECE_INTERVAL_S)
+
+    @property
+    def pieces_per_s(self) -> float:
+        """The model's ``stream_pieces_per_s``; unset, a bound on CPU workers only."""
+        if self.model.stream_pieces_per_s is not None:
+            return self.model.stream_pieces_per_s
+        return CPU_STREAM_PIECES_PER_S if self._device == "cpu" else 0.0
 
     async def embed(self, item: WorkItem) -> EmbeddingResult:
         with self._serving(item, "embed") as span:

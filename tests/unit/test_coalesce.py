@@ -115,3 +115,25 @@ def test_stream_pacing_is_bounded_in_the_config(field: str) -> None:
     assert getattr(ModelConfig(name="m", runtime="echo", **{field: 0}), field) == 0
     with pytest.raises(ValueError, match=field):
         ModelConfig(name="m", runtime="echo", **{field: -1})
+
+
+def _worker(device: str, streams: int, **model: object):  # noqa: ANN202
+    from actors.worker import ModelWorker
+
+    worker = ModelWorker.__new__(ModelWorker)  # the pacing arithmetic alone: no Ray
+    worker.model = ModelConfig(name="m", runtime="echo", **model)
+    worker._device, worker._streams = device, streams
+    return worker
+
+
+def test_a_cpu_worker_shares_a_piece_budget_and_a_gpu_worker_has_none_by_default() -> None:
+    from actors.worker import MAX_PIECE_INTERVAL_S
+    from haif.config import CPU_STREAM_PIECES_PER_S, STREAM_BATCH_MS
+
+    assert _worker("cpu", 1)._piece_interval_s() == STREAM_BATCH_MS / 1000  # one stream: its own pace
+    assert _worker("cpu", 32)._piece_interval_s() == pytest.approx(32 / CPU_STREAM_PIECES_PER_S)
+    assert _worker("cpu", 10_000)._piece_interval_s() == MAX_PIECE_INTERVAL_S  # never slower than that
+    assert _worker("cuda", 32)._piece_interval_s() == STREAM_BATCH_MS / 1000
+    # Set explicitly, the model's own value holds on either device (0: no bound).
+    assert _worker("cpu", 32, stream_pieces_per_s=0)._piece_interval_s() == STREAM_BATCH_MS / 1000
+    assert _worker("cuda", 32, stream_pieces_per_s=64)._piece_interval_s() == pytest.approx(0.5)
