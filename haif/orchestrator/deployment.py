@@ -386,7 +386,11 @@ class Orchestrator:
             if slot is None:
                 continue
             sent, actor = time.monotonic(), slot.actor
-            ref = getattr(actor, method).remote(tracing.handoff(item))
+            try:
+                ref = getattr(actor, method).remote(tracing.handoff(item))
+            except BaseException:  # not sent (the item did not serialize...): the slot is free
+                pool.release(slot)
+                raise
             try:
                 value = await asyncio.wait_for(_resolve(ref), timeout=item.ctx.remaining_s())
             except TimeoutError:
@@ -447,7 +451,11 @@ class Orchestrator:
             if slot is None:
                 continue
             sent, actor = time.monotonic(), slot.actor
-            gen = actor.generate_stream.options(num_returns="streaming").remote(tracing.handoff(item))
+            try:
+                gen = actor.generate_stream.options(num_returns="streaming").remote(tracing.handoff(item))
+            except BaseException:  # not sent: the slot is free
+                pool.release(slot)
+                raise
             started = finished = False
             failure: Exception | None = None
             try:

@@ -367,3 +367,31 @@ def test_a_replacement_is_routed_as_soon_as_its_load_returns(monkeypatch: pytest
         assert slot.state == "failed" and "weights missing" in (slot.error or "")
 
     asyncio.run(scenario())
+
+
+def test_a_call_that_cannot_be_sent_gives_its_worker_slot_back() -> None:
+    """`.remote()` itself can raise (an argument Ray cannot serialize): the in-flight
+    count taken for the call is returned, or the worker would look busy for good."""
+    import types
+
+    from haif.exceptions import InternalError
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise InternalError("cannot serialize the request")
+
+    method = types.SimpleNamespace(remote=refuse, options=lambda **_: types.SimpleNamespace(remote=refuse))
+    orch = _orchestrator()
+    orch._config = HaifConfig.model_validate({"models": [{"name": "m", "runtime": "echo"}]})
+    pool = _pool([("w1", "a", SHARED_TIER)])
+    pool.slots[0].actor = types.SimpleNamespace(generate=method, generate_stream=method)
+    orch._pools, orch._health_task = {"m": pool}, None
+
+    async def scenario() -> None:
+        with pytest.raises(InternalError):
+            await orch._unary_attempts(_item(None), "generate", "generate")
+        with pytest.raises(InternalError):
+            async for _ in orch._stream_attempts(_item(None)):
+                pass
+
+    asyncio.run(scenario())
+    assert pool.slots[0].in_flight == 0
