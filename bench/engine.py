@@ -90,6 +90,8 @@ def vllm_serve(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
         cmd.append("--enforce-eager")
     if args.stream_interval > 1:
         cmd += ["--stream-interval", str(args.stream_interval)]
+    if args.device == "cuda":  # both engines share the GPU for the whole run
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -121,6 +123,7 @@ def _haif_config(model_dir: str, args: argparse.Namespace, port: int) -> Any:
                 num_cpus=float(os.cpu_count() or 1),
                 dtype=args.dtype, max_model_len=args.max_model_len, max_batch_size=args.max_num_seqs,
                 enforce_eager=args.enforce_eager, kv_cache_space_gib=args.kv_cache_gib,
+                gpu_memory_utilization=args.gpu_memory_utilization,
                 stream_interval=args.stream_interval,
                 **{k: v for k in ("stream_batch_ms", "stream_pieces_per_s")
                    if (v := getattr(args, k)) is not None},
@@ -240,6 +243,10 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-gib", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.4,
+        help="GPU: each engine's share of the GPU's memory (both servers are up at once)",
+    )
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--stream-interval", type=int, default=1,
@@ -261,7 +268,7 @@ def main() -> None:
     model_dir = str(build_tiny_llama(Path(args.model_dir)).resolve())
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device = "cuda" if torch.cuda.is_available() else "cpu"
     with vllm_serve(model_dir, args) as base_url, haif(model_dir, args) as haif_url:
         haif_results, base = measure(haif_url, base_url, args)
     label, name = variant(args)
