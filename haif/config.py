@@ -141,7 +141,7 @@ class RayConfig(_Model):
 STREAM_BATCH_MS = 50.0
 # On a CPU worker the engine computes on the cores the hops use too: past this many pieces
 # a second (each costs a few ms of CPU over the hops), a worker's streams share this
-# budget instead of starving the engine (bench/engine.py: 3x the tokens/s at 32 streams).
+# budget instead of starving the engine (bench/engine.py: 2x the tokens/s at 32 streams).
 CPU_STREAM_PIECES_PER_S = 100.0
 ARTIFACT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 NAME_VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}:[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"

@@ -156,11 +156,13 @@ def test_b_worker_killed_under_load(
 
     # A replacement worker takes the dead one's place and serves: ready by its own report
     # and routed by the Orchestrator (its load settles there the moment it returns).
-    wait_for(
-        lambda: sum(w["state"] == "ready" and w["routed"] for w in _workers(chaos_orchestrator, "pool2")) == 2
-        and any("#" in w["worker_id"] for w in _workers(chaos_orchestrator, "pool2")),
-        60, 0.2, "a replacement pool2 worker",
-    )
+    def replaced() -> bool:
+        workers = _workers(chaos_orchestrator, "pool2")
+        return sum(w["state"] == "ready" and w["routed"] for w in workers) == 2 and any(
+            "#" in w["worker_id"] for w in workers
+        )
+
+    wait_for(replaced, 60, 0.2, "a replacement pool2 worker")
 
     async def after() -> list[Outcome]:
         async with _client(chaos_haif) as client:
@@ -168,8 +170,9 @@ def test_b_worker_killed_under_load(
 
     assert [o.status for o in asyncio.run(after())] == [200] * 6
     workers = _workers(chaos_orchestrator, "pool2")
+    shown = ("worker_id", "served", "assigned", "breaker", "routed", "in_flight")
     assert any("#" in w["worker_id"] and w["served"] > 0 for w in workers), [
-        {k: w.get(k) for k in ("worker_id", "served", "assigned", "breaker", "routed", "in_flight")} for w in workers
+        {k: w.get(k) for k in shown} for w in workers
     ]
 
 
