@@ -262,6 +262,8 @@ def main() -> None:
         help="HAIF side: the model's stream_pieces_per_s (default: the config's; 0 = no bound)",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     from haif.devmodels.tiny_llama import build_tiny_llama
 
