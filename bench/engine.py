@@ -161,10 +161,10 @@ def measure(haif_url: str, base_url: str, args: argparse.Namespace) -> tuple[lis
     results: dict[str, list[LevelResult]] = {"haif": [], "base": []}
     for c in args.concurrency:
         rounds: dict[str, list[LevelResult]] = {"haif": [], "base": []}
+        requests = max(args.requests_per_user * c, 8)
         for r in range(args.rounds):
             for side in (("base", "haif") if r % 2 == 0 else ("haif", "base")):
                 url, key = sides[side]
-                requests = max(args.requests_per_user * c, 8)
                 result = asyncio.run(run_level(url, "tiny-llama", PROMPTS, c, requests, args.max_tokens, key))
                 rounds[side].append(result)
                 name = "HAIF      " if side == "haif" else "vllm serve"
@@ -270,12 +270,12 @@ def main() -> None:
     model_dir = str(build_tiny_llama(Path(args.model_dir)).resolve())
     import torch
 
-    device = args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
     with vllm_serve(model_dir, args) as base_url, haif(model_dir, args) as haif_url:
         haif_results, base = measure(haif_url, base_url, args)
     label, name = variant(args)
-    rows = rows_for(haif_results, base, device, label)
-    print_table(f"engine: tiny-llama, HAIF vllm runtime vs vllm serve ({device})", rows)
+    rows = rows_for(haif_results, base, args.device, label)
+    print_table(f"engine: tiny-llama, HAIF vllm runtime vs vllm serve ({args.device})", rows)
     path = write_results(name, rows)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(haif_results, base, RESULTS_DIR / f"{name}.png")

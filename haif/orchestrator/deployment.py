@@ -253,8 +253,6 @@ class Orchestrator:
 
         ``state`` is the worker's own; ``routed`` says whether this Orchestrator sends it
         requests now (its load settled here and its circuit breaker allows calls)."""
-        for p in self._pools.values():
-            p.refresh()
         slots = [s for name, p in self._pools.items() if model in (None, name) for s in p.slots]
         # Bounded: a replacement waiting for its region's node to come back never answers.
         timeout = self._res.health_check_timeout_s
