@@ -340,6 +340,18 @@ class QuotasConfig(_Model):
         5.0, ge=0, le=600,
         description="After Redis failed, how long the fallback is used before Redis is tried again.",
     )
+    lease_fraction: float = Field(
+        0.02, ge=0, le=0.25,
+        description="PostgreSQL: the share of each of a tenant's limits one Gateway replica may lease "
+        "at once, to admit requests with no database round trip (0: every request is counted on its own).",
+    )
+    lease_max_requests: int = Field(
+        256, ge=2, le=1_000_000, description="Most requests one lease hands out."
+    )
+    lease_idle_s: float = Field(
+        0.5, gt=0, le=60, description="A lease unused this long gives back what it did not hand out."
+    )
+    lease_max_s: float = Field(5.0, gt=0, le=59, description="Longest life of a lease.")
 
 
 class JobsConfig(_Model):

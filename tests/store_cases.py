@@ -437,3 +437,55 @@ def hammer_async(
         return asyncio.run(run())
     finally:
         db.close()
+
+
+def hammer_leases(
+    url: str, tenant_id: int, requests: int, limits: QuotaLimits, settle_with: int
+) -> list[str]:
+    """One Gateway replica's QuotaGate with quota leases: ``requests`` concurrent requests.
+
+    Every request is settled (using ``settle_with`` of its 10 reserved tokens); at the end
+    the replica stops and its leases give back what they did not hand out.
+    """
+    from haif.config import QuotasConfig
+    from haif.gateway.lease import QuotaLeases
+    from haif.gateway.quota import QuotaGate
+    from haif.store.db import create_db_engine
+
+    db = Database(create_db_engine(url, pool_size=2, max_overflow=0))
+
+    async def run() -> list[str]:
+        writes = async_writes(db, size=8)
+        leases = QuotaLeases(writes, QuotasConfig(lease_fraction=0.02, lease_max_requests=64))
+        gate = QuotaGate(db, None, writes, leases=leases)
+
+        async def one() -> str:
+            req = job(tenant_id, tokens=10, limits=limits)
+            try:
+                res = await gate.reserve(principal_for(tenant_id, limits), req, datetime.now(UTC))
+            except (RateLimited, QuotaExceeded):
+                return "refused"
+            half = settle_with // 2
+            out = Outcome(
+                JobState.SUCCEEDED, half, settle_with - half, datetime.now(UTC), datetime.now(UTC),
+                bill=True,
+            )
+            assert await gate.settle(res, out)
+            return "leased" if res.recorded is not None else "reserved"
+
+        try:
+            return list(await asyncio.gather(*(one() for _ in range(requests))))
+        finally:
+            await leases.close()
+            await writes.close()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        db.close()
+
+
+def principal_for(tenant_id: int, limits: QuotaLimits) -> Any:
+    from haif.envelope import Principal
+
+    return Principal(tenant=f"t{tenant_id}", tenant_id=tenant_id, limits=limits)

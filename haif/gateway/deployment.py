@@ -105,11 +105,20 @@ class Gateway:
         from haif.gateway.settlement import Settlements
         from haif.store.aio import AsyncWrites
 
-        # On PostgreSQL the request's two writes go out from the event loop itself.
+        # On PostgreSQL the request's two writes go out from the event loop itself, and
+        # most requests are admitted on a quota lease, with no round trip before dispatch.
+        writes = AsyncWrites.from_config(config)
+        leases = None
+        if writes is not None and config.quotas.lease_fraction > 0:
+            from haif.gateway.lease import QuotaLeases
+
+            leases = QuotaLeases(writes, config.quotas)
+            self._background.append(leases.run)  # idle leases give back; all of them at stop
         quotas = QuotaGate(
             db,
             limiter,
-            AsyncWrites.from_config(config),
+            writes,
+            leases=leases,
             redis_unavailable=config.quotas.redis_unavailable,
             redis_retry_after_s=config.quotas.redis_retry_after_s,
         )
@@ -145,6 +154,13 @@ class Gateway:
         except RuntimeError:
             return  # constructed outside the loop: the first request starts them
         self._tasks = [loop.create_task(run(self._stop)) for run in self._background]
+
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown of the replica: the background work stops, and the
+        quota leases give back what they did not hand out."""
+        self._stop.set()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
 
     # --- endpoints -----------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from haif.envelope import Principal, WorkItem
+    from haif.gateway.lease import QuotaLeases
     from haif.gateway.ratelimit import RedisRateLimiter
     from haif.store.aio import AsyncWrites
     from haif.store.db import Database
@@ -52,12 +53,14 @@ class QuotaGate:
         limiter: RedisRateLimiter | None,
         writes: AsyncWrites | None = None,
         *,
+        leases: QuotaLeases | None = None,
         redis_unavailable: Literal["database", "reject"] = "database",
         redis_retry_after_s: float = 5.0,
     ) -> None:
         self._db = db
         self._limiter = limiter
         self._writes = writes  # PostgreSQL: the two writes from the event loop
+        self.leases = leases  # PostgreSQL: most requests admitted from a lease, no round trip
         self._redis_unavailable = redis_unavailable
         self._redis_retry_after_s = redis_retry_after_s
         self._redis_down_until = 0.0
@@ -84,6 +87,10 @@ class QuotaGate:
             req = await self._count_on_redis(
                 self._limiter, principal.tenant_id, limits.requests_per_minute, req
             )
+        if self.leases is not None:
+            leased = await self.leases.reserve(req, now)
+            if leased is not None:
+                return leased
         if self._writes is not None:
             reserved = await self._writes.reserve(req, now)
             if reserved is not None:
@@ -114,6 +121,8 @@ class QuotaGate:
         return replace(req, count_requests=True)
 
     async def settle(self, reservation: Reservation, outcome: Outcome) -> bool:
+        if reservation.recorded is not None:  # admitted on a lease: its row first
+            await reservation.recorded.ensure()
         if self._writes is not None:
             return await self._writes.settle(reservation, outcome)
         return await self._db.run(fastpath.settle_job, self._db, reservation, outcome)

@@ -69,6 +69,9 @@ class AsyncWrites:
         self._reserve = _Compiled(fastpath._RESERVE_PG)
         self._insert_job = _Compiled(fastpath._INSERT_JOB)
         self._settle = {key: _Compiled(stmt) for key, stmt in fastpath._SETTLE_PG.items()}
+        self._take_lease = _Compiled(fastpath._TAKE_LEASE)
+        self._return_lease = _Compiled(fastpath._RETURN_LEASE)
+        self._record_job = _Compiled(fastpath._RECORD_JOB_PG)
 
     @classmethod
     def from_config(cls, config: HaifConfig) -> AsyncWrites | None:
@@ -137,6 +140,43 @@ class AsyncWrites:
             self._settle[(res.holds_quota, out.bill)], fastpath._settle_params(res, out)
         )
         return bool(row[0])
+
+    async def take_lease(
+        self, tenant_id: int, requests: int, tokens: int, now: datetime
+    ) -> tuple[int, int, datetime, datetime] | None:
+        """Count a block of ``requests`` and ``tokens`` for a lease, if at least as much
+        again is left in every window. Returns what the tenant's limits made it count
+        (0: that limit is off) and the starts of the minute and day windows; None when
+        the block does not fit (or the tenant has a concurrency limit)."""
+        row = await self._run(
+            self._take_lease,
+            {
+                "b_tenant": tenant_id,
+                "b_now": now,
+                "b_minute_cutoff": now - fastpath.MINUTE,
+                "b_day_cutoff": now - fastpath.DAY,
+                "b_count_requests": requests,
+                "b_tokens": tokens,
+            },
+        )
+        if row is None:
+            return None
+        return int(row[0]), int(row[1]), row[2], row[3]
+
+    async def return_lease(
+        self, tenant_id: int, requests: int, tokens: int, leased_at: datetime
+    ) -> None:
+        """Give back what a lease taken at ``leased_at`` did not hand out."""
+        await self._run(
+            self._return_lease,
+            {"b_tenant": tenant_id, "b_requests": requests, "b_tokens": tokens, "b_leased_at": leased_at},
+        )
+
+    async def record_job(self, req: JobRequest, now: datetime, reserved_tokens: int) -> None:
+        """Write the row of a job admitted on a lease (nothing if it is there already)."""
+        await self._run(
+            self._record_job, {**fastpath._job_params(req, now), "b_tokens": reserved_tokens}
+        )
 
     async def _drop_idle(self) -> None:
         while self._idle is not None and not self._idle.empty():

@@ -82,30 +82,88 @@ _MINUTE_TOKENS = case((_MINUTE_ROLLED, 0), else_=q.minute_tokens) + _TOKENS
 _DAY_TOKENS = case((_DAY_ROLLED, 0), else_=q.day_tokens) + _TOKENS
 _IN_FLIGHT = q.in_flight + _SLOT
 
-_TAKE = (
-    update(quotas)
-    .where(
-        q.tenant_id == bindparam("b_tenant", type_=Integer()),
-        or_(
-            q.requests_per_minute.is_(None),
-            _COUNT_REQUESTS == 0,
-            _MINUTE_REQUESTS <= q.requests_per_minute,
-        ),
-        or_(q.tokens_per_minute.is_(None), _MINUTE_TOKENS <= q.tokens_per_minute),
-        or_(q.tokens_per_day.is_(None), _DAY_TOKENS <= q.tokens_per_day),
-        or_(q.max_concurrent.is_(None), _IN_FLIGHT <= q.max_concurrent),
-    )
-    .values(
-        minute_started_at=case((_MINUTE_ROLLED, _NOW), else_=q.minute_started_at),
-        minute_requests=_MINUTE_REQUESTS,
-        minute_tokens=_MINUTE_TOKENS,
-        day_started_at=case((_DAY_ROLLED, _NOW), else_=q.day_started_at),
-        day_tokens=_DAY_TOKENS,
-        in_flight=_IN_FLIGHT,
-        updated_at=_NOW,
+def _take(lease: bool) -> Any:
+    """The conditional quota update of one request, or of a lease (``lease=True``).
+
+    A request takes ``b_count_requests`` (0 or 1) and ``b_tokens``, and its concurrency
+    slot. A lease takes a block of requests and tokens for a Gateway replica to hand out
+    (``haif.gateway.lease``): only while at least as much again is left (it never takes
+    the last half of a window), never a slot, and only from a tenant without a
+    concurrency limit (a stale cache of the limits cannot leak a slot).
+    """
+    margin_requests = _REQ if lease else 0
+    margin_tokens = _TOKENS if lease else 0
+    slot = literal(0) if lease else _SLOT
+    stmt = (
+        update(quotas)
+        .where(
+            q.tenant_id == bindparam("b_tenant", type_=Integer()),
+            or_(
+                q.requests_per_minute.is_(None),
+                _COUNT_REQUESTS == 0,
+                _MINUTE_REQUESTS + margin_requests <= q.requests_per_minute,
+            ),
+            or_(q.tokens_per_minute.is_(None), _MINUTE_TOKENS + margin_tokens <= q.tokens_per_minute),
+            or_(q.tokens_per_day.is_(None), _DAY_TOKENS + margin_tokens <= q.tokens_per_day),
+            q.max_concurrent.is_(None) if lease else or_(
+                q.max_concurrent.is_(None), _IN_FLIGHT <= q.max_concurrent
+            ),
+        )
+        .values(
+            minute_started_at=case((_MINUTE_ROLLED, _NOW), else_=q.minute_started_at),
+            minute_requests=_MINUTE_REQUESTS,
+            minute_tokens=_MINUTE_TOKENS,
+            day_started_at=case((_DAY_ROLLED, _NOW), else_=q.day_started_at),
+            day_tokens=_DAY_TOKENS,
+            in_flight=q.in_flight + slot,
+            updated_at=_NOW,
+        )
     )
     # Limits are not updated: these read the same in the new row.
-    .returning(q.tenant_id, _TOKENS.label("reserved_tokens"), (_SLOT == 1).label("holds_slot"))
+    if lease:
+        return stmt.returning(
+            _REQ.label("requests"),
+            _TOKENS.label("tokens"),
+            q.minute_started_at,
+            q.day_started_at,
+        )
+    return stmt.returning(
+        q.tenant_id, _TOKENS.label("reserved_tokens"), (_SLOT == 1).label("holds_slot")
+    )
+
+
+_TAKE = _take(lease=False)
+_TAKE_LEASE = _take(lease=True)
+
+# What a lease did not hand out goes back, to the windows it was taken from (a window
+# that rolled since has forgotten it anyway).
+_LEASED_AT = bindparam("b_leased_at", type_=UtcDateTime())
+_RETURN_LEASE = (
+    update(quotas)
+    .where(q.tenant_id == bindparam("b_tenant", type_=Integer()))
+    .values(
+        minute_requests=case(
+            (
+                q.minute_started_at <= _LEASED_AT,
+                _clamp0(q.minute_requests - bindparam("b_requests", type_=Integer())),
+            ),
+            else_=q.minute_requests,
+        ),
+        minute_tokens=case(
+            (
+                q.minute_started_at <= _LEASED_AT,
+                _clamp0(q.minute_tokens - bindparam("b_tokens", type_=BigInteger())),
+            ),
+            else_=q.minute_tokens,
+        ),
+        day_tokens=case(
+            (
+                q.day_started_at <= _LEASED_AT,
+                _clamp0(q.day_tokens - bindparam("b_tokens", type_=BigInteger())),
+            ),
+            else_=q.day_tokens,
+        ),
+    )
 )
 
 _JOB_FIELDS = (
@@ -162,6 +220,34 @@ _INSERT_JOB = insert(jobs).values(
     region=bindparam("b_region", type_=String()),
     created_at=_NOW,
 )
+
+
+def _record_job_pg() -> Any:
+    """The job row of a request admitted on a lease: written off the request's path, and
+    by settlement again should that write have failed (a second write changes nothing)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    return (
+        pg_insert(jobs)
+        .values(
+            id=bindparam("b_job", type_=String()),
+            tenant_id=bindparam("b_tenant", type_=Integer()),
+            token_id=bindparam("b_token", type_=Integer()),
+            kind=bindparam("b_kind", type_=String()),
+            model=bindparam("b_model", type_=String()),
+            version=bindparam("b_version", type_=String()),
+            state=literal(JobState.RESERVED.value),
+            reserved_tokens=bindparam("b_tokens", type_=BigInteger()),
+            holds_slot=False,
+            gateway=bindparam("b_gateway", type_=String()),
+            region=bindparam("b_region", type_=String()),
+            created_at=_NOW,
+        )
+        .on_conflict_do_nothing(index_elements=[jobs.c.id])
+    )
+
+
+_RECORD_JOB_PG = _record_job_pg()
 
 
 def _params(req: JobRequest, now: datetime) -> dict[str, Any]:
@@ -240,7 +326,9 @@ def reserve(conn: Connection, req: JobRequest, now: datetime) -> Reservation | N
     return _reservation(req, now, int(row.reserved_tokens), bool(row.holds_slot))
 
 
-def _reservation(req: JobRequest, now: datetime, tokens: int, slot: bool) -> Reservation:
+def _reservation(
+    req: JobRequest, now: datetime, tokens: int, slot: bool, recorded: Any = None
+) -> Reservation:
     return Reservation(
         job_id=req.job_id,
         tenant_id=req.tenant_id,
@@ -249,6 +337,7 @@ def _reservation(req: JobRequest, now: datetime, tokens: int, slot: bool) -> Res
         reserved_at=now,
         reserved_tokens=tokens,
         holds_slot=slot,
+        recorded=recorded,
     )
 
 

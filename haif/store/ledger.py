@@ -13,7 +13,7 @@ Tenants without limits take no lock: their reservation is the job insert alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,9 @@ class Reservation:
     reserved_at: datetime
     reserved_tokens: int  # counted in the token windows (0 when the tenant has no token limit)
     holds_slot: bool  # counted in quotas.in_flight
+    # Admitted on a Gateway's quota lease: the write of its job row, still running or done
+    # (an asyncio task); settlement makes sure the row exists first. None: written already.
+    recorded: Any = field(default=None, compare=False, repr=False)
 
     @property
     def holds_quota(self) -> bool:

@@ -1,0 +1,259 @@
+"""Quota leases: the common request admitted with no database round trip on its path.
+
+On PostgreSQL a Gateway replica takes a *lease* for a tenant: one conditional
+``UPDATE`` counts a block of requests and tokens in the tenant's windows
+(``fastpath._TAKE_LEASE``), and the replica hands the block out to that tenant's
+requests from memory. A request without an Idempotency-Key, of a tenant without a
+concurrency limit, is then admitted at once; its job row is written beside the
+dispatch, and its settlement (refund and usage, as before) after the response.
+
+What keeps the books exact:
+- A lease only takes while at least as much again is left in every window, and at
+  most ``quotas.lease_fraction`` of each limit (and ``lease_max_requests``). Near a
+  limit there is no lease: each request is counted on its own, exactly as without
+  leases, so "50 allowed → 50 served" still holds across replicas.
+- A lease lives inside the windows it was counted in (it ends a second before the
+  minute does) and at most ``lease_max_s``; what it did not hand out is given back to
+  those windows when it ends, when it has been idle ``lease_idle_s``, when it is
+  renewed, and when the replica stops.
+- A request's reservation is the same as without leases: settlement refunds what it
+  did not use, and a job left open is failed and refunded by the sweeper.
+
+What it costs:
+- Near a limit, another replica may answer 429 while this one still holds leased
+  units, for at most ``lease_idle_s``; at most ``lease_fraction`` of a limit per
+  replica is held that way.
+- A replica that dies holds its leftovers until the window rolls (a day's tokens:
+  at most one block per death).
+- A job's row appears a moment after its request was admitted, not before it is
+  dispatched; should that write fail, settlement writes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from haif.store import fastpath
+from haif.store.quotas import DAY, MINUTE
+
+if TYPE_CHECKING:
+    from haif.config import QuotasConfig
+    from haif.store.aio import AsyncWrites
+    from haif.store.ledger import JobRequest, Reservation
+
+logger = logging.getLogger("haif.gateway")
+
+# A lease is not used in the last second of its windows: another replica's clock may
+# roll the window a little early.
+WINDOW_MARGIN = timedelta(seconds=1)
+
+
+@dataclass
+class Lease:
+    tenant_id: int
+    leased_at: datetime  # when it was counted: its windows are the ones open then
+    until: datetime  # not used from then on
+    requests: int | None  # left to hand out; None: not counted in the database
+    tokens: int | None
+    last_used: datetime
+    live: bool = True
+
+    def fits(self, tokens: int, now: datetime) -> bool:
+        return (
+            self.live
+            and now < self.until
+            and (self.requests is None or self.requests >= 1)
+            and (self.tokens is None or self.tokens >= tokens)
+        )
+
+    def take(self, tokens: int, now: datetime) -> int:
+        """Hand out one request of ``tokens``; the tokens it reserves (0: not counted)."""
+        self.last_used = now
+        if self.requests is not None:
+            self.requests -= 1
+        if self.tokens is None:
+            return 0
+        self.tokens -= tokens
+        return tokens
+
+    @property
+    def leftover(self) -> tuple[int, int]:
+        return self.requests or 0, self.tokens or 0
+
+
+class JobRecord:
+    """The write of a leased job's row, started at admission; settlement ``ensure``s it."""
+
+    def __init__(self, writes: AsyncWrites, req: JobRequest, now: datetime, tokens: int) -> None:
+        self._writes, self._req, self._now, self._tokens = writes, req, now, tokens
+        self.task = asyncio.ensure_future(writes.record_job(req, now, tokens))
+        self.task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning(
+                "job %s: its row was not written at admission (%s); settlement writes it",
+                self._req.job_id,
+                task.exception(),
+            )
+
+    async def ensure(self) -> None:
+        """The row exists once this returns. Raises: StoreUnavailable."""
+        try:
+            await asyncio.shield(self.task)
+            return
+        except asyncio.CancelledError:
+            if not self.task.cancelled():
+                raise  # the caller was cancelled, not the write
+        except Exception:  # noqa: BLE001 - logged in _done; written again just below
+            pass
+        await self._writes.record_job(self._req, self._now, self._tokens)
+        self.task = asyncio.get_running_loop().create_future()
+        self.task.set_result(None)
+
+
+class QuotaLeases:
+    """This replica's leases, one per tenant."""
+
+    def __init__(self, writes: AsyncWrites, config: QuotasConfig) -> None:
+        self._writes = writes
+        self._config = config
+        self._leases: dict[int, Lease] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._returns: set[asyncio.Future[None]] = set()
+        self.taken = 0  # leases taken
+        self.returned = 0  # leases that gave something back
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def lease(self, tenant_id: int) -> Lease | None:
+        return self._leases.get(tenant_id)
+
+    async def reserve(self, req: JobRequest, now: datetime) -> Reservation | None:
+        """Admit ``req`` on a lease; None when the exact, per-request path must decide
+        (an Idempotency-Key, a concurrency limit, a limit too close or too small to lease
+        from, or a refusal). Raises: StoreUnavailable (taking a lease)."""
+        limits = req.limits
+        if req.idempotency_key is not None or limits.max_concurrent is not None:
+            return None
+        if not fastpath._needs_lock(limits, req.count_requests):
+            return self._admit(req, now, 0)  # nothing to count: only the job row
+        lease = self._leases.get(req.tenant_id)
+        if lease is None or not lease.fits(req.tokens, now):
+            lease = await self._renew(req, now)
+            if lease is None:
+                return None
+        return self._admit(req, now, lease.take(req.tokens, now))
+
+    def _admit(self, req: JobRequest, now: datetime, tokens: int) -> Reservation:
+        return fastpath._reservation(
+            req, now, tokens, False, recorded=JobRecord(self._writes, req, now, tokens)
+        )
+
+    def _block(self, req: JobRequest) -> tuple[int, int] | None:
+        """The requests and tokens to lease for ``req``'s tenant, or None: not worth one."""
+        cfg, limits = self._config, req.limits
+        requests = cfg.lease_max_requests
+        if req.count_requests and limits.requests_per_minute is not None:
+            requests = min(requests, int(limits.requests_per_minute * cfg.lease_fraction))
+        if requests < 2:
+            return None
+        tokens = requests * req.tokens
+        for limit in (limits.tokens_per_minute, limits.tokens_per_day):
+            if limit is not None:
+                tokens = min(tokens, int(limit * cfg.lease_fraction))
+        if limits.counts_tokens and tokens < 2 * max(req.tokens, 1):
+            return None
+        return (requests if req.count_requests else 0), tokens
+
+    async def _renew(self, req: JobRequest, now: datetime) -> Lease | None:
+        lock = self._locks.setdefault(req.tenant_id, asyncio.Lock())
+        async with lock:  # one take per tenant at a time; the others use what it took
+            lease = self._leases.get(req.tenant_id)
+            if lease is not None and lease.fits(req.tokens, now):
+                return lease
+            self._retire(req.tenant_id)
+            block = self._block(req)
+            if block is None:
+                return None
+            got = await self._writes.take_lease(req.tenant_id, *block, now)
+            if got is None:
+                return None
+            self.taken += 1
+            counted_requests, counted_tokens, minute_start, day_start = got
+            lease = Lease(
+                tenant_id=req.tenant_id,
+                leased_at=now,
+                until=min(
+                    minute_start + MINUTE - WINDOW_MARGIN,
+                    day_start + DAY - WINDOW_MARGIN,
+                    now + timedelta(seconds=self._config.lease_max_s),
+                ),
+                # 0 counted where something was asked: that limit is off in the database.
+                requests=counted_requests if block[0] and counted_requests else None,
+                tokens=None if block[1] and not counted_tokens else counted_tokens,
+                last_used=now,
+            )
+            self._leases[req.tenant_id] = lease
+            if not lease.fits(req.tokens, now):  # the window is about to roll
+                self._retire(req.tenant_id)
+                return None
+            return lease
+
+    def _retire(self, tenant_id: int) -> None:
+        """End the tenant's lease; what it did not hand out goes back in the background."""
+        lease = self._leases.pop(tenant_id, None)
+        if lease is None:
+            return
+        lease.live = False
+        requests, tokens = lease.leftover
+        if requests or tokens:
+            task = asyncio.ensure_future(self._give_back(lease, requests, tokens))
+            self._returns.add(task)
+            task.add_done_callback(self._returns.discard)
+
+    async def _give_back(self, lease: Lease, requests: int, tokens: int) -> None:
+        try:
+            await self._writes.return_lease(lease.tenant_id, requests, tokens, lease.leased_at)
+            self.returned += 1
+        except Exception as exc:  # noqa: BLE001 - the window's roll frees them
+            logger.warning(
+                "tenant %s: leased quota not given back (%s); it is freed when its window rolls",
+                lease.tenant_id,
+                exc,
+            )
+
+    def tick(self, now: datetime | None = None) -> None:
+        """Retire the leases that ended or sat idle ``lease_idle_s``."""
+        now = now or datetime.now(UTC)
+        idle = timedelta(seconds=self._config.lease_idle_s)
+        for tenant_id, lease in list(self._leases.items()):
+            if now >= lease.until or now - lease.last_used >= idle:
+                self._retire(tenant_id)
+        for tenant_id in [t for t, lock in self._locks.items() if not lock.locked()]:
+            if tenant_id not in self._leases:
+                del self._locks[tenant_id]
+
+    async def close(self) -> None:
+        """Give every lease's leftovers back and wait for those writes."""
+        for tenant_id in list(self._leases):
+            self._retire(tenant_id)
+        if self._returns:
+            await asyncio.gather(*self._returns, return_exceptions=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        period = min(self._config.lease_idle_s / 2, 0.5)
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=period)
+                except TimeoutError:
+                    pass
+                self.tick()
+        finally:
+            await self.close()

@@ -1,0 +1,210 @@
+"""Quota leases on PostgreSQL: a Gateway replica admits from a block it counted at once.
+
+The books must stay exact: across replicas the limit is never exceeded, nothing is
+lost when a lease ends, and a lease is never taken where the per-request path must
+decide (near a limit, a concurrency limit, an Idempotency-Key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from haif.config import QuotasConfig
+from haif.gateway.lease import QuotaLeases
+from haif.gateway.quota import QuotaGate
+from haif.store import Database, migrate
+from haif.store.db import create_db_engine
+from haif.store.ledger import Outcome, usage_total
+from haif.store.models import Job, JobState, Quota
+from haif.store.quotas import QuotaLimits
+from haif.store.tenants import TenantRepository
+from tests import services
+from tests.store_cases import async_writes, hammer_leases, job, principal_for, tenant
+
+
+@pytest.fixture
+def pg_db(pg_server: str) -> Database:
+    with services.fresh_database(pg_server, "haif_lease") as url:
+        db = Database(create_db_engine(url, pool_size=4))
+        migrate.upgrade(db.engine)
+        yield db
+        db.close()
+
+
+def _url(db: Database) -> str:
+    return db.engine.url.render_as_string(hide_password=False)
+
+
+def _quota(db: Database, tenant_id: int) -> Quota:
+    with db.connect() as conn:
+        return conn.execute(select(Quota).where(Quota.tenant_id == tenant_id)).one()
+
+
+def _done(settle_with: int = 10) -> Outcome:
+    now = datetime.now(UTC)
+    return Outcome(JobState.SUCCEEDED, settle_with // 2, settle_with - settle_with // 2, now, now, bill=True)
+
+
+async def _with_gate(db: Database, fn, **config: float):  # noqa: ANN001, ANN202
+    writes = async_writes(db, size=4)
+    leases = QuotaLeases(writes, QuotasConfig(**config))
+    try:
+        return await fn(QuotaGate(db, None, writes, leases=leases), leases)
+    finally:
+        await leases.close()
+        await writes.close()
+
+
+@pytest.mark.parametrize(
+    ("limits", "allowed"),
+    [
+        (QuotaLimits(requests_per_minute=2000), 2000),
+        (QuotaLimits(tokens_per_minute=20_000), 2000),  # 10 tokens reserved and used each
+    ],
+    ids=["requests_per_minute", "tokens_per_minute"],
+)
+def test_leases_stay_exact_across_two_replicas(
+    pg_db: Database, limits: QuotaLimits, allowed: int
+) -> None:
+    """3000 concurrent requests from two replicas, room for 2000: exactly 2000 served, most
+    on leases, and once the replicas stop the windows hold exactly what was served."""
+    t = tenant(pg_db, limits)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        parts = [pool.submit(hammer_leases, _url(pg_db), t, 1500, limits, 10) for _ in range(2)]
+        words = [w for p in parts for w in p.result()]
+    served = words.count("leased") + words.count("reserved")
+    assert served == allowed and words.count("refused") == 3000 - allowed
+    assert words.count("leased") > allowed // 2  # the common request took no round trip
+    q = _quota(pg_db, t)
+    assert (q.minute_requests if limits.requests_per_minute else q.minute_tokens) == (
+        allowed if limits.requests_per_minute else allowed * 10
+    )
+    assert q.in_flight == 0
+    with pg_db.connect() as conn:
+        assert usage_total(conn, t) == (allowed, allowed * 5, allowed * 5)
+        states = conn.execute(select(Job.state).where(Job.tenant_id == t)).scalars().all()
+    assert len(states) == allowed and set(states) == {JobState.SUCCEEDED.value}
+
+
+def test_a_lease_gives_back_what_it_did_not_hand_out(pg_db: Database) -> None:
+    limits = QuotaLimits(requests_per_minute=100_000, tokens_per_minute=1_000_000, tokens_per_day=10_000_000)
+    t = tenant(pg_db, limits)
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> None:
+        reservations = [
+            await gate.reserve(principal_for(t, limits), job(t, tokens=10, limits=limits), datetime.now(UTC))
+            for _ in range(5)
+        ]
+        assert leases.taken == 1 and all(r.recorded is not None for r in reservations)
+        assert all(r.reserved_tokens == 10 for r in reservations)
+        q = _quota(pg_db, t)  # the whole block is counted, not five requests
+        assert (q.minute_requests, q.minute_tokens, q.day_tokens) == (64, 640, 640)
+        for r in reservations:
+            assert await gate.settle(r, _done(4))  # each used 4 of its 10: 6 refunded
+        leases.tick(datetime.now(UTC) + timedelta(seconds=5))  # idle: the lease ends
+        assert len(leases) == 0
+        await leases.close()  # waits for the give-back
+        assert leases.returned == 1
+
+    asyncio.run(_with_gate(pg_db, run, lease_max_requests=64))
+    q = _quota(pg_db, t)
+    assert (q.minute_requests, q.minute_tokens, q.day_tokens) == (5, 20, 20)
+    with pg_db.connect() as conn:
+        assert usage_total(conn, t) == (5, 10, 10)
+
+
+def test_settlement_writes_the_job_row_when_admission_could_not(pg_db: Database) -> None:
+    """Settled at once, before the row's own write has run: the row is there, closed, billed."""
+    limits = QuotaLimits(requests_per_minute=100_000)
+    t = tenant(pg_db, limits)
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> str:
+        res = await gate.reserve(principal_for(t, limits), job(t, limits=limits), datetime.now(UTC))
+        assert res.recorded is not None and not res.recorded.task.done()
+        res.recorded.task.cancel()  # the admission's write never happens
+        assert await gate.settle(res, _done())
+        return res.job_id
+
+    job_id = asyncio.run(_with_gate(pg_db, run))
+    with pg_db.connect() as conn:
+        assert conn.execute(select(Job.state).where(Job.id == job_id)).scalar() == "succeeded"
+        assert usage_total(conn, t) == (1, 5, 5)
+
+
+def test_no_lease_near_a_limit_or_where_the_request_path_decides(pg_db: Database) -> None:
+    small = QuotaLimits(requests_per_minute=50)  # 2 % of 50 is 1 request: not worth a lease
+    slots = QuotaLimits(requests_per_minute=100_000, max_concurrent=4)
+    t_small, t_slots, t_stale = tenant(pg_db, small), tenant(pg_db, slots), tenant(pg_db, slots)
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> None:
+        now = datetime.now(UTC)
+        for t, limits, key in (
+            (t_small, small, None),
+            (t_slots, slots, None),
+            (t_small, small, "key-1"),
+            # The cache says no concurrency limit; the database has one: it decides.
+            (t_stale, QuotaLimits(requests_per_minute=100_000), None),
+        ):
+            res = await gate.reserve(principal_for(t, limits), job(t, limits=limits, key=key), now)
+            assert res.recorded is None, (t, limits, key)  # the per-request path's reservation
+        assert leases.taken == 0 and len(leases) == 0
+        assert _quota(pg_db, t_stale).in_flight == 1  # the slot was taken, and is the only one
+
+    asyncio.run(_with_gate(pg_db, run))
+
+
+def test_a_lease_never_takes_the_last_half_of_a_window(pg_db: Database) -> None:
+    limits = QuotaLimits(requests_per_minute=1000)  # leases of 2 % = 20 requests
+    t = tenant(pg_db, limits)
+    with pg_db.session() as s:
+        s.get(Quota, t).minute_requests = 975  # 25 left: a block of 20 needs 40
+        s.get(Quota, t).minute_started_at = datetime.now(UTC)
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> None:
+        res = await gate.reserve(principal_for(t, limits), job(t, limits=limits), datetime.now(UTC))
+        assert res.recorded is None and leases.taken == 0
+
+    asyncio.run(_with_gate(pg_db, run))
+    assert _quota(pg_db, t).minute_requests == 976
+
+
+def test_a_lease_ends_before_its_minute_does(pg_db: Database) -> None:
+    limits = QuotaLimits(requests_per_minute=100_000)
+    t = tenant(pg_db, limits)
+    with pg_db.session() as s:  # the window started 59.5 s ago
+        s.get(Quota, t).minute_started_at = datetime.now(UTC) - timedelta(seconds=59.5)
+        s.get(Quota, t).minute_requests = 1
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> None:
+        res = await gate.reserve(principal_for(t, limits), job(t, limits=limits), datetime.now(UTC))
+        assert res.recorded is None  # the lease would end at once: the request is counted alone
+        assert leases.taken == 1 and len(leases) == 0
+        await leases.close()
+
+    asyncio.run(_with_gate(pg_db, run, lease_max_requests=64))
+    assert _quota(pg_db, t).minute_requests == 2  # the block came back; the request stays
+
+
+def test_tenants_without_limits_are_admitted_with_only_their_job_row(pg_db: Database) -> None:
+    with pg_db.session() as s:
+        t = TenantRepository(s).create("free", QuotaLimits()).id
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> str:
+        res = await gate.reserve(principal_for(t, QuotaLimits()), job(t), datetime.now(UTC))
+        assert res.recorded is not None and res.reserved_tokens == 0 and leases.taken == 0
+        await res.recorded.ensure()
+        with pg_db.connect() as conn:
+            assert conn.execute(select(Job.state).where(Job.id == res.job_id)).scalar() == "reserved"
+        assert await gate.settle(res, _done())
+        return res.job_id
+
+    asyncio.run(_with_gate(pg_db, run))
+    with pg_db.connect() as conn:
+        assert usage_total(conn, t) == (1, 5, 5)
