@@ -125,6 +125,9 @@ class QuotaLeases:
         self._leases: dict[int, Lease] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._returns: set[asyncio.Future[None]] = set()
+        # Tenants whose last lease did not fit (near a limit): their requests take the
+        # per-request path without trying again until then, so they pay one round trip.
+        self._no_lease_until: dict[int, datetime] = {}
         self.taken = 0  # leases taken
         self.returned = 0  # leases that gave something back
 
@@ -145,6 +148,9 @@ class QuotaLeases:
             return self._admit(req, now, 0)  # nothing to count: only the job row
         lease = self._leases.get(req.tenant_id)
         if lease is None or not lease.fits(req.tokens, now):
+            until = self._no_lease_until.get(req.tenant_id)
+            if until is not None and now < until:
+                return None
             lease = await self._renew(req, now)
             if lease is None:
                 return None
@@ -183,7 +189,11 @@ class QuotaLeases:
                 return None
             got = await self._writes.take_lease(req.tenant_id, *block, now)
             if got is None:
+                self._no_lease_until[req.tenant_id] = now + timedelta(
+                    seconds=self._config.lease_idle_s
+                )
                 return None
+            self._no_lease_until.pop(req.tenant_id, None)
             self.taken += 1
             counted_requests, counted_tokens, minute_start, day_start = got
             lease = Lease(
@@ -235,6 +245,8 @@ class QuotaLeases:
         for tenant_id, lease in list(self._leases.items()):
             if now >= lease.until or now - lease.last_used >= idle:
                 self._retire(tenant_id)
+        for tenant_id in [t for t, until in self._no_lease_until.items() if now >= until]:
+            del self._no_lease_until[tenant_id]
         for tenant_id in [t for t, lock in self._locks.items() if not lock.locked()]:
             if tenant_id not in self._leases:
                 del self._locks[tenant_id]

@@ -168,11 +168,27 @@ def test_a_lease_never_takes_the_last_half_of_a_window(pg_db: Database) -> None:
         s.get(Quota, t).minute_started_at = datetime.now(UTC)
 
     async def run(gate: QuotaGate, leases: QuotaLeases) -> None:
-        res = await gate.reserve(principal_for(t, limits), job(t, limits=limits), datetime.now(UTC))
+        now = datetime.now(UTC)
+        res = await gate.reserve(principal_for(t, limits), job(t, limits=limits), now)
         assert res.recorded is None and leases.taken == 0
+        # Until lease_idle_s has passed, the tenant's requests do not try again: one
+        # statement each (a lease attempt would have to fail first).
+        statements = []
+        take = leases._writes.take_lease
+
+        async def counted(*args):  # noqa: ANN002, ANN202
+            statements.append(args)
+            return await take(*args)
+
+        leases._writes.take_lease = counted
+        res = await gate.reserve(principal_for(t, limits), job(t, limits=limits), now)
+        assert res.recorded is None and statements == []
+        leases.tick(now + timedelta(seconds=1))
+        await gate.reserve(principal_for(t, limits), job(t, limits=limits), now + timedelta(seconds=1))
+        assert len(statements) == 1 and leases.taken == 0  # tried again, still no room
 
     asyncio.run(_with_gate(pg_db, run))
-    assert _quota(pg_db, t).minute_requests == 976
+    assert _quota(pg_db, t).minute_requests == 978
 
 
 def test_a_lease_ends_before_its_minute_does(pg_db: Database) -> None:
