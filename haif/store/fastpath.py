@@ -206,20 +206,27 @@ def _reserve_pg() -> Any:
 
 
 _RESERVE_PG = _reserve_pg()
-_INSERT_JOB = insert(jobs).values(
-    id=bindparam("b_job", type_=String()),
-    tenant_id=bindparam("b_tenant", type_=Integer()),
-    token_id=bindparam("b_token", type_=Integer()),
-    kind=bindparam("b_kind", type_=String()),
-    model=bindparam("b_model", type_=String()),
-    version=bindparam("b_version", type_=String()),
-    state=literal(JobState.RESERVED.value),
-    reserved_tokens=0,
-    holds_slot=False,
-    gateway=bindparam("b_gateway", type_=String()),
-    region=bindparam("b_region", type_=String()),
-    created_at=_NOW,
-)
+
+
+def _job_values(reserved_tokens: Any) -> dict[str, Any]:
+    """A reserved job's row, from the request's bind parameters."""
+    return {
+        "id": bindparam("b_job", type_=String()),
+        "tenant_id": bindparam("b_tenant", type_=Integer()),
+        "token_id": bindparam("b_token", type_=Integer()),
+        "kind": bindparam("b_kind", type_=String()),
+        "model": bindparam("b_model", type_=String()),
+        "version": bindparam("b_version", type_=String()),
+        "state": literal(JobState.RESERVED.value),
+        "reserved_tokens": reserved_tokens,
+        "holds_slot": False,
+        "gateway": bindparam("b_gateway", type_=String()),
+        "region": bindparam("b_region", type_=String()),
+        "created_at": _NOW,
+    }
+
+
+_INSERT_JOB = insert(jobs).values(**_job_values(0))
 
 
 def _record_job_pg() -> Any:
@@ -229,20 +236,7 @@ def _record_job_pg() -> Any:
 
     return (
         pg_insert(jobs)
-        .values(
-            id=bindparam("b_job", type_=String()),
-            tenant_id=bindparam("b_tenant", type_=Integer()),
-            token_id=bindparam("b_token", type_=Integer()),
-            kind=bindparam("b_kind", type_=String()),
-            model=bindparam("b_model", type_=String()),
-            version=bindparam("b_version", type_=String()),
-            state=literal(JobState.RESERVED.value),
-            reserved_tokens=bindparam("b_tokens", type_=BigInteger()),
-            holds_slot=False,
-            gateway=bindparam("b_gateway", type_=String()),
-            region=bindparam("b_region", type_=String()),
-            created_at=_NOW,
-        )
+        .values(**_job_values(bindparam("b_tokens", type_=BigInteger())))
         .on_conflict_do_nothing(index_elements=[jobs.c.id])
     )
 
