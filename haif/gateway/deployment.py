@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from haif.gateway.admission import Ticket
+    from haif.gateway.lease import QuotaLeases
     from haif.gateway.ratelimit import RedisRateLimiter
     from haif.protocol import ChatCompletionChunk, CompletionChunk
     from haif.store.db import Database
@@ -77,6 +78,7 @@ class Gateway:
         self._db: Database | None = None
         self._dlq: DeadLetterQueue | None = None
         self._limiter: RedisRateLimiter | None = None
+        self._leases: QuotaLeases | None = None
         self._background: list[Any] = []  # coroutine factories, started once a loop runs
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -112,7 +114,11 @@ class Gateway:
         if writes is not None and config.quotas.lease_fraction > 0:
             from haif.gateway.lease import QuotaLeases
 
-            leases = QuotaLeases(writes, config.quotas)
+            leases = QuotaLeases(
+                writes,
+                config.quotas,
+                on_event=lambda event: metrics.registry.inc("haif_quota_leases_total", (event,)),
+            )
             self._background.append(leases.run)  # idle leases give back; all of them at stop
         quotas = QuotaGate(
             db,
@@ -123,6 +129,7 @@ class Gateway:
             redis_retry_after_s=config.quotas.redis_retry_after_s,
         )
         self._limiter = limiter
+        self._leases = leases
         self._dlq = DeadLetterQueue(config, db)
         settlements = Settlements(quotas, db, self._dlq, config.jobs)
         self._background.append(settlements.run)  # settlements the store refused, retried
@@ -337,7 +344,14 @@ class Gateway:
 
     def stats(self) -> dict[str, Any]:
         """This replica's admission counters (GET /metrics has them merged over replicas)."""
-        return {"replica": _replica_id(), "outcomes": dict(self._admission.metrics.counts)}
+        leases = self._leases
+        return {
+            "replica": _replica_id(),
+            "outcomes": dict(self._admission.metrics.counts),
+            "leases": None
+            if leases is None
+            else {"taken": leases.taken, "returned": leases.returned, "held": len(leases)},
+        }
 
     async def status(self) -> dict[str, Any]:
         """Readiness. The metadata store down: not ready (requests would get 503). Redis down:

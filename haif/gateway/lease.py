@@ -41,6 +41,8 @@ from haif.store import fastpath
 from haif.store.quotas import DAY, MINUTE
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from haif.config import QuotasConfig
     from haif.store.aio import AsyncWrites
     from haif.store.ledger import JobRequest, Reservation
@@ -119,9 +121,15 @@ class JobRecord:
 class QuotaLeases:
     """This replica's leases, one per tenant."""
 
-    def __init__(self, writes: AsyncWrites, config: QuotasConfig) -> None:
+    def __init__(
+        self,
+        writes: AsyncWrites,
+        config: QuotasConfig,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
         self._writes = writes
         self._config = config
+        self._on_event = on_event  # "taken" / "returned", for the metrics
         self._leases: dict[int, Lease] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._returns: set[asyncio.Future[None]] = set()
@@ -195,6 +203,8 @@ class QuotaLeases:
                 return None
             self._no_lease_until.pop(req.tenant_id, None)
             self.taken += 1
+            if self._on_event is not None:
+                self._on_event("taken")
             counted_requests, counted_tokens, minute_start, day_start = got
             lease = Lease(
                 tenant_id=req.tenant_id,
@@ -231,6 +241,8 @@ class QuotaLeases:
         try:
             await self._writes.return_lease(lease.tenant_id, requests, tokens, lease.leased_at)
             self.returned += 1
+            if self._on_event is not None:
+                self._on_event("returned")
         except Exception as exc:  # noqa: BLE001 - the window's roll frees them
             logger.warning(
                 "tenant %s: leased quota not given back (%s); it is freed when its window rolls",

@@ -63,6 +63,10 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec("haif_quota_rejections_total", "counter",
                "Requests refused by a tenant's rate limit or quota, by tenant and reason.",
                ("tenant", "reason"), component="gateway"),
+    MetricSpec("haif_quota_leases_total", "counter",
+               "Quota leases of the Gateways (PostgreSQL): taken, and given back with units "
+               "they did not hand out.",
+               ("event",), component="gateway"),
     MetricSpec("haif_prompt_tokens_total", "counter",
                "Prompt (input) tokens of settled requests, by model.",
                ("model",), component="gateway"),

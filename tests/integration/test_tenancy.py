@@ -173,6 +173,56 @@ def test_200_concurrent_requests_50_fit_tokens_per_minute_on_postgres(
     both_gateways(burst_once)
 
 
+def _leases_taken(url: str) -> float:
+    from tests.integration.test_metrics import scrape, total
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        return total(scrape(http), "haif_quota_leases_total", event="taken")
+
+
+def test_quota_leases_end_to_end_stay_within_the_limit_and_give_back(
+    haif: Deployment,
+    store_env: dict,
+    db,  # noqa: ANN001
+) -> None:
+    """A limit large enough to lease from (3000 tokens a minute: blocks of 60 = 5 requests).
+
+    Both Gateway replicas admit most requests from leases. The first burst may end with a
+    few units still leased by a replica whose requests ran out (its lease gives them back
+    after ``quotas.lease_idle_s``); by the end of a second burst, near the limit and so
+    counted request by request, exactly 3000 / 12 = 250 requests have been served, and the
+    tenant's window holds exactly what they used.
+    """
+    tenant = new_tenant(store_env, "--tokens-per-minute", "3000")
+    token = new_token(store_env, tenant)
+    body = {"model": "echo", "prompt": "abc " * 8, "max_tokens": 4}  # reserves and uses 12
+    taken = _leases_taken(haif.url)
+    first = asyncio.run(burst(haif.url, token, body, 300))
+    ok = [r for r in first if r.status_code == 200]
+    assert 250 - 2 * 4 <= len(ok) <= 250, sorted({r.status_code for r in first})
+    wait_for(lambda: _leases_taken(haif.url) > taken, 10, what="leases taken by the Gateways")
+    time.sleep(1.5)  # idle leases give back what they did not hand out
+    second = asyncio.run(burst(haif.url, token, body, 100))
+    ok += [r for r in second if r.status_code == 200]
+    for r in first + second:
+        if r.status_code != 200:
+            assert_429(r)
+    assert len(ok) == 250
+    wait_for(lambda: len(tenant_usage(db, tenant)) == 250, 30, what="250 usage records")
+    assert sum(p + c for _, p, c in tenant_usage(db, tenant)) == 3000
+    jobs = tenant_jobs(db, tenant)
+    assert len(jobs) == 250 and {j.state for j in jobs} == {"succeeded"}
+    with db.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT q.minute_tokens, q.in_flight FROM quotas q JOIN tenants t ON t.id = q.tenant_id "
+                "WHERE t.name = :n"
+            ),
+            {"n": tenant},
+        ).one()
+    assert tuple(row) == (3000, 0)
+
+
 def test_max_concurrent_slots_are_released(haif: Deployment, store_env: dict) -> None:
     tenant = new_tenant(store_env, "--max-concurrent", "2")
     token = new_token(store_env, tenant)
