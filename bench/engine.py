@@ -110,7 +110,10 @@ def _haif_config(model_dir: str, args: argparse.Namespace, port: int) -> Any:
     from haif.config import AuthConfig, HaifConfig, LimitsConfig, ModelConfig, ServerConfig
 
     return HaifConfig(
-        server=ServerConfig(port=port, state_dir=".haif/bench"),
+        server=ServerConfig(
+            port=port, state_dir=".haif/bench",
+            **({"handle_transport": args.handle_transport} if args.handle_transport else {}),
+        ),
         # No tenancy (one static key): this compares the serving path with the
             # baseline, which has no accounts either; bench/overhead.py prices tenancy.
             auth=AuthConfig(backend="static", dev_api_key=API_KEY),
@@ -187,6 +190,8 @@ def variant(args: argparse.Namespace) -> tuple[str, str]:
         changes.append((f"HAIF stream_batch_ms {args.stream_batch_ms:g}", f"batch{args.stream_batch_ms:g}ms"))
     if args.stream_pieces_per_s is not None:
         changes.append((f"HAIF stream_pieces_per_s {args.stream_pieces_per_s:g}", f"pieces{args.stream_pieces_per_s:g}"))
+    if args.handle_transport is not None:
+        changes.append((f"HAIF handle_transport {args.handle_transport}", f"transport_{args.handle_transport}"))
     return ", ".join(label for label, _ in changes), "_".join([BENCH, *(tag for _, tag in changes)])
 
 
@@ -260,6 +265,10 @@ def main() -> None:
     parser.add_argument(
         "--stream-pieces-per-s", type=float, default=None,
         help="HAIF side: the model's stream_pieces_per_s (default: the config's; 0 = no bound)",
+    )
+    parser.add_argument(
+        "--handle-transport", choices=["ray", "grpc"], default=None,
+        help="HAIF side: server.handle_transport between its deployments (default: the config's)",
     )
     args = parser.parse_args()
     if args.rounds < 1:

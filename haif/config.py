@@ -60,6 +60,11 @@ class ServerConfig(_Model):
     access_log: bool = Field(
         False, description="Ray Serve per-call access logs in every replica (costly on the hot path)."
     )
+    handle_transport: Literal["ray", "grpc"] = Field(
+        "grpc",
+        description="How the Bridge calls the Gateway and the Gateway the Orchestrator: Ray actor "
+        "calls (objects by reference), or Serve's direct gRPC between replicas (by value).",
+    )
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
         "EveryNode", description="Where Ray Serve runs HTTP proxies: every node, or the head node only."
     )

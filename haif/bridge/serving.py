@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from haif.bridge.errors import as_haif_error
 from haif.envelope import TIMEOUT_HEADER, RequestContext, build_work_item, timeout_from
 from haif.exceptions import InvalidRequest, MetricsUnavailable
+from haif.handles import transported
 from haif.gateway.serving import embedding_response
 from haif.protocol import JobList, JobRecord, UsageList
 from haif.telemetry.metrics import CONTENT_TYPE
@@ -83,7 +84,7 @@ class BridgeService:
         metrics_reader: MetricsReader,
     ) -> None:
         self.config = config
-        self.gateway = gateway
+        self.gateway = gateway = transported(gateway, config)
         self.stream_gateway = gateway.options(stream=True)
         self.metrics = metrics
         self._metrics_reader = metrics_reader

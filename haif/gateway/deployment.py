@@ -22,6 +22,7 @@ from haif.gateway.admission import Admission
 from haif.gateway.auth import Authenticator, DatabaseAuthenticator, StaticKeyAuthenticator
 from haif.gateway.metrics import GatewayMetrics
 from haif.gateway.serving import StreamFormatter, chat_response, completion_response
+from haif.handles import transported
 from haif.protocol import ModelCard, ModelList, now
 from haif.telemetry import tracing
 from haif.telemetry.logs import install_json_logs
@@ -72,7 +73,7 @@ class Gateway:
         )
         install_json_logs(config.telemetry, "gateway")
         self._config = config
-        self._orchestrator = orchestrator
+        self._orchestrator = orchestrator = transported(orchestrator, config)
         self._stream_handle = orchestrator.options(stream=True)
         self._created = now()
         self._db: Database | None = None

@@ -57,7 +57,8 @@ WINDOW_MARGIN = timedelta(seconds=1)
 @dataclass
 class Lease:
     tenant_id: int
-    leased_at: datetime  # when it was counted: its windows are the ones open then
+    minute_start: datetime  # the windows it was counted in, as the database started them
+    day_start: datetime
     until: datetime  # not used from then on
     requests: int | None  # left to hand out; None: not counted in the database
     tokens: int | None
@@ -162,11 +163,20 @@ class QuotaLeases:
             lease = await self._renew(req, now)
             if lease is None:
                 return None
-        return self._admit(req, now, lease.take(req.tokens, now))
+        # Counted in the lease's windows: its refund goes there while they are open (a
+        # settlement refunds windows that started at or before ``reserved_at``).
+        counted_at = max(now, lease.minute_start, lease.day_start)
+        return self._admit(req, now, lease.take(req.tokens, now), counted_at)
 
-    def _admit(self, req: JobRequest, now: datetime, tokens: int) -> Reservation:
+    def _admit(
+        self, req: JobRequest, now: datetime, tokens: int, counted_at: datetime | None = None
+    ) -> Reservation:
         return fastpath._reservation(
-            req, now, tokens, False, recorded=JobRecord(self._writes, req, now, tokens)
+            req,
+            counted_at or now,
+            tokens,
+            False,
+            recorded=JobRecord(self._writes, req, now, tokens),
         )
 
     def _block(self, req: JobRequest) -> tuple[int, int] | None:
@@ -208,7 +218,8 @@ class QuotaLeases:
             counted_requests, counted_tokens, minute_start, day_start = got
             lease = Lease(
                 tenant_id=req.tenant_id,
-                leased_at=now,
+                minute_start=minute_start,
+                day_start=day_start,
                 until=min(
                     minute_start + MINUTE - WINDOW_MARGIN,
                     day_start + DAY - WINDOW_MARGIN,
@@ -239,7 +250,9 @@ class QuotaLeases:
 
     async def _give_back(self, lease: Lease, requests: int, tokens: int) -> None:
         try:
-            await self._writes.return_lease(lease.tenant_id, requests, tokens, lease.leased_at)
+            await self._writes.return_lease(
+                lease.tenant_id, requests, tokens, lease.minute_start, lease.day_start
+            )
             self.returned += 1
             if self._on_event is not None:
                 self._on_event("returned")

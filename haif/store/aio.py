@@ -164,12 +164,24 @@ class AsyncWrites:
         return int(row[0]), int(row[1]), row[2], row[3]
 
     async def return_lease(
-        self, tenant_id: int, requests: int, tokens: int, leased_at: datetime
+        self,
+        tenant_id: int,
+        requests: int,
+        tokens: int,
+        minute_start: datetime,
+        day_start: datetime,
     ) -> None:
-        """Give back what a lease taken at ``leased_at`` did not hand out."""
+        """Give back what a lease counted in the windows that started at ``minute_start``
+        and ``day_start`` did not hand out."""
         await self._run(
             self._return_lease,
-            {"b_tenant": tenant_id, "b_requests": requests, "b_tokens": tokens, "b_leased_at": leased_at},
+            {
+                "b_tenant": tenant_id,
+                "b_requests": requests,
+                "b_tokens": tokens,
+                "b_minute_start": minute_start,
+                "b_day_start": day_start,
+            },
         )
 
     async def record_job(self, req: JobRequest, now: datetime, reserved_tokens: int) -> None:

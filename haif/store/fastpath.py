@@ -135,30 +135,33 @@ def _take(lease: bool) -> Any:
 _TAKE = _take(lease=False)
 _TAKE_LEASE = _take(lease=True)
 
-# What a lease did not hand out goes back, to the windows it was taken from (a window
-# that rolled since has forgotten it anyway).
-_LEASED_AT = bindparam("b_leased_at", type_=UtcDateTime())
+# What a lease did not hand out goes back, to the windows it was counted in: those whose
+# start is still the one the lease's take returned (a window that rolled since has
+# forgotten it anyway). The start, not the lease's own clock: a concurrent request of
+# another replica may have opened the window with a slightly later clock.
+_SAME_MINUTE = q.minute_started_at == bindparam("b_minute_start", type_=UtcDateTime())
+_SAME_DAY = q.day_started_at == bindparam("b_day_start", type_=UtcDateTime())
 _RETURN_LEASE = (
     update(quotas)
     .where(q.tenant_id == bindparam("b_tenant", type_=Integer()))
     .values(
         minute_requests=case(
             (
-                q.minute_started_at <= _LEASED_AT,
+                _SAME_MINUTE,
                 _clamp0(q.minute_requests - bindparam("b_requests", type_=Integer())),
             ),
             else_=q.minute_requests,
         ),
         minute_tokens=case(
             (
-                q.minute_started_at <= _LEASED_AT,
+                _SAME_MINUTE,
                 _clamp0(q.minute_tokens - bindparam("b_tokens", type_=BigInteger())),
             ),
             else_=q.minute_tokens,
         ),
         day_tokens=case(
             (
-                q.day_started_at <= _LEASED_AT,
+                _SAME_DAY,
                 _clamp0(q.day_tokens - bindparam("b_tokens", type_=BigInteger())),
             ),
             else_=q.day_tokens,

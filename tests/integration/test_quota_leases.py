@@ -224,3 +224,25 @@ def test_tenants_without_limits_are_admitted_with_only_their_job_row(pg_db: Data
     asyncio.run(_with_gate(pg_db, run))
     with pg_db.connect() as conn:
         assert usage_total(conn, t) == (1, 5, 5)
+
+
+def test_a_lease_gives_back_to_a_window_a_later_clock_opened(pg_db: Database) -> None:
+    """Another replica opened the window with a clock a little ahead of this request's:
+    the lease and the refund still go back to that window (it is the one they were counted in)."""
+    limits = QuotaLimits(tokens_per_minute=1_000_000, tokens_per_day=10_000_000)
+    t = tenant(pg_db, limits)
+    now = datetime.now(UTC)
+    with pg_db.session() as s:
+        quota = s.get(Quota, t)
+        quota.minute_started_at = quota.day_started_at = now + timedelta(milliseconds=5)
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> None:
+        res = await gate.reserve(principal_for(t, limits), job(t, tokens=10, limits=limits), now)
+        assert res.recorded is not None and leases.taken == 1
+        assert await gate.settle(res, _done(4))  # 6 of its 10 refunded
+        await leases.close()  # the other 630 of the block of 640 given back
+        assert leases.returned == 1
+
+    asyncio.run(_with_gate(pg_db, run, lease_max_requests=64))
+    q = _quota(pg_db, t)
+    assert (q.minute_tokens, q.day_tokens) == (4, 4)
