@@ -93,8 +93,11 @@ def vllm_serve(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
     if args.device == "cuda":  # both engines share the GPU for the whole run
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log_path = Path(".haif/bench/vllm_serve.log")  # its output, should it fail mid-run
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()  # the child holds its own descriptor
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", 600, proc)
         yield f"http://127.0.0.1:{port}"

@@ -14,7 +14,8 @@ The apps run on one Ray cluster behind the same Serve HTTP proxy, in this script
   as a collector would be (the ``haif`` app, tracing off, is its baseline);
 * baseline: HTTP proxy → one Serve deployment that returns the same response bytes.
 
-Rounds alternate between them so that drift on a shared machine hits all alike.
+Latency requests go to each target in turn, one by one, and throughput rounds alternate
+between them, so that drift on a shared machine hits all alike.
 Reported: p50/p99 latency at concurrency 1, requests/s at concurrency 32, and ratios;
 for tenancy, the p50 it adds to the no-tenancy path, and the cost of the two database
 writes of a request (reservation, settlement) measured alone.
@@ -210,9 +211,14 @@ async def _measure(
             await _latencies(client, url, 30, headers)
             await _throughput(client, url, concurrency, concurrency * 4, headers)
         for _ in range(rounds):
+            # Latency: one request to each target in turn, so that the machine's drift
+            # (seconds long on a shared host) falls on every target alike.
+            for _ in range(n_latency):
+                for name, (url, key) in targets.items():
+                    headers = {"Authorization": f"Bearer {key}"}
+                    lat[name] += await _latencies(client, url, 1, headers)
             for name, (url, key) in targets.items():
                 headers = {"Authorization": f"Bearer {key}"}
-                lat[name] += await _latencies(client, url, n_latency, headers)
                 rps[name].append(await _throughput(client, url, concurrency, n_throughput, headers))
     return {"lat": lat, "rps": rps}
 
