@@ -132,7 +132,7 @@ class QuotaLeases:
         self._config = config
         self._on_event = on_event  # "taken" / "returned", for the metrics
         self._leases: dict[int, Lease] = {}
-        self._locks: dict[int, asyncio.Lock] = {}
+        self._renewing: dict[int, asyncio.Future[Lease | None]] = {}  # takes in flight
         self._returns: set[asyncio.Future[None]] = set()
         # Tenants whose last lease did not fit (near a limit): their requests take the
         # per-request path without trying again until then, so they pay one round trip.
@@ -196,45 +196,67 @@ class QuotaLeases:
         return (requests if req.count_requests else 0), tokens
 
     async def _renew(self, req: JobRequest, now: datetime) -> Lease | None:
-        lock = self._locks.setdefault(req.tenant_id, asyncio.Lock())
-        async with lock:  # one take per tenant at a time; the others use what it took
-            lease = self._leases.get(req.tenant_id)
+        """The tenant's lease, renewed if it must be: one take per tenant at a time; the
+        requests that arrive meanwhile wait for it and use what it took."""
+        tenant_id = req.tenant_id
+        while True:
+            lease = self._leases.get(tenant_id)
             if lease is not None and lease.fits(req.tokens, now):
                 return lease
+            pending = self._renewing.get(tenant_id)
+            if pending is None:
+                break
+            await asyncio.wait([pending])  # its outcome is the lease table; errors are its own
+            until = self._no_lease_until.get(tenant_id)
+            if until is not None and now < until:
+                return None
+        # A task of its own: a request cancelled while the take is in flight must not lose
+        # what the database has already counted.
+        take = asyncio.ensure_future(self._take(req, now))
+        self._renewing[tenant_id] = take
+        take.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen, if orphaned
+        return await asyncio.shield(take)
+
+    async def _take(self, req: JobRequest, now: datetime) -> Lease | None:
+        try:
+            return await self._take_now(req, now)
+        finally:
+            self._renewing.pop(req.tenant_id, None)  # this take's own entry: renewals wait on it
+
+    async def _take_now(self, req: JobRequest, now: datetime) -> Lease | None:
+        self._retire(req.tenant_id)
+        block = self._block(req)
+        if block is None:
+            return None
+        got = await self._writes.take_lease(req.tenant_id, *block, now)
+        if got is None:
+            self._no_lease_until[req.tenant_id] = now + timedelta(seconds=self._config.lease_idle_s)
+            return None
+        self._no_lease_until.pop(req.tenant_id, None)
+        self.taken += 1
+        if self._on_event is not None:
+            self._on_event("taken")
+        counted_requests, counted_tokens, minute_start, day_start = got
+        lease = Lease(
+            tenant_id=req.tenant_id,
+            minute_start=minute_start,
+            day_start=day_start,
+            until=min(
+                minute_start + MINUTE - WINDOW_MARGIN,
+                day_start + DAY - WINDOW_MARGIN,
+                now + timedelta(seconds=self._config.lease_max_s),
+            ),
+            # 0 counted where something was asked: that limit is off in the database.
+            requests=counted_requests if block[0] and counted_requests else None,
+            tokens=None if block[1] and not counted_tokens else counted_tokens,
+            last_used=now,
+        )
+        self._retire(req.tenant_id)  # never two leases of one tenant: the older gives back
+        self._leases[req.tenant_id] = lease
+        if not lease.fits(req.tokens, now):  # the window is about to roll
             self._retire(req.tenant_id)
-            block = self._block(req)
-            if block is None:
-                return None
-            got = await self._writes.take_lease(req.tenant_id, *block, now)
-            if got is None:
-                self._no_lease_until[req.tenant_id] = now + timedelta(
-                    seconds=self._config.lease_idle_s
-                )
-                return None
-            self._no_lease_until.pop(req.tenant_id, None)
-            self.taken += 1
-            if self._on_event is not None:
-                self._on_event("taken")
-            counted_requests, counted_tokens, minute_start, day_start = got
-            lease = Lease(
-                tenant_id=req.tenant_id,
-                minute_start=minute_start,
-                day_start=day_start,
-                until=min(
-                    minute_start + MINUTE - WINDOW_MARGIN,
-                    day_start + DAY - WINDOW_MARGIN,
-                    now + timedelta(seconds=self._config.lease_max_s),
-                ),
-                # 0 counted where something was asked: that limit is off in the database.
-                requests=counted_requests if block[0] and counted_requests else None,
-                tokens=None if block[1] and not counted_tokens else counted_tokens,
-                last_used=now,
-            )
-            self._leases[req.tenant_id] = lease
-            if not lease.fits(req.tokens, now):  # the window is about to roll
-                self._retire(req.tenant_id)
-                return None
-            return lease
+            return None
+        return lease
 
     def _retire(self, tenant_id: int) -> None:
         """End the tenant's lease; what it did not hand out goes back in the background."""
@@ -272,12 +294,11 @@ class QuotaLeases:
                 self._retire(tenant_id)
         for tenant_id in [t for t, until in self._no_lease_until.items() if now >= until]:
             del self._no_lease_until[tenant_id]
-        for tenant_id in [t for t, lock in self._locks.items() if not lock.locked()]:
-            if tenant_id not in self._leases:
-                del self._locks[tenant_id]
 
     async def close(self) -> None:
         """Give every lease's leftovers back and wait for those writes."""
+        if self._renewing:  # a take in flight lands first, then goes back with the rest
+            await asyncio.wait(list(self._renewing.values()))
         for tenant_id in list(self._leases):
             self._retire(tenant_id)
         if self._returns:

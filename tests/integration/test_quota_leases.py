@@ -246,3 +246,37 @@ def test_a_lease_gives_back_to_a_window_a_later_clock_opened(pg_db: Database) ->
     asyncio.run(_with_gate(pg_db, run, lease_max_requests=64))
     q = _quota(pg_db, t)
     assert (q.minute_tokens, q.day_tokens) == (4, 4)
+
+
+def test_a_take_in_flight_is_shared_and_outlives_its_request(pg_db: Database) -> None:
+    """Requests that find a take in flight wait for it and use its lease; the request that
+    started it is cancelled meanwhile (its client went away), and the block the database
+    counted is not lost: it is handed out, and what is left goes back."""
+    limits = QuotaLimits(tokens_per_minute=1_000_000)
+    t = tenant(pg_db, limits)
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> None:
+        take = leases._writes.take_lease
+
+        async def slow_take(*args):  # noqa: ANN002, ANN202 - counted, then a slow reply
+            counted = await take(*args)
+            await asyncio.sleep(0.05)
+            return counted
+
+        leases._writes.take_lease = slow_take
+        p = principal_for(t, limits)
+        first = asyncio.ensure_future(gate.reserve(p, job(t, tokens=10, limits=limits), datetime.now(UTC)))
+        await asyncio.sleep(0.01)  # its take is in flight
+        others = [
+            asyncio.ensure_future(gate.reserve(p, job(t, tokens=10, limits=limits), datetime.now(UTC)))
+            for _ in range(5)
+        ]
+        first.cancel()
+        got = await asyncio.gather(*others)
+        assert leases.taken == 1 and all(r.recorded is not None for r in got)
+        for r in got:
+            assert await gate.settle(r, _done(10))
+        await leases.close()
+
+    asyncio.run(_with_gate(pg_db, run, lease_max_requests=64))
+    assert _quota(pg_db, t).minute_tokens == 50  # five requests of 10; the rest came back

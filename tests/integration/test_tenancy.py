@@ -212,7 +212,22 @@ def test_quota_leases_end_to_end_stay_within_the_limit_and_give_back(
             break
         time.sleep(1.5)  # idle leases give back what they did not hand out
     assert not got, "a burst that gets nothing: the quota is spent"
-    assert len(ok) == 250
+    with db.connect() as conn:
+        books = conn.execute(
+            text(
+                "SELECT j.state, count(*), sum(j.reserved_tokens) FROM jobs j JOIN tenants t "
+                "ON t.id = j.tenant_id WHERE t.name = :n GROUP BY j.state"
+            ),
+            {"n": tenant},
+        ).all()
+        window = conn.execute(
+            text(
+                "SELECT q.minute_tokens, q.minute_started_at FROM quotas q JOIN tenants t "
+                "ON t.id = q.tenant_id WHERE t.name = :n"
+            ),
+            {"n": tenant},
+        ).one()
+    assert len(ok) == 250, (books, tuple(window))
     assert _leases_taken(haif.url) > taken  # the Gateways admitted from leases
     wait_for(lambda: len(tenant_usage(db, tenant)) == 250, 30, what="250 usage records")
     assert sum(p + c for _, p, c in tenant_usage(db, tenant)) == 3000
