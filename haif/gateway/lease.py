@@ -156,7 +156,9 @@ class QuotaLeases:
         if not fastpath._needs_lock(limits, req.count_requests):
             return self._admit(req, now, 0)  # nothing to count: only the job row
         lease = self._leases.get(req.tenant_id)
-        if lease is None or not lease.fits(req.tokens, now):
+        # Checked again after every wait: other requests may have used up the lease
+        # between its take and this request's turn.
+        while lease is None or not lease.fits(req.tokens, now):
             until = self._no_lease_until.get(req.tenant_id)
             if until is not None and now < until:
                 return None

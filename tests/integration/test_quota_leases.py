@@ -280,3 +280,23 @@ def test_a_take_in_flight_is_shared_and_outlives_its_request(pg_db: Database) ->
 
     asyncio.run(_with_gate(pg_db, run, lease_max_requests=64))
     assert _quota(pg_db, t).minute_tokens == 50  # five requests of 10; the rest came back
+
+
+def test_a_lease_never_hands_out_more_than_it_counted(pg_db: Database) -> None:
+    """Leases of 2 requests, 60 concurrent requests: each lease is used up by whoever gets
+    there first, and the request whose take it was checks again (at least 30 takes)."""
+    limits = QuotaLimits(tokens_per_minute=1_000_000)
+    t = tenant(pg_db, limits)
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> None:
+        p = principal_for(t, limits)
+        got = await asyncio.gather(
+            *(gate.reserve(p, job(t, tokens=10, limits=limits), datetime.now(UTC)) for _ in range(60))
+        )
+        assert all(r.recorded is not None for r in got)
+        assert leases.taken >= 30
+        assert all(lease.tokens >= 0 for lease in leases._leases.values())
+        await leases.close()
+
+    asyncio.run(_with_gate(pg_db, run, lease_max_requests=2))
+    assert _quota(pg_db, t).minute_tokens == 600
