@@ -143,9 +143,6 @@ class QuotaLeases:
     def __len__(self) -> int:
         return len(self._leases)
 
-    def lease(self, tenant_id: int) -> Lease | None:
-        return self._leases.get(tenant_id)
-
     async def reserve(self, req: JobRequest, now: datetime) -> Reservation | None:
         """Admit ``req`` on a lease; None when the exact, per-request path must decide
         (an Idempotency-Key, a concurrency limit, a limit too close or too small to lease

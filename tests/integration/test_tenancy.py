@@ -12,13 +12,14 @@ import io
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from haif.store.models import Job, Tenant, UsageRecord
+from haif.store.models import Job, Quota, Tenant, UsageRecord
 from tests.integration.conftest import Deployment, haif_cli, wait_for
 
 AUTH_BODY = {
@@ -61,6 +62,13 @@ def tenant_usage(db, tenant: str) -> list[tuple[str, int, int]]:  # noqa: ANN001
             .where(Tenant.name == tenant)
         ).all()
     return [tuple(r) for r in rows]
+
+
+def tenant_quota(db, tenant: str) -> Quota:  # noqa: ANN001
+    with db.connect() as conn:
+        return conn.execute(
+            select(Quota).join(Tenant, Tenant.id == Quota.tenant_id).where(Tenant.name == tenant)
+        ).one()
 
 
 def tenant_jobs(db, tenant: str) -> list:  # noqa: ANN001
@@ -159,15 +167,8 @@ def test_200_concurrent_requests_50_fit_tokens_per_minute_on_postgres(
                 assert_429(r)
         wait_for(lambda: len(tenant_usage(db, tenant)) == 50, 30, what="50 usage records")
         assert sum(p + c for _, p, c in tenant_usage(db, tenant)) == 600
-        with db.connect() as conn:
-            row = conn.execute(
-                text(
-                    "SELECT q.minute_tokens, q.in_flight FROM quotas q JOIN tenants t ON t.id = q.tenant_id "
-                    "WHERE t.name = :n"
-                ),
-                {"n": tenant},
-            ).one()
-        assert tuple(row) == (600, 0)
+        quota = tenant_quota(db, tenant)
+        assert (quota.minute_tokens, quota.in_flight) == (600, 0)
         return {j.gateway for j in tenant_jobs(db, tenant)}
 
     both_gateways(burst_once)
@@ -212,22 +213,8 @@ def test_quota_leases_end_to_end_stay_within_the_limit_and_give_back(
             break
         time.sleep(1.5)  # idle leases give back what they did not hand out
     assert not got, "a burst that gets nothing: the quota is spent"
-    with db.connect() as conn:
-        books = conn.execute(
-            text(
-                "SELECT j.state, count(*), sum(j.reserved_tokens) FROM jobs j JOIN tenants t "
-                "ON t.id = j.tenant_id WHERE t.name = :n GROUP BY j.state"
-            ),
-            {"n": tenant},
-        ).all()
-        window = conn.execute(
-            text(
-                "SELECT q.minute_tokens, q.minute_started_at FROM quotas q JOIN tenants t "
-                "ON t.id = q.tenant_id WHERE t.name = :n"
-            ),
-            {"n": tenant},
-        ).one()
-    assert len(ok) == 250, (books, tuple(window))
+    books = Counter(j.state for j in tenant_jobs(db, tenant))
+    assert len(ok) == 250, (books, tenant_quota(db, tenant).minute_tokens)
     assert _leases_taken(haif.url) > taken  # the Gateways admitted from leases
     wait_for(lambda: len(tenant_usage(db, tenant)) == 250, 30, what="250 usage records")
     assert sum(p + c for _, p, c in tenant_usage(db, tenant)) == 3000
@@ -235,15 +222,8 @@ def test_quota_leases_end_to_end_stay_within_the_limit_and_give_back(
     jobs = tenant_jobs(db, tenant)  # and, for requests refused after admission, failed ones
     assert sum(j.state == "succeeded" for j in jobs) == 250
     assert {j.state for j in jobs} <= {"succeeded", "failed"}
-    with db.connect() as conn:
-        row = conn.execute(
-            text(
-                "SELECT q.minute_tokens, q.in_flight FROM quotas q JOIN tenants t ON t.id = q.tenant_id "
-                "WHERE t.name = :n"
-            ),
-            {"n": tenant},
-        ).one()
-    assert tuple(row) == (3000, 0)
+    quota = tenant_quota(db, tenant)
+    assert (quota.minute_tokens, quota.in_flight) == (3000, 0)
 
 
 def test_max_concurrent_slots_are_released(haif: Deployment, store_env: dict) -> None:
