@@ -192,7 +192,9 @@ class Admission:
         while True:
             ctx.remaining_s()
             with tracing.span("gateway.quota", attributes={"haif.job_id": req.job_id}):
-                result = await self._quotas.reserve(principal, req, datetime.now(UTC))
+                result = await self._quotas.reserve(
+                    principal, req, datetime.now(UTC), streamed=item.stream
+                )
             if isinstance(result, Reservation):
                 return self._ticket(item, result, key)
             replay = await self._replay(item, principal.tenant_id, key, result)

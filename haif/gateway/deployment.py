@@ -119,6 +119,7 @@ class Gateway:
                 writes,
                 config.quotas,
                 on_event=lambda event: metrics.registry.inc("haif_quota_leases_total", (event,)),
+                record_after_s=config.jobs.mark_running_after_s / 2,
             )
             self._background.append(leases.run)  # idle leases give back; all of them at stop
         quotas = QuotaGate(

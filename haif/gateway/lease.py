@@ -4,8 +4,11 @@ On PostgreSQL a Gateway replica takes a *lease* for a tenant: one conditional
 ``UPDATE`` counts a block of requests and tokens in the tenant's windows
 (``fastpath._TAKE_LEASE``), and the replica hands the block out to that tenant's
 requests from memory. A request without an Idempotency-Key, of a tenant without a
-concurrency limit, is then admitted at once; its job row is written beside the
-dispatch, and its settlement (refund and usage, as before) after the response.
+concurrency limit, is then admitted at once; its settlement (refund and usage, as
+before) runs after the response, and writes the job's row too: a request admitted on a
+lease costs one statement. Only a stream (its client reads the job's id in the first
+chunk) and a job still running ``jobs.mark_running_after_s / 2`` after admission have
+their row written before then (``JobRecord``).
 
 What keeps the books exact:
 - A lease only takes while at least as much again is left in every window, and at
@@ -25,8 +28,9 @@ What it costs:
   replica is held that way.
 - A replica that dies holds its leftovers until the window rolls (a day's tokens:
   at most one block per death).
-- A job's row appears a moment after its request was admitted, not before it is
-  dispatched; should that write fail, settlement writes it.
+- A short job's row appears when it settles, just after its response, not when it is
+  admitted; a replica that dies leaves no row for its short jobs in flight (their
+  tokens stay counted, like a lease's leftovers, until the window rolls).
 """
 
 from __future__ import annotations
@@ -89,32 +93,65 @@ class Lease:
 
 
 class JobRecord:
-    """The write of a leased job's row, started at admission; settlement ``ensure``s it."""
+    """The row of a job admitted on a lease.
 
-    def __init__(self, writes: AsyncWrites, req: JobRequest, now: datetime, tokens: int) -> None:
-        self._writes, self._req, self._now, self._tokens = writes, req, now, tokens
-        self.task = asyncio.ensure_future(writes.record_job(req, now, tokens))
+    Written only once the job has run ``delay_s`` (from then on it may be looked up,
+    marked running or swept as abandoned). A shorter job, the common one, never has it
+    written on its own: its settlement inserts it closed, in the settlement's one
+    statement (``claim``). Settlement paths that need the row first ``ensure`` it.
+    """
+
+    def __init__(
+        self, writes: AsyncWrites, req: JobRequest, now: datetime, tokens: int, delay_s: float
+    ) -> None:
+        self._writes, self.req, self.now, self._tokens = writes, req, now, tokens
+        self.task: asyncio.Future[None] | None = None  # the timer's write, once started
+        self._attempted = False  # a write of the open row was started (it may have landed)
+        self._claimed = False  # settlement inserts the row closed; the timer never writes it
+        self._timer = asyncio.get_running_loop().call_later(delay_s, self._start)
+
+    def _start(self) -> None:
+        if self._attempted or self._claimed:
+            return
+        self._attempted = True
+        self.task = asyncio.ensure_future(self._write())
         self.task.add_done_callback(self._done)
+
+    async def _write(self) -> None:
+        await self._writes.record_job(self.req, self.now, self._tokens)
 
     def _done(self, task: asyncio.Future[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             logger.warning(
-                "job %s: its row was not written at admission (%s); settlement writes it",
-                self._req.job_id,
+                "job %s: its row was not written (%s); settlement writes it",
+                self.req.job_id,
                 task.exception(),
             )
 
+    def claim(self) -> bool:
+        """True while no write of the open row was ever started: the caller's settlement
+        inserts the row closed (a retry of it finds the row and changes nothing). False:
+        the row may exist open, so settlement ``ensure``s it and updates it."""
+        if not self._attempted:
+            self._timer.cancel()
+            self._claimed = True
+        return not self._attempted
+
     async def ensure(self) -> None:
-        """The row exists once this returns. Raises: StoreUnavailable."""
-        try:
-            await asyncio.shield(self.task)
-            return
-        except asyncio.CancelledError:
-            if not self.task.cancelled():
-                raise  # the caller was cancelled, not the write
-        except Exception:  # noqa: BLE001 - logged in _done; written again just below
-            pass
-        await self._writes.record_job(self._req, self._now, self._tokens)
+        """The row exists once this returns (open, unless a settlement closed it).
+        Raises: StoreUnavailable."""
+        self._timer.cancel()
+        self._attempted = True
+        if self.task is not None:
+            try:
+                await asyncio.shield(self.task)
+                return
+            except asyncio.CancelledError:
+                if not self.task.cancelled():
+                    raise  # the caller was cancelled, not the write
+            except Exception:  # noqa: BLE001 - logged in _done; written again just below
+                pass
+        await self._write()
         self.task = asyncio.get_running_loop().create_future()
         self.task.set_result(None)
 
@@ -127,9 +164,12 @@ class QuotaLeases:
         writes: AsyncWrites,
         config: QuotasConfig,
         on_event: Callable[[str], None] | None = None,
+        *,
+        record_after_s: float = 0.5,
     ) -> None:
         self._writes = writes
         self._config = config
+        self._record_after_s = record_after_s  # a leased job's row, if it runs that long
         self._on_event = on_event  # "taken" / "returned", for the metrics
         self._leases: dict[int, Lease] = {}
         self._renewing: dict[int, asyncio.Future[Lease | None]] = {}  # takes in flight
@@ -143,15 +183,20 @@ class QuotaLeases:
     def __len__(self) -> int:
         return len(self._leases)
 
-    async def reserve(self, req: JobRequest, now: datetime) -> Reservation | None:
+    async def reserve(
+        self, req: JobRequest, now: datetime, *, streamed: bool = False
+    ) -> Reservation | None:
         """Admit ``req`` on a lease; None when the exact, per-request path must decide
         (an Idempotency-Key, a concurrency limit, a limit too close or too small to lease
-        from, or a refusal). Raises: StoreUnavailable (taking a lease)."""
+        from, or a refusal). ``streamed``: its client reads the job's id in the first
+        chunk and may look the job up, so its row is written at once, beside the dispatch.
+
+        Raises: StoreUnavailable (taking a lease)."""
         limits = req.limits
         if req.idempotency_key is not None or limits.max_concurrent is not None:
             return None
         if not fastpath._needs_lock(limits, req.count_requests):
-            return self._admit(req, now, 0)  # nothing to count: only the job row
+            return self._admit(req, now, 0, streamed=streamed)  # nothing to count
         lease = self._leases.get(req.tenant_id)
         # Checked again after every wait: other requests may have used up the lease
         # between its take and this request's turn.
@@ -165,17 +210,24 @@ class QuotaLeases:
         # Counted in the lease's windows: its refund goes there while they are open (a
         # settlement refunds windows that started at or before ``reserved_at``).
         counted_at = max(now, lease.minute_start, lease.day_start)
-        return self._admit(req, now, lease.take(req.tokens, now), counted_at)
+        return self._admit(req, now, lease.take(req.tokens, now), counted_at, streamed=streamed)
 
     def _admit(
-        self, req: JobRequest, now: datetime, tokens: int, counted_at: datetime | None = None
+        self,
+        req: JobRequest,
+        now: datetime,
+        tokens: int,
+        counted_at: datetime | None = None,
+        *,
+        streamed: bool,
     ) -> Reservation:
+        delay_s = 0.0 if streamed else self._record_after_s
         return fastpath._reservation(
             req,
             counted_at or now,
             tokens,
             False,
-            recorded=JobRecord(self._writes, req, now, tokens),
+            recorded=JobRecord(self._writes, req, now, tokens, delay_s),
         )
 
     def _block(self, req: JobRequest) -> tuple[int, int] | None:

@@ -75,9 +75,11 @@ class QuotaGate:
         return self._limiter is None
 
     async def reserve(
-        self, principal: Principal, req: JobRequest, now: datetime
+        self, principal: Principal, req: JobRequest, now: datetime, *, streamed: bool = False
     ) -> Reservation | Existing:
-        """Raises: RateLimited, QuotaExceeded, UnprocessableRequest, Conflict, StoreUnavailable."""
+        """``streamed``: the client sees the job's id at once (its row is written at once).
+
+        Raises: RateLimited, QuotaExceeded, UnprocessableRequest, Conflict, StoreUnavailable."""
         limits = principal.limits or QuotaLimits()
         if (
             self._limiter is not None
@@ -88,7 +90,7 @@ class QuotaGate:
                 self._limiter, principal.tenant_id, limits.requests_per_minute, req
             )
         if self.leases is not None:
-            leased = await self.leases.reserve(req, now)
+            leased = await self.leases.reserve(req, now, streamed=streamed)
             if leased is not None:
                 return leased
         if self._writes is not None:
@@ -121,8 +123,11 @@ class QuotaGate:
         return replace(req, count_requests=True)
 
     async def settle(self, reservation: Reservation, outcome: Outcome) -> bool:
-        if reservation.recorded is not None:  # admitted on a lease: its row first
-            await reservation.recorded.ensure()
+        record = reservation.recorded  # admitted on a lease: its row may not be written
+        if record is not None and self._writes is not None and record.claim():
+            return await self._writes.settle_unwritten(reservation, outcome, record.req, record.now)
+        if record is not None:
+            await record.ensure()
         if self._writes is not None:
             return await self._writes.settle(reservation, outcome)
         return await self._db.run(fastpath.settle_job, self._db, reservation, outcome)

@@ -73,10 +73,10 @@ class Settlements:
     async def _attempt(self, p: _Pending) -> bool:
         """One try; True when nothing is left to do."""
         try:
-            if p.reservation.recorded is not None:  # admitted on a lease: its row first
-                await p.reservation.recorded.ensure()
             if not p.closed:
                 if p.entry is not None and (self.dlq is None or not self.dlq.redis_usable()):
+                    if p.reservation.recorded is not None:  # admitted on a lease: its row first
+                        await p.reservation.recorded.ensure()
                     await self._db.run(
                         _close_with_entry, self._db, p.reservation, p.outcome, p.entry
                     )

@@ -69,6 +69,9 @@ class AsyncWrites:
         self._reserve = _Compiled(fastpath._RESERVE_PG)
         self._insert_job = _Compiled(fastpath._INSERT_JOB)
         self._settle = {key: _Compiled(stmt) for key, stmt in fastpath._SETTLE_PG.items()}
+        self._settle_unwritten = {
+            key: _Compiled(stmt) for key, stmt in fastpath._SETTLE_UNWRITTEN_PG.items()
+        }
         self._take_lease = _Compiled(fastpath._TAKE_LEASE)
         self._return_lease = _Compiled(fastpath._RETURN_LEASE)
         self._record_job = _Compiled(fastpath._RECORD_JOB_PG)
@@ -138,6 +141,21 @@ class AsyncWrites:
     async def settle(self, res: Reservation, out: Outcome) -> bool:
         row = await self._run(
             self._settle[(res.holds_quota, out.bill)], fastpath._settle_params(res, out)
+        )
+        return bool(row[0])
+
+    async def settle_unwritten(
+        self, res: Reservation, out: Outcome, req: JobRequest, now: datetime
+    ) -> bool:
+        """Settle a job whose row was never written (admitted on a lease at ``now``, and
+        shorter than its row's delay): the row is inserted closed, in the same one
+        statement. False if it is there already (a retried settlement)."""
+        row = await self._run(
+            self._settle_unwritten[(res.holds_quota, out.bill)],
+            {
+                **fastpath._settle_params(res, out),
+                **fastpath._unwritten_params(req, now, res.reserved_tokens),
+            },
         )
         return bool(row[0])
 

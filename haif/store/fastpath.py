@@ -233,8 +233,8 @@ _INSERT_JOB = insert(jobs).values(**_job_values(0))
 
 
 def _record_job_pg() -> Any:
-    """The job row of a request admitted on a lease: written off the request's path, and
-    by settlement again should that write have failed (a second write changes nothing)."""
+    """The open job row of a request admitted on a lease that outlives its row's delay,
+    written off the request's path (a second write changes nothing)."""
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
     return (
@@ -344,8 +344,43 @@ def _reservation(
 _OPEN = jobs.c.state.in_([literal_column(f"'{state}'") for state in OPEN_STATES])
 
 
-def _settle_pg(release: bool, bill: bool) -> Any:
-    closed = (
+def _closed_row() -> Any:
+    """The row of a leased job that settles before its own row was written
+    (``haif.gateway.lease.JobRecord``): inserted closed, unless it is there already (a
+    retried settlement); only the insert that wrote it returns it."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    row = {
+        **_job_values(bindparam("b_reserved", type_=BigInteger())),
+        "state": bindparam("b_state", type_=String()),
+        "prompt_tokens": bindparam("b_prompt", type_=BigInteger()),
+        "completion_tokens": bindparam("b_completion", type_=BigInteger()),
+        "started_at": bindparam("b_started", type_=UtcDateTime()),
+        "finished_at": bindparam("b_finished", type_=UtcDateTime()),
+        "worker": bindparam("b_worker", type_=String()),
+        "region": func.coalesce(
+            bindparam("b_region", type_=String()), bindparam("b_job_region", type_=String())
+        ),
+        "attempts": bindparam("b_attempts", type_=Integer()),
+        "error": bindparam("b_error", type_=String()),
+        "response": bindparam("b_response", type_=String()),
+    }
+    return (
+        pg_insert(jobs)
+        .values(**row)
+        .on_conflict_do_nothing(index_elements=[jobs.c.id])
+        .returning(jobs.c.id, jobs.c.tenant_id)
+        .cte("closed")
+    )
+
+
+def _settle_pg(release: bool, bill: bool, written: bool = True) -> Any:
+    """Close the job, refund what it did not use, record its usage: one statement.
+
+    ``written=False``: the job has no row yet (a leased job shorter than its row's
+    delay); the row is inserted closed instead of updated.
+    """
+    closed = _closed_row() if not written else (
         update(jobs)
         .where(jobs.c.id == bindparam("b_job", type_=String()), _OPEN)
         .values(
@@ -417,6 +452,9 @@ def _settle_pg(release: bool, bill: bool) -> Any:
 
 
 _SETTLE_PG = {(r, b): _settle_pg(r, b) for r in (False, True) for b in (False, True)}
+_SETTLE_UNWRITTEN_PG = {
+    (r, b): _settle_pg(r, b, written=False) for r in (False, True) for b in (False, True)
+}
 
 
 def settle_pg(conn: Connection, res: Reservation, out: Outcome) -> bool:
@@ -435,6 +473,19 @@ def _settle_params(res: Reservation, out: Outcome) -> dict[str, Any]:
         "b_model": res.model,
         "b_version": res.version,
         "b_usage_started": out.started_at or res.reserved_at,
+    }
+
+
+def _unwritten_params(req: JobRequest, now: datetime, reserved_tokens: int) -> dict[str, Any]:
+    """What the closed row of a leased job takes beyond its settlement's parameters."""
+    return {
+        "b_tenant": req.tenant_id,
+        "b_token": req.token_id,
+        "b_kind": req.kind,
+        "b_gateway": req.gateway,
+        "b_job_region": req.region,
+        "b_now": now,
+        "b_reserved": reserved_tokens,
     }
 
 

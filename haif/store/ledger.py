@@ -62,8 +62,8 @@ class Reservation:
     reserved_at: datetime
     reserved_tokens: int  # counted in the token windows (0 when the tenant has no token limit)
     holds_slot: bool  # counted in quotas.in_flight
-    # Admitted on a Gateway's quota lease: the write of its job row, still running or done
-    # (an asyncio task); settlement makes sure the row exists first. None: written already.
+    # Admitted on a Gateway's quota lease: its job row's record (haif.gateway.lease.JobRecord),
+    # written late or by settlement itself. None: the row was written with the reservation.
     recorded: Any = field(default=None, compare=False, repr=False)
 
     @property

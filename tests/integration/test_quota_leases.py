@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from haif.config import QuotasConfig
+from haif.exceptions import StoreUnavailable
 from haif.gateway.lease import QuotaLeases
 from haif.gateway.quota import QuotaGate
 from haif.store import Database, migrate
@@ -51,9 +52,9 @@ def _done(settle_with: int = 10) -> Outcome:
     return Outcome(JobState.SUCCEEDED, settle_with // 2, settle_with - settle_with // 2, now, now, bill=True)
 
 
-async def _with_gate(db: Database, fn, **config: float):  # noqa: ANN001, ANN202
+async def _with_gate(db: Database, fn, record_after_s: float = 0.5, **config: float):  # noqa: ANN001, ANN202
     writes = async_writes(db, size=4)
-    leases = QuotaLeases(writes, QuotasConfig(**config))
+    leases = QuotaLeases(writes, QuotasConfig(**config), record_after_s=record_after_s)
     try:
         return await fn(QuotaGate(db, None, writes, leases=leases), leases)
     finally:
@@ -120,21 +121,126 @@ def test_a_lease_gives_back_what_it_did_not_hand_out(pg_db: Database) -> None:
         assert usage_total(conn, t) == (5, 10, 10)
 
 
-def test_settlement_writes_the_job_row_when_admission_could_not(pg_db: Database) -> None:
-    """Settled at once, before the row's own write has run: the row is there, closed, billed."""
+def _count_statements(leases: QuotaLeases) -> list[str]:
+    """The SQL of every statement sent through the leases' writes from now on."""
+    sent: list[str] = []
+    writes = leases._writes
+    run = writes._run
+
+    async def counted(compiled, values):  # noqa: ANN001, ANN202
+        sent.append(compiled.sql)
+        return await run(compiled, values)
+
+    writes._run = counted
+    return sent
+
+
+def _job(db: Database, job_id: str) -> Job | None:
+    with db.session() as s:
+        job_row = s.get(Job, job_id)
+        if job_row is not None:
+            s.expunge(job_row)
+        return job_row
+
+
+def test_a_short_leased_job_costs_one_statement(pg_db: Database) -> None:
+    """Admitted on a lease and settled before its row's delay: one statement in all, which
+    writes the job row closed, refunds and bills; a retried settlement changes nothing."""
+    limits = QuotaLimits(requests_per_minute=100_000, tokens_per_minute=1_000_000)
+    t = tenant(pg_db, limits)
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> str:
+        principal = principal_for(t, limits)
+        first = await gate.reserve(principal, job(t, tokens=10, limits=limits), datetime.now(UTC))
+        sent = _count_statements(leases)  # the lease is taken: what one more request costs
+        res = await gate.reserve(principal, job(t, tokens=10, limits=limits), datetime.now(UTC))
+        assert res.recorded is not None and sent == []
+        assert _job(pg_db, res.job_id) is None  # no row yet: it comes with the settlement
+        assert await gate.settle(res, _done(4))
+        assert len(sent) == 1
+        assert not await gate.settle(res, _done(4))  # a retry: already closed, nothing added
+        assert await gate.settle(first, _done(4))
+        return res.job_id
+
+    job_id = asyncio.run(_with_gate(pg_db, run, record_after_s=30))
+    row = _job(pg_db, job_id)
+    assert row is not None and row.state == JobState.SUCCEEDED.value
+    assert (row.tenant_id, row.kind, row.model, row.version) == (t, "completion", "echo", "1")
+    assert (row.reserved_tokens, row.prompt_tokens, row.completion_tokens) == (10, 2, 2)
+    assert row.created_at is not None and row.finished_at is not None and not row.holds_slot
+    q = _quota(pg_db, t)
+    assert (q.minute_requests, q.minute_tokens) == (2, 8)  # the block given back; 4 + 4 used
+    with pg_db.connect() as conn:
+        assert usage_total(conn, t) == (2, 4, 4)
+
+
+def test_a_leased_job_that_runs_long_has_its_row_written_open(pg_db: Database) -> None:
+    """Past its row's delay the job is there, reserved (it can be looked up, marked
+    running, swept); settlement then closes that row."""
     limits = QuotaLimits(requests_per_minute=100_000)
     t = tenant(pg_db, limits)
 
     async def run(gate: QuotaGate, leases: QuotaLeases) -> str:
         res = await gate.reserve(principal_for(t, limits), job(t, limits=limits), datetime.now(UTC))
-        assert res.recorded is not None and not res.recorded.task.done()
-        res.recorded.task.cancel()  # the admission's write never happens
+        assert res.recorded is not None
+        await asyncio.sleep(0.3)
+        row = _job(pg_db, res.job_id)
+        assert row is not None and row.state == JobState.RESERVED.value
+        assert await gate.settle(res, _done())
+        assert not await gate.settle(res, _done())
+        return res.job_id
+
+    job_id = asyncio.run(_with_gate(pg_db, run, record_after_s=0.05))
+    assert _job(pg_db, job_id).state == JobState.SUCCEEDED.value
+    with pg_db.connect() as conn:
+        assert usage_total(conn, t) == (1, 5, 5)
+
+
+def test_a_leased_stream_has_its_row_written_at_once(pg_db: Database) -> None:
+    """A stream's client reads the job id in its first chunk: the row is there from the start."""
+    limits = QuotaLimits(requests_per_minute=100_000)
+    t = tenant(pg_db, limits)
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> None:
+        principal = principal_for(t, limits)
+        res = await gate.reserve(principal, job(t, limits=limits), datetime.now(UTC), streamed=True)
+        assert res.recorded is not None
+        for _ in range(3):  # the write runs beside the dispatch
+            await asyncio.sleep(0)
+        await res.recorded.task
+        assert _job(pg_db, res.job_id).state == JobState.RESERVED.value
+        assert not res.recorded.claim()  # written open: settlement updates it
+        assert await gate.settle(res, _done())
+
+    asyncio.run(_with_gate(pg_db, run, record_after_s=30))
+
+
+def test_settlement_writes_the_job_row_when_its_own_write_failed(pg_db: Database) -> None:
+    """The row's delayed write fails (the store is down): settlement writes it, then closes it."""
+    limits = QuotaLimits(requests_per_minute=100_000)
+    t = tenant(pg_db, limits)
+
+    async def run(gate: QuotaGate, leases: QuotaLeases) -> str:
+        writes = leases._writes
+        record_job = writes.record_job
+        failures = []
+
+        async def down_once(*args):  # noqa: ANN002, ANN202
+            if not failures:
+                failures.append(args)
+                raise StoreUnavailable("the metadata store is unavailable; retry later")
+            return await record_job(*args)
+
+        writes.record_job = down_once
+        res = await gate.reserve(principal_for(t, limits), job(t, limits=limits), datetime.now(UTC))
+        await asyncio.sleep(0.3)
+        assert len(failures) == 1 and _job(pg_db, res.job_id) is None
         assert await gate.settle(res, _done())
         return res.job_id
 
-    job_id = asyncio.run(_with_gate(pg_db, run))
+    job_id = asyncio.run(_with_gate(pg_db, run, record_after_s=0.05))
+    assert _job(pg_db, job_id).state == JobState.SUCCEEDED.value
     with pg_db.connect() as conn:
-        assert conn.execute(select(Job.state).where(Job.id == job_id)).scalar() == "succeeded"
         assert usage_total(conn, t) == (1, 5, 5)
 
 
