@@ -477,16 +477,12 @@ def _settle_params(res: Reservation, out: Outcome) -> dict[str, Any]:
 
 
 def _unwritten_params(req: JobRequest, now: datetime, reserved_tokens: int) -> dict[str, Any]:
-    """What the closed row of a leased job takes beyond its settlement's parameters."""
-    return {
-        "b_tenant": req.tenant_id,
-        "b_token": req.token_id,
-        "b_kind": req.kind,
-        "b_gateway": req.gateway,
-        "b_job_region": req.region,
-        "b_now": now,
-        "b_reserved": reserved_tokens,
-    }
+    """What the closed row of a leased job takes beyond its settlement's parameters (whose
+    ``b_region`` is where it ran: the row's own region is ``b_job_region`` here)."""
+    params = _job_params(req, now)
+    params["b_job_region"] = params.pop("b_region")
+    params["b_reserved"] = reserved_tokens
+    return params
 
 
 # --- what the Gateway calls ---------------------------------------------------------------------

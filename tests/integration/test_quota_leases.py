@@ -143,6 +143,13 @@ def _job(db: Database, job_id: str) -> Job | None:
         return job_row
 
 
+def _settled_once(db: Database, tenant_id: int, job_id: str) -> None:
+    """The tenant's one job closed succeeded, billed once (``_done()``: 5 + 5 tokens)."""
+    assert _job(db, job_id).state == JobState.SUCCEEDED.value
+    with db.connect() as conn:
+        assert usage_total(conn, tenant_id) == (1, 5, 5)
+
+
 def test_a_short_leased_job_costs_one_statement(pg_db: Database) -> None:
     """Admitted on a lease and settled before its row's delay: one statement in all, which
     writes the job row closed, refunds and bills; a retried settlement changes nothing."""
@@ -190,10 +197,7 @@ def test_a_leased_job_that_runs_long_has_its_row_written_open(pg_db: Database) -
         assert not await gate.settle(res, _done())
         return res.job_id
 
-    job_id = asyncio.run(_with_gate(pg_db, run, record_after_s=0.05))
-    assert _job(pg_db, job_id).state == JobState.SUCCEEDED.value
-    with pg_db.connect() as conn:
-        assert usage_total(conn, t) == (1, 5, 5)
+    _settled_once(pg_db, t, asyncio.run(_with_gate(pg_db, run, record_after_s=0.05)))
 
 
 def test_a_leased_stream_has_its_row_written_at_once(pg_db: Database) -> None:
@@ -205,8 +209,7 @@ def test_a_leased_stream_has_its_row_written_at_once(pg_db: Database) -> None:
         principal = principal_for(t, limits)
         res = await gate.reserve(principal, job(t, limits=limits), datetime.now(UTC), streamed=True)
         assert res.recorded is not None
-        for _ in range(3):  # the write runs beside the dispatch
-            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)  # the write runs beside the dispatch, not after a delay
         await res.recorded.task
         assert _job(pg_db, res.job_id).state == JobState.RESERVED.value
         assert not res.recorded.claim()  # written open: settlement updates it
@@ -238,10 +241,7 @@ def test_settlement_writes_the_job_row_when_its_own_write_failed(pg_db: Database
         assert await gate.settle(res, _done())
         return res.job_id
 
-    job_id = asyncio.run(_with_gate(pg_db, run, record_after_s=0.05))
-    assert _job(pg_db, job_id).state == JobState.SUCCEEDED.value
-    with pg_db.connect() as conn:
-        assert usage_total(conn, t) == (1, 5, 5)
+    _settled_once(pg_db, t, asyncio.run(_with_gate(pg_db, run, record_after_s=0.05)))
 
 
 def test_no_lease_near_a_limit_or_where_the_request_path_decides(pg_db: Database) -> None:
