@@ -27,6 +27,7 @@ from sqlalchemy import (
     insert,
     literal,
     literal_column,
+    null,
     or_,
     select,
     update,
@@ -344,6 +345,23 @@ def _reservation(
 _OPEN = jobs.c.state.in_([literal_column(f"'{state}'") for state in OPEN_STATES])
 
 
+def _closing_values(worker: Any, region: Any) -> dict[str, Any]:
+    """What settlement writes on a job row (``ledger.close_job_params``); ``worker`` and
+    ``region`` are kept where the outcome has none."""
+    return {
+        "state": bindparam("b_state", type_=String()),
+        "prompt_tokens": bindparam("b_prompt", type_=BigInteger()),
+        "completion_tokens": bindparam("b_completion", type_=BigInteger()),
+        "started_at": bindparam("b_started", type_=UtcDateTime()),
+        "finished_at": bindparam("b_finished", type_=UtcDateTime()),
+        "worker": func.coalesce(bindparam("b_worker", type_=String()), worker),
+        "region": func.coalesce(bindparam("b_region", type_=String()), region),
+        "attempts": bindparam("b_attempts", type_=Integer()),
+        "error": bindparam("b_error", type_=String()),
+        "response": bindparam("b_response", type_=String()),
+    }
+
+
 def _closed_row() -> Any:
     """The row of a leased job that settles before its own row was written
     (``haif.gateway.lease.JobRecord``): inserted closed, unless it is there already (a
@@ -352,18 +370,7 @@ def _closed_row() -> Any:
 
     row = {
         **_job_values(bindparam("b_reserved", type_=BigInteger())),
-        "state": bindparam("b_state", type_=String()),
-        "prompt_tokens": bindparam("b_prompt", type_=BigInteger()),
-        "completion_tokens": bindparam("b_completion", type_=BigInteger()),
-        "started_at": bindparam("b_started", type_=UtcDateTime()),
-        "finished_at": bindparam("b_finished", type_=UtcDateTime()),
-        "worker": bindparam("b_worker", type_=String()),
-        "region": func.coalesce(
-            bindparam("b_region", type_=String()), bindparam("b_job_region", type_=String())
-        ),
-        "attempts": bindparam("b_attempts", type_=Integer()),
-        "error": bindparam("b_error", type_=String()),
-        "response": bindparam("b_response", type_=String()),
+        **_closing_values(null(), bindparam("b_job_region", type_=String())),
     }
     return (
         pg_insert(jobs)
@@ -383,18 +390,7 @@ def _settle_pg(release: bool, bill: bool, written: bool = True) -> Any:
     closed = _closed_row() if not written else (
         update(jobs)
         .where(jobs.c.id == bindparam("b_job", type_=String()), _OPEN)
-        .values(
-            state=bindparam("b_state", type_=String()),
-            prompt_tokens=bindparam("b_prompt", type_=BigInteger()),
-            completion_tokens=bindparam("b_completion", type_=BigInteger()),
-            started_at=bindparam("b_started", type_=UtcDateTime()),
-            finished_at=bindparam("b_finished", type_=UtcDateTime()),
-            worker=func.coalesce(bindparam("b_worker", type_=String()), jobs.c.worker),
-            region=func.coalesce(bindparam("b_region", type_=String()), jobs.c.region),
-            attempts=bindparam("b_attempts", type_=Integer()),
-            error=bindparam("b_error", type_=String()),
-            response=bindparam("b_response", type_=String()),
-        )
+        .values(**_closing_values(jobs.c.worker, jobs.c.region))
         .returning(jobs.c.id, jobs.c.tenant_id)
         .cte("closed")
     )
