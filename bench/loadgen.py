@@ -31,6 +31,8 @@ class LevelResult:
     wall_s: float
     samples: list[Sample]
     rounds: list[float] = field(default_factory=list)  # each round's output tokens/s, merged
+    # CPU seconds of each of the server's processes while it ran (merged: summed)
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -44,11 +46,16 @@ class LevelResult:
         """Rounds of one level as one result: latencies pooled, throughput the median
         round's (one round that hits a slow spell of a shared machine does not decide)."""
         (concurrency,) = {r.concurrency for r in results}
+        cpu_s: dict[str, float] = {}
+        for r in results:
+            for process, seconds in r.cpu_s.items():
+                cpu_s[process] = cpu_s.get(process, 0.0) + seconds
         return cls(
             concurrency,
             sum(r.wall_s for r in results),
             [s for r in results for s in r.samples],
             [r.output_tokens_per_s for r in results],
+            cpu_s,
         )
 
     def ttft_ms(self, pct: float) -> float:

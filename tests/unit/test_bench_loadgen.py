@@ -26,3 +26,9 @@ def test_only_rounds_of_one_level_merge() -> None:
         LevelResult.merged([_round(900, 0.1), LevelResult(32, 1.0, [])])
     with pytest.raises(ValueError):
         LevelResult.merged([])
+
+
+def test_merged_rounds_add_up_the_cpu_of_each_process() -> None:
+    one = LevelResult(8, 1.0, [], cpu_s={"Bridge": 0.25, "engine": 1.0})
+    two = LevelResult(8, 2.0, [], cpu_s={"Bridge": 0.5})
+    assert LevelResult.merged([one, two]).cpu_s == {"Bridge": 0.75, "engine": 1.0}
