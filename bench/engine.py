@@ -63,8 +63,6 @@ PROMPTS = [
 ]
 
 
-# Process group of `vllm serve` (its API server and engine processes), once started.
-BASE_GROUP = [0]
 # What each process of either server is, by a piece of its command line.
 ROLES = (
     ("ProxyActor", "Serve HTTP proxy"),
@@ -78,9 +76,9 @@ ROLES = (
 )
 
 
-def cpu_by_process() -> dict[tuple[str, str], float]:
-    """CPU seconds used so far by each (server, role) process: "base" for `vllm serve`'s
-    process group, "haif" for the rest."""
+def cpu_by_process(base_group: int) -> dict[tuple[str, str], float]:
+    """CPU seconds used so far by each (server, role) process: "base" for the processes of
+    `vllm serve`'s process group ``base_group``, "haif" for the rest."""
     import psutil
 
     used: dict[tuple[str, str], float] = {}
@@ -90,7 +88,7 @@ def cpu_by_process() -> dict[tuple[str, str], float]:
             role = next((r for key, r in ROLES if key in cmd), None)
             if role is None:
                 continue
-            side = "base" if BASE_GROUP[0] and os.getpgid(proc.pid) == BASE_GROUP[0] else "haif"
+            side = "base" if os.getpgid(proc.pid) == base_group else "haif"
             times = proc.cpu_times()
         except (psutil.Error, ProcessLookupError):
             continue  # gone meanwhile
@@ -119,8 +117,9 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
 
 
 @contextmanager
-def vllm_serve(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
-    """`vllm serve` on the model, up until the block ends; yields its base URL."""
+def vllm_serve(model_dir: str, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
+    """`vllm serve` on the model, up until the block ends; yields its base URL and its
+    process group (a session of its own: its API server and engine processes)."""
     port = _free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -142,8 +141,7 @@ def vllm_serve(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
     log.close()  # the child holds its own descriptor
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", 600, proc)
-        BASE_GROUP[0] = proc.pid  # its own session: its processes are in this group
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -203,7 +201,9 @@ def haif(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
         ray.shutdown()
 
 
-def measure(haif_url: str, base_url: str, args: argparse.Namespace) -> tuple[list[LevelResult], list[LevelResult]]:
+def measure(
+    haif_url: str, base_url: str, base_group: int, args: argparse.Namespace
+) -> tuple[list[LevelResult], list[LevelResult]]:
     """Each concurrency level ``args.rounds`` times on both servers, alternating which goes
     first; both stay up throughout (each idles while the other is measured)."""
     sides = {"haif": (haif_url, API_KEY), "base": (base_url, "none")}
@@ -214,9 +214,9 @@ def measure(haif_url: str, base_url: str, args: argparse.Namespace) -> tuple[lis
         for r in range(args.rounds):
             for side in (("base", "haif") if r % 2 == 0 else ("haif", "base")):
                 url, key = sides[side]
-                before = cpu_by_process()
+                before = cpu_by_process(base_group)
                 result = asyncio.run(run_level(url, "tiny-llama", PROMPTS, c, requests, args.max_tokens, key))
-                after = cpu_by_process()
+                after = cpu_by_process(base_group)
                 cpu_s = {
                     role: after[(s, role)] - before[(s, role)]
                     for (s, role) in after
@@ -355,8 +355,8 @@ def main() -> None:
     import torch
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    with vllm_serve(model_dir, args) as base_url, haif(model_dir, args) as haif_url:
-        haif_results, base = measure(haif_url, base_url, args)
+    with vllm_serve(model_dir, args) as (base_url, base_group), haif(model_dir, args) as haif_url:
+        haif_results, base = measure(haif_url, base_url, base_group, args)
     label, name = variant(args)
     rows = rows_for(haif_results, base, args.device, label)
     print_table(f"engine: tiny-llama, HAIF vllm runtime vs vllm serve ({args.device})", rows)

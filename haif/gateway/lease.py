@@ -107,11 +107,10 @@ class JobRecord:
         self._writes, self.req, self.now, self._tokens = writes, req, now, tokens
         self.task: asyncio.Future[None] | None = None  # the timer's write, once started
         self._attempted = False  # a write of the open row was started (it may have landed)
-        self._claimed = False  # settlement inserts the row closed; the timer never writes it
         self._timer = asyncio.get_running_loop().call_later(delay_s, self._start)
 
     def _start(self) -> None:
-        if self._attempted or self._claimed:
+        if self._attempted:  # ensure() wrote it meanwhile
             return
         self._attempted = True
         self.task = asyncio.ensure_future(self._write())
@@ -133,8 +132,7 @@ class JobRecord:
         inserts the row closed (a retry of it finds the row and changes nothing). False:
         the row may exist open, so settlement ``ensure``s it and updates it."""
         if not self._attempted:
-            self._timer.cancel()
-            self._claimed = True
+            self._timer.cancel()  # the settlement writes it; the timer never will
         return not self._attempted
 
     async def ensure(self) -> None:
