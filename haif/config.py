@@ -221,6 +221,16 @@ class ModelConfig(_Model):
         1, ge=1, le=4096, description="vllm on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
     enforce_eager: bool = Field(False, description="vllm: no CUDA graphs / compilation.")
+    cpu_engine_nice: int = Field(
+        19, ge=0, le=19,
+        description=(
+            "vllm on CPU: niceness of the engine's processes (scheduler, model worker). They "
+            "busy-poll between steps; on cores they share with the serving path they delay "
+            "its every wake-up, and the engine then runs nearly empty batches. At the lowest "
+            "priority the serving path preempts them at once (10 is not enough); they still "
+            "get every cycle nothing else wants. 0: same priority."
+        ),
+    )
     stream_interval: int = Field(
         1, ge=1, le=1024,
         description=(

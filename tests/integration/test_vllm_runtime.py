@@ -54,6 +54,24 @@ def test_greedy_is_deterministic_and_stream_matches_generate(engine: tuple) -> N
     assert first.prompt_tokens == len(runtime._tokenizer("Once upon a time")["input_ids"])
 
 
+def test_the_engine_processes_run_at_the_lowest_priority(engine: tuple) -> None:
+    """On CPU the engine's busy-polling processes yield to the serving path
+    (``cpu_engine_nice``); the process that holds the runtime keeps its priority."""
+    import os
+
+    from haif.runtimes.vllm import descendants
+
+    engine_pids = [
+        pid for pid in descendants(os.getpid())
+        if open(f"/proc/{pid}/comm").read().startswith("VLLM::")  # noqa: SIM115
+    ]
+    assert len(engine_pids) >= 2  # the scheduler (EngineCore) and the model worker
+    for pid in engine_pids:
+        nice = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+        assert nice == {19}, (pid, nice)
+    assert os.getpriority(os.PRIO_PROCESS, 0) < 19
+
+
 def test_max_tokens_and_stop(engine: tuple) -> None:
     runtime = engine[0]
     out = _run(engine, runtime.generate("The farmer", SamplingParams(max_tokens=5, temperature=0.0)))
