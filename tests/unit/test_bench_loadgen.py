@@ -1,4 +1,4 @@
-"""The engine benchmark's merging of rounds: a slow round does not decide the figure."""
+"""The engine benchmark's bookkeeping: merging rounds, charging CPU to servers, comparing phases."""
 
 from __future__ import annotations
 
@@ -32,3 +32,30 @@ def test_merged_rounds_add_up_the_cpu_of_each_process() -> None:
     one = LevelResult(8, 1.0, [], cpu_s={"Bridge": 0.25, "engine": 1.0})
     two = LevelResult(8, 2.0, [], cpu_s={"Bridge": 0.5})
     assert LevelResult.merged([one, two]).cpu_s == {"Bridge": 0.75, "engine": 1.0}
+
+
+def test_each_server_is_charged_its_own_processes_and_the_shared_ray_ones() -> None:
+    from bench.engine import cpu_while
+
+    before = {("haif", "Bridge"): 1.0, ("bare", "bare Serve replica (AsyncLLM)"): 2.0,
+              ("ray", "Serve HTTP proxy"): 3.0, ("base", "API server (AsyncLLM)"): 4.0}
+    after = {("haif", "Bridge"): 1.5, ("bare", "bare Serve replica (AsyncLLM)"): 2.25,
+             ("ray", "Serve HTTP proxy"): 3.5, ("base", "API server (AsyncLLM)"): 5.0,
+             ("haif", "Gateway"): 9.0}  # started between the readings: not charged
+    assert cpu_while("haif", before, after) == {"Bridge": 0.5, "Serve HTTP proxy": 0.5}
+    assert cpu_while("bare", before, after) == {"bare Serve replica (AsyncLLM)": 0.25, "Serve HTTP proxy": 0.5}
+    assert cpu_while("base", before, after) == {"API server (AsyncLLM)": 1.0}
+
+
+def test_haif_and_bare_serve_compare_as_shares_of_vllm_serve_in_their_own_phase() -> None:
+    from bench.engine import BARE_NAME, bare_rows
+
+    def level(tokens_per_s: float) -> LevelResult:
+        return LevelResult(32, 1.0, [Sample(0.1, 1.0, int(tokens_per_s))])
+
+    phase1 = {"haif": [level(800)], "base": [level(1000)]}
+    phase2 = {"bare": [level(1800)], "base": [level(2000)]}  # a faster spell of the machine
+    (tokens, _ttft, _e2e) = bare_rows(phase1, phase2)
+    assert tokens.metric == "output tok/s c=32, x vllm serve" and tokens.baseline_name == BARE_NAME
+    assert (tokens.haif, tokens.baseline) == (pytest.approx(0.8), pytest.approx(0.9))
+    assert tokens.ratio == pytest.approx(0.8 / 0.9)
