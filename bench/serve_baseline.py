@@ -2,13 +2,15 @@
 
 One Serve deployment, a FastAPI ingress whose replica holds vLLM's AsyncLLM, serving a
 streamed ``POST /v1/completions`` behind Serve's HTTP proxy: what a team would write
-by hand on Ray Serve, with no accounts, routing or records. ``bench/engine.py`` runs it
-beside HAIF and ``vllm serve``: HAIF against it is what HAIF's own components cost,
-it against ``vllm serve`` is what Ray Serve costs.
+by hand on Ray Serve, with no accounts, routing or records. ``bench/engine.py`` measures
+it against ``vllm serve`` after HAIF: its share of ``vllm serve``'s throughput is what
+Ray Serve costs, HAIF's share over it what HAIF's own components cost.
 
-It streams like HAIF's defaults, so that the two compare the path and not the piece
-size: the first token at once, later tokens gathered into one chunk at most every
-the model's ``stream_batch_ms`` (Ray Serve LLM batches its streams the same way).
+It takes the engine settings and, on CPU, the engine priority of HAIF's worker for the
+same model config, and streams with HAIF's piece timing so that the two compare the
+path and not the piece size: the first token at once, later tokens gathered into one
+chunk at most once every ``stream_batch_ms`` (Ray Serve LLM batches its streams the same
+way). HAIF's per-worker piece budget (``stream_pieces_per_s``) has no counterpart here.
 """
 
 from __future__ import annotations
