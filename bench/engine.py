@@ -245,40 +245,39 @@ def _haif_config(model_dir: str, args: argparse.Namespace, port: int) -> Any:
 
 
 @contextmanager
-def ray_cluster(args: argparse.Namespace) -> Iterator[None]:
-    """A local Ray cluster with Serve for the run; its HTTP proxy on a free port."""
+def ray_cluster() -> Iterator[int]:
+    """A local Ray cluster for the run; yields a free port for Serve's HTTP proxy."""
     import ray
     from ray import serve
 
-    args.port = _free_port()
     ray.init(address="local", namespace="haif-bench", include_dashboard=False, log_to_driver=False)
     try:
-        yield
+        yield _free_port()
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
 @contextmanager
-def haif(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
+def haif(model_dir: str, args: argparse.Namespace, port: int) -> Iterator[str]:
     """HAIF (vllm runtime) on the run's Ray cluster, up until the block ends; yields its URL."""
     from ray import serve
 
     from haif.cli.serve import wait_ready
     from serve_app import deploy
 
-    config = deploy(_haif_config(model_dir, args, args.port))
+    config = deploy(_haif_config(model_dir, args, port))
     try:
-        status = wait_ready(f"http://127.0.0.1:{args.port}", 900)
+        status = wait_ready(f"http://127.0.0.1:{port}", 900)
         if status["models"]["tiny-llama"]["state"] != "ready":
             raise RuntimeError(f"HAIF did not load the model: {status}")
-        yield f"http://127.0.0.1:{args.port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.delete(config.server.app_name)  # its Orchestrator's worker actors go with it
 
 
 @contextmanager
-def bare_serve(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
+def bare_serve(model_dir: str, args: argparse.Namespace, port: int) -> Iterator[str]:
     """Bare Ray Serve around the engine, with the settings of HAIF's model config, on the
     run's Ray cluster (after HAIF is gone: a third engine beside two others slows them
     all), up until the block ends; yields its URL."""
@@ -286,11 +285,11 @@ def bare_serve(model_dir: str, args: argparse.Namespace) -> Iterator[str]:
 
     from bench import serve_baseline
 
-    (model,) = _haif_config(model_dir, args, args.port).models
+    (model,) = _haif_config(model_dir, args, port).models
     app = serve_baseline.build(model, model_dir, args.device)
     serve.run(app, name=serve_baseline.APP_NAME, route_prefix=serve_baseline.ROUTE_PREFIX)
     try:
-        url = f"http://127.0.0.1:{args.port}{serve_baseline.ROUTE_PREFIX}"
+        url = f"http://127.0.0.1:{port}{serve_baseline.ROUTE_PREFIX}"
         _wait_http(f"{url}/health", 600)
         yield url
     finally:
@@ -512,11 +511,11 @@ def main() -> None:
     import torch
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    with vllm_serve(model_dir, args) as (base_url, base_group), ray_cluster(args):
-        with haif(model_dir, args) as haif_url:
+    with vllm_serve(model_dir, args) as (base_url, base_group), ray_cluster() as port:
+        with haif(model_dir, args, port) as haif_url:
             results = measure({"base": base_url, "haif": haif_url}, base_group, args)
         if args.bare_serve:
-            with bare_serve(model_dir, args) as bare_url:
+            with bare_serve(model_dir, args, port) as bare_url:
                 floor = measure({"base": base_url, "bare": bare_url}, base_group, args)
     label, name = variant(args)
     rows = rows_for(results["haif"], results["base"], args.device, label)

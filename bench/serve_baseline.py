@@ -16,7 +16,6 @@ way). HAIF's per-worker piece budget (``stream_pieces_per_s``) has no counterpar
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -40,17 +39,10 @@ api = FastAPI()
 @serve.ingress(api)
 class BareVllm:
     def __init__(self, model: Any, model_dir: str, device: str) -> None:
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from haif.runtimes.vllm import start_engine
 
-        from haif.runtimes.vllm import descendants, engine_args, lower_priority
-
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(model.kv_cache_space_gib)
-        # The engine settings of HAIF's worker for the same model config, and on CPU the
-        # same priority for the engine's processes.
-        before = descendants(os.getpid())
-        self.engine = AsyncLLM.from_engine_args(engine_args(model, model_dir, device))
-        if device == "cpu" and model.cpu_engine_nice > 0:
-            lower_priority(descendants(os.getpid()) - before, model.cpu_engine_nice)
+        # The engine settings and, on CPU, the engine priority of HAIF's worker.
+        self.engine = start_engine(model, model_dir, device)
         self.model = model.name
         self.batch_s = model.stream_batch_ms / 1000
 

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from haif.exceptions import (
@@ -86,7 +86,7 @@ def lower_priority(pids: set[int], nice: int) -> int:
 
 
 def engine_args(ctx_model: Any, model_dir: str, device: str) -> Any:
-    """vLLM's AsyncEngineArgs for a model config (shared with the benchmark baseline)."""
+    """vLLM's AsyncEngineArgs for a model config."""
     from vllm import AsyncEngineArgs
 
     kwargs: dict[str, Any] = {
@@ -109,6 +109,33 @@ def engine_args(ctx_model: Any, model_dir: str, device: str) -> Any:
     return AsyncEngineArgs(**kwargs)
 
 
+@contextlib.contextmanager
+def _new_processes_at(nice: int, model_name: str) -> Iterator[None]:
+    """Every thread of the processes started in the block (under this one) set to niceness
+    ``nice`` once it ends without error; 0 leaves them alone."""
+    before = descendants(os.getpid()) if nice else set()
+    yield
+    if nice:
+        threads = lower_priority(descendants(os.getpid()) - before, nice)
+        logger.info("model %s: vLLM engine threads at niceness %d: %d", model_name, nice, threads)
+
+
+def start_engine(model: Any, model_dir: str, device: str) -> Any:
+    """vLLM's AsyncLLM for a model config (shared with the benchmark's bare Serve
+    baseline). On CPU its KV cache is bounded by ``kv_cache_space_gib`` and the processes
+    it starts (scheduler, model worker) run at niceness ``cpu_engine_nice``; the calling
+    process keeps its own."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    if device == "cpu":
+        # Read by the CPU backend when the engine starts; bounds its KV cache.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(model.kv_cache_space_gib)
+    # Returned, never held in a local: something in vLLM's start-up keeps this frame
+    # alive, and a local would keep the engine alive until the interpreter exits.
+    with _new_processes_at(model.cpu_engine_nice if device == "cpu" else 0, model.name):
+        return AsyncLLM.from_engine_args(engine_args(model, model_dir, device))
+
+
 class VllmRuntime(Runtime):
     name = "vllm"
     capabilities = frozenset({"generate", "embed"})  # one of them, per the model's `task`
@@ -120,15 +147,8 @@ class VllmRuntime(Runtime):
     async def load(self) -> None:
         if self.ctx.model_dir is None:
             raise ModelLoadFailed(f"model {self.ctx.model.name!r}: vllm needs a model directory")
-        if self.ctx.device == "cpu":
-            # Read by the CPU backend when the engine starts; bounds its KV cache.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.ctx.model.kv_cache_space_gib)
-        before = descendants(os.getpid())
         try:
-            from vllm.v1.engine.async_llm import AsyncLLM
-
-            args = engine_args(self.ctx.model, self.ctx.model_dir, self.ctx.device)
-            self._engine = AsyncLLM.from_engine_args(args)
+            self._engine = start_engine(self.ctx.model, self.ctx.model_dir, self.ctx.device)
             self._tokenizer = self._engine.tokenizer
         except ImportError as exc:
             raise ModelLoadFailed(
@@ -140,11 +160,6 @@ class VllmRuntime(Runtime):
                 f"model {self.ctx.model.name!r}: vLLM engine failed to start: {type(exc).__name__}: {exc}"
             ) from exc
         self._bos_id = getattr(self._tokenizer, "bos_token_id", None)
-        nice = self.ctx.model.cpu_engine_nice
-        if self.ctx.device == "cpu" and nice > 0:
-            # The processes the engine just started (scheduler, model worker).
-            threads = lower_priority(descendants(os.getpid()) - before, nice)
-            logger.info("model %s: vLLM engine threads at niceness %d: %d", self.ctx.model.name, nice, threads)
 
     async def unload(self) -> None:
         engine, self._engine = self._engine, None

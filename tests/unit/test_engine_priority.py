@@ -6,13 +6,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from haif.runtimes.vllm import descendants, lower_priority
-
-pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 
 # A parent that starts a child with two extra threads; each prints its pid.
 _TREE = """
