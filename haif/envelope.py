@@ -255,4 +255,4 @@ class Dispatched:
     worker: str
     region: str
     attempts: int
-    value: Any = None  # the result (unary calls); None on a stream
+    value: Any = None  # the result (unary calls); a stream's first event, if any

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -145,7 +146,10 @@ class BridgeService:
         except Exception as exc:
             raise as_haif_error(exc) from None
         return StreamingResponse(
-            _sse_body(gen, first, item.ctx.request_id, _StreamTimer(self.metrics, item.model, started)),
+            _sse_body(
+                gen, first, item.ctx.request_id, _StreamTimer(self.metrics, item.model, started),
+                item.include_usage,
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -218,23 +222,63 @@ class _StreamTimer:
         self._last = now
 
 
-async def _sse_body(gen: Any, first: Any, request_id: str, timer: _StreamTimer) -> AsyncIterator[bytes]:
+async def _sse_body(
+    gen: Any, first: Any, request_id: str, timer: _StreamTimer, include_usage: bool
+) -> AsyncIterator[bytes]:
     finished = False
+    pending = b""  # events held back to leave with the next write
     try:
-        if first is not None:
+        chunk = first
+        while chunk is not None:
             timer.chunk()
-            yield sse(first.model_dump_json().encode())
-            async for chunk in gen:
-                timer.chunk()
-                yield sse(chunk.model_dump_json().encode())
+            pending += sse(chunk.model_dump_json().encode())
+            if _ends_stream(chunk, include_usage):
+                # The answer is whole: the client gets its end now, while the end of the
+                # stream comes back through the hops behind it.
+                _drain(gen, request_id)
+                break
+            if not (include_usage and _finishes(chunk)):  # else its usage follows at once
+                yield pending
+                pending = b""
+            chunk = await anext(gen, None)
         finished = True
     except Exception as exc:
         # Headers are sent: the error travels as a final SSE event in OpenAI's shape.
         err = as_haif_error(exc)
         logger.warning("stream %s failed: %s", request_id, err.message)
-        yield sse(json.dumps(err.to_body()).encode())
+        pending += sse(json.dumps(err.to_body()).encode())
         finished = True
     finally:
         if not finished:
             gen.cancel()  # the client went away: stop the generation downstream
-    yield SSE_DONE
+    yield pending + SSE_DONE
+
+
+def _finishes(chunk: Any) -> bool:
+    """Whether ``chunk`` carries the finish reason of every choice (the last text)."""
+    return bool(chunk.choices) and all(c.finish_reason is not None for c in chunk.choices)
+
+
+def _ends_stream(chunk: Any, include_usage: bool) -> bool:
+    """Whether ``chunk`` is the last of its stream: the usage chunk when the client asked
+    for usage, else the chunk that carries the finish reason."""
+    return chunk.usage is not None if include_usage else _finishes(chunk)
+
+
+_draining: set[asyncio.Task[None]] = set()
+
+
+def _drain(gen: Any, request_id: str) -> None:
+    """Read what is left of a stream whose answer is complete (its end, coming back
+    through the hops) in the background: the call ends as it should, not cancelled."""
+
+    async def rest() -> None:
+        try:
+            async for _ in gen:
+                logger.warning("stream %s: a chunk after its last one was dropped", request_id)
+        except Exception as exc:
+            logger.debug("stream %s ended with %s after its answer", request_id, type(exc).__name__)
+
+    task = asyncio.ensure_future(rest())
+    _draining.add(task)
+    task.add_done_callback(_draining.discard)

@@ -226,11 +226,16 @@ class Gateway:
             _admitted(span, ticket)
             fmt = StreamFormatter(item.kind, item.model, item.include_usage, ticket.job_id)
             first = True
+            ended = False  # the last event (it carries the finish reason) has been passed on
+            after_end: BaseException | None = None
             try:
-                async for event in self._stream_handle.stream.remote(tracing.handoff(ticket.item)):
-                    if isinstance(event, Dispatched):
-                        ticket.ran_on(event)
-                        continue
+                async for record in self._stream_handle.stream.remote(tracing.handoff(ticket.item)):
+                    event = record
+                    if isinstance(record, Dispatched):
+                        ticket.ran_on(record)
+                        event = record.value  # the first event rides in the record
+                        if event is None:
+                            continue
                     if first:
                         # Sent only once the worker has produced something, so that errors
                         # before the first token reach the client as a plain HTTP error.
@@ -241,15 +246,33 @@ class Gateway:
                     chunk = fmt.event(event)
                     if chunk is not None:
                         yield chunk
+                    if event.finish_reason is not None:
+                        # The answer is complete: its usage leaves now, not once the end of
+                        # the stream has come back through the hops (the client waits on it).
+                        ended = True
+                        usage = fmt.usage_chunk()
+                        if usage is not None:
+                            yield usage
             except BaseException as exc:  # failed, or the client went away: bill what was sent
-                _served(span, ticket, fmt.prompt_tokens, fmt.completion_tokens, ok=False)
-                await self._admission.fail(ticket, exc, fmt.prompt_tokens, fmt.completion_tokens)
-                raise
+                if not ended:
+                    _served(span, ticket, fmt.prompt_tokens, fmt.completion_tokens, ok=False)
+                    await self._admission.fail(ticket, exc, fmt.prompt_tokens, fmt.completion_tokens)
+                    raise
+                # The client has its whole answer; what went wrong after it (the end of the
+                # stream on its way back, a consumer that stopped at the last chunk) changes
+                # nothing in what it is billed.
+                after_end = exc
+                logger.debug("stream %s: %s after its last event", item.ctx.request_id, type(exc).__name__)
             _served(span, ticket, fmt.prompt_tokens, fmt.completion_tokens)
             await self._admission.succeed(ticket, fmt.prompt_tokens, fmt.completion_tokens)
-            usage = fmt.usage_chunk()
-            if usage is not None:
-                yield usage
+            if after_end is not None:
+                if isinstance(after_end, Exception):
+                    return
+                raise after_end  # cancellation and generator exit keep going
+            if not ended:  # a stream that ended without a finish reason
+                usage = fmt.usage_chunk()
+                if usage is not None:
+                    yield usage
 
     async def embed(self, item: WorkItem) -> EmbeddingResult:
         self._start_background()

@@ -426,7 +426,8 @@ class Orchestrator:
         return await self._unary(item, "embed", "embed")
 
     async def stream(self, item: WorkItem) -> AsyncIterator[Dispatched | StreamEvent]:
-        """Stream events; the first item is the ``Dispatched`` record of where it runs.
+        """Stream events; the first item is the ``Dispatched`` record of where it runs,
+        carrying the first event as its ``value`` (None when the stream had none).
 
         A failure before the first event is retried like a unary call; after it, the
         stream ends with the typed error (the Bridge turns it into an SSE error event).
@@ -471,10 +472,11 @@ class Orchestrator:
                             raise self._failure(pool, slot, actor, exc, item, sent)[0] from None
                         failure = exc
                         break
-                    if not started:
+                    if started:
+                        yield event
+                    else:  # the first event rides in the record: one piece fewer per stream
                         started = True
-                        yield Dispatched(slot.worker_id, slot.region, attempts)
-                    yield event
+                        yield Dispatched(slot.worker_id, slot.region, attempts, event)
             finally:
                 pool.release(slot)
                 if not finished:

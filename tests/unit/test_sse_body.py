@@ -1,0 +1,163 @@
+"""The Bridge's SSE body: the end of an answer reaches the client as soon as the answer is
+whole, in one write, without waiting for the end of the stream to come back through the
+hops; a client that leaves mid-stream stops the generation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from haif.bridge import serving
+from haif.bridge.serving import SSE_DONE, _sse_body, _StreamTimer, sse
+from haif.exceptions import WorkerUnavailable
+from haif.protocol import CompletionChoice, CompletionChunk, Usage
+
+pytestmark = pytest.mark.unit
+
+END = object()  # the end of the stream, as the Gateway's call reports it
+
+
+class Stream:
+    """The Bridge's view of ``Gateway.stream``: items as the test releases them."""
+
+    def __init__(self) -> None:
+        self.items: asyncio.Queue[Any] = asyncio.Queue()
+        self.cancelled = False
+        self.ended = False
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self.items.get()
+        if item is END:
+            self.ended = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Timings:
+    def __init__(self) -> None:
+        self.chunks = 0
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.chunks += 1
+
+    def inter_token(self, model: str, seconds: float) -> None:
+        self.chunks += 1
+
+
+def chunk(text: str, finish: str | None = None) -> CompletionChunk:
+    return CompletionChunk(
+        id="cmpl-1", created=1, model="m", choices=[CompletionChoice(index=0, text=text, finish_reason=finish)]
+    )
+
+
+def usage() -> CompletionChunk:
+    return CompletionChunk(
+        id="cmpl-1", created=1, model="m", choices=[],
+        usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5),
+    )
+
+
+def event(c: CompletionChunk) -> bytes:
+    return sse(c.model_dump_json().encode())
+
+
+async def writes(stream: Stream, first: Any, include_usage: bool, timings: Timings | None = None) -> list[bytes]:
+    timer = _StreamTimer(timings or Timings(), "m", 0.0)  # type: ignore[arg-type]
+    body = _sse_body(stream, first, "req-1", timer, include_usage)
+    return [w async for w in body]
+
+
+def test_the_last_text_its_usage_and_done_leave_in_one_write_before_the_stream_ends() -> None:
+    asyncio.run(_the_last_text_its_usage_and_done_leave_in_one_write_before_the_stream_ends())
+
+
+async def _the_last_text_its_usage_and_done_leave_in_one_write_before_the_stream_ends() -> None:
+    stream = Stream()
+    for item in (chunk(" b"), chunk(" c", "length"), usage()):
+        stream.items.put_nowait(item)
+    timings = Timings()
+    # The end of the stream has not come back: the body must not wait for it.
+    out = await asyncio.wait_for(writes(stream, chunk("a"), include_usage=True, timings=timings), 5)
+    assert out == [
+        event(chunk("a")),
+        event(chunk(" b")),
+        event(chunk(" c", "length")) + event(usage()) + SSE_DONE,
+    ]
+    assert timings.chunks == 4
+    assert not stream.cancelled  # the answer is whole: the call is read to its end, not cancelled
+    stream.items.put_nowait(END)
+    await ended(stream)  # read in the background, and the reader is gone once it ends
+
+
+def test_without_usage_the_chunk_with_the_finish_reason_is_the_last() -> None:
+    asyncio.run(_without_usage_the_chunk_with_the_finish_reason_is_the_last())
+
+
+async def _without_usage_the_chunk_with_the_finish_reason_is_the_last() -> None:
+    stream = Stream()
+    stream.items.put_nowait(chunk(" b", "stop"))
+    out = await asyncio.wait_for(writes(stream, chunk("a"), include_usage=False), 5)
+    assert out == [event(chunk("a")), event(chunk(" b", "stop")) + SSE_DONE]
+    stream.items.put_nowait(END)
+    await ended(stream)
+
+
+async def ended(stream: Stream) -> None:
+    """Wait for the background reader to take the end of ``stream``."""
+    for _ in range(200):
+        if stream.ended and not serving._draining:  # noqa: SLF001
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the end of the stream was never read")
+
+
+def test_a_stream_that_ends_without_a_finish_reason_still_ends_with_done() -> None:
+    asyncio.run(_a_stream_that_ends_without_a_finish_reason_still_ends_with_done())
+
+
+async def _a_stream_that_ends_without_a_finish_reason_still_ends_with_done() -> None:
+    stream = Stream()
+    stream.items.put_nowait(END)
+    out = await asyncio.wait_for(writes(stream, chunk("a"), include_usage=True), 5)
+    assert out == [event(chunk("a")), SSE_DONE]
+    assert stream.ended and not stream.cancelled
+
+
+def test_an_error_after_the_last_text_follows_it_as_an_error_event() -> None:
+    asyncio.run(_an_error_after_the_last_text_follows_it_as_an_error_event())
+
+
+async def _an_error_after_the_last_text_follows_it_as_an_error_event() -> None:
+    stream = Stream()
+    stream.items.put_nowait(chunk(" b", "stop"))
+    stream.items.put_nowait(WorkerUnavailable("the worker died"))
+    out = await asyncio.wait_for(writes(stream, chunk("a"), include_usage=True), 5)
+    assert out[0] == event(chunk("a"))
+    last = out[1]
+    assert last.startswith(event(chunk(" b", "stop"))) and last.endswith(SSE_DONE)
+    error = json.loads(last[len(event(chunk(" b", "stop"))):-len(SSE_DONE)].removeprefix(b"data: "))
+    assert "the worker died" in error["error"]["message"]
+
+
+def test_a_client_that_leaves_mid_stream_cancels_the_generation() -> None:
+    asyncio.run(_a_client_that_leaves_mid_stream_cancels_the_generation())
+
+
+async def _a_client_that_leaves_mid_stream_cancels_the_generation() -> None:
+    stream = Stream()
+    timer = _StreamTimer(Timings(), "m", 0.0)  # type: ignore[arg-type]
+    body = _sse_body(stream, chunk("a"), "req-1", timer, True)
+    assert await anext(body) == event(chunk("a"))
+    await body.aclose()
+    assert stream.cancelled
