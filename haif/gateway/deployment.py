@@ -244,12 +244,13 @@ class Gateway:
                         if role is not None:
                             yield role
                     chunk = fmt.event(event)
+                    # The last event completes the answer: passed on, it is delivered.
+                    ended = event.finish_reason is not None
                     if chunk is not None:
                         yield chunk
-                    if event.finish_reason is not None:
-                        # The answer is complete: its usage leaves now, not once the end of
-                        # the stream has come back through the hops (the client waits on it).
-                        ended = True
+                    if ended:
+                        # Its usage leaves now, not once the end of the stream has come
+                        # back through the hops (the client waits on it).
                         usage = fmt.usage_chunk()
                         if usage is not None:
                             yield usage

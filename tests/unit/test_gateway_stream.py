@@ -105,6 +105,30 @@ def test_usage_leaves_with_the_last_text_and_the_answer_is_billed_in_full() -> N
     assert settled == [("succeeded", 3, 2)]
 
 
+def test_a_consumer_that_stops_at_the_finish_reason_without_usage_is_billed_in_full() -> None:
+    async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
+        gw, admission = gateway(Orchestrator(EVENTS))
+        stream = gw.stream(item(include_usage=False))
+        chunks = [await asyncio.wait_for(anext(stream), 5) for _ in range(2)]
+        await stream.aclose()
+        return chunks, admission.settled
+
+    chunks, settled = asyncio.run(run())
+    assert chunks[1].choices[0].finish_reason == "stop"
+    assert settled == [("succeeded", 3, 2)]
+
+
+def test_a_consumer_that_stops_before_the_last_text_is_billed_for_what_it_got() -> None:
+    async def run() -> list[tuple[str, int, int]]:
+        gw, admission = gateway(Orchestrator(EVENTS))
+        stream = gw.stream(item(include_usage=True))
+        await asyncio.wait_for(anext(stream), 5)
+        await stream.aclose()
+        return admission.settled
+
+    assert asyncio.run(run()) == [("GeneratorExit", 3, 1)]
+
+
 def test_a_stream_read_to_its_end_is_settled_once_as_a_success() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
         orchestrator = Orchestrator(EVENTS)
