@@ -19,6 +19,7 @@ from haif.bootstrap import prepare
 from haif.bridge.deployment import Bridge
 from haif.config import HaifConfig, load_config
 from haif.gateway.deployment import Gateway
+from haif.ingress import check_ingress
 from haif.orchestrator.deployment import Orchestrator
 from haif.telemetry.tracing import otel_environment
 
@@ -97,8 +98,13 @@ def build_app(config: HaifConfig) -> Application:
 
 
 def deploy(config: HaifConfig, *, blocking: bool = False) -> HaifConfig:
-    """Prepare ``config``, start Serve's HTTP proxy on its host/port and run the app."""
+    """Prepare ``config``, start Serve's HTTP ingress on its host/port and run the app.
+
+    Raises:
+        ConfigError: the cluster does not run the ingress ``config`` names (see haif.ingress).
+    """
     config = prepare(config)
+    check_ingress(config)
     serve.start(
         proxy_location=config.server.proxy_location,
         http_options={"host": config.server.host, "port": config.server.port},

@@ -18,6 +18,12 @@ and a CPU worker's streams share a budget of 100 pieces a second
 settings; their rows and JSON file name say which (``engine_tokenwise.json``...), and
 the targets hold for the defaults.
 
+Ingress: HAIF and bare Serve run behind HAProxy (``server.ingress: haproxy``, Ray Serve's
+direct ingress: no Python proxy actor on the path), HAIF's setting for throughput;
+``--ingress proxy`` measures both behind Serve's proxy actor (``engine_proxy.json``). Ray
+Serve reads the mode from the environment when it is imported, so the script starts
+itself again with ``RAY_SERVE_ENABLE_HA_PROXY=1`` when it is not set.
+
 Engine priority: on CPU every side's engine processes (scheduler and model worker, not
 the front end) run at the niceness HAIF's runtime gives its own (``cpu_engine_nice``,
 19; ``--cpu-engine-nice``): they busy-poll between steps, and at the priority of the
@@ -26,7 +32,7 @@ alone then streams ~600 tokens/s at 32 instead of ~4500), and the comparison mea
 the kernel's scheduler rather than the serving paths.
 
 Bare Ray Serve (``bench/serve_baseline.py``; ``--no-bare-serve`` leaves it out): one
-Serve deployment holding the engine, behind Serve's HTTP proxy. It is measured in a
+Serve deployment holding the engine, behind the same ingress as HAIF. It is measured in a
 second phase, against the same `vllm serve`, once HAIF is gone (a third engine beside
 the other two slows them all): its share of `vllm serve`'s throughput is what Ray Serve
 costs, and HAIF's share over it what HAIF's own components cost (``bare_rows``;
@@ -63,6 +69,7 @@ from bench.common import RESULTS_DIR, Row, print_table, write_results
 from bench.loadgen import LevelResult, run_level
 from bench.serve_baseline import DEPLOYMENT as BARE_DEPLOYMENT
 from haif.config import ModelConfig
+from haif.ingress import HAPROXY_ENV
 from haif.runtimes.vllm import descendants, lower_priority
 
 if TYPE_CHECKING:
@@ -84,7 +91,7 @@ PROMPTS = [
 
 
 # What each process of the servers is, by its name (Ray's own) or a piece of its command line.
-ROLES_BY_NAME = (("raylet", "Ray raylet"), ("gcs_server", "Ray GCS"))
+ROLES_BY_NAME = (("raylet", "Ray raylet"), ("gcs_server", "Ray GCS"), ("haproxy", "HAProxy (ingress)"))
 ROLES = (
     ("dashboard/agent.py", "Ray node agent"),
     ("ProxyActor", "Serve HTTP proxy"),
@@ -97,9 +104,9 @@ ROLES = (
     ("VLLM::EngineCore", "engine core (scheduler)"),
     ("VLLM::Worker", "engine worker (model)"),
 )
-# Ray's processes and Serve's proxy serve HAIF and bare Serve alike: each is charged
+# Ray's processes, Serve's proxy and HAProxy serve HAIF and bare Serve alike: each is charged
 # what they use while it is measured.
-SHARED_ROLES = frozenset({"Ray raylet", "Ray GCS", "Ray node agent", "Serve HTTP proxy"})
+SHARED_ROLES = frozenset({"Ray raylet", "Ray GCS", "Ray node agent", "Serve HTTP proxy", "HAProxy (ingress)"})
 SERVERS = {"haif": "HAIF", "bare": "bare Serve", "base": "vllm serve"}
 BARE_NAME = "bare Ray Serve + vLLM"
 
@@ -220,7 +227,7 @@ def _haif_config(model_dir: str, args: argparse.Namespace, port: int) -> Any:
 
     return HaifConfig(
         server=ServerConfig(
-            port=port, state_dir=".haif/bench",
+            port=port, state_dir=".haif/bench", ingress=args.ingress,
             **({"handle_transport": args.handle_transport} if args.handle_transport else {}),
         ),
         # No tenancy (one static key): this compares the serving path with the
@@ -338,6 +345,8 @@ def variant(args: argparse.Namespace) -> tuple[str, str]:
         changes.append((f"engines at niceness {args.cpu_engine_nice}", f"nice{args.cpu_engine_nice}"))
     if args.handle_transport is not None:
         changes.append((f"HAIF handle_transport {args.handle_transport}", f"transport_{args.handle_transport}"))
+    if args.ingress == "proxy":
+        changes.append(("behind Serve's proxy", "proxy"))
     return ", ".join(label for label, _ in changes), "_".join([BENCH, *(tag for _, tag in changes)])
 
 
@@ -497,6 +506,11 @@ def main() -> None:
         f"default {DEFAULT_ENGINE_NICE}, as HAIF's config); 0 leaves them at the serving path's priority",
     )
     parser.add_argument(
+        "--ingress", choices=["haproxy", "proxy"], default="haproxy",
+        help="HAIF's and bare Serve's HTTP ingress (server.ingress): HAProxy in front of the ingress "
+        "replicas (Serve's direct ingress, HAIF's setting for throughput), or Serve's proxy actor",
+    )
+    parser.add_argument(
         "--bare-serve", action=argparse.BooleanOptionalAction, default=True,
         help="also measure bare Ray Serve around the same engine (bench/serve_baseline.py): "
         "Ray Serve's own cost, apart from HAIF's",
@@ -504,6 +518,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.ingress == "haproxy" and os.environ.get(HAPROXY_ENV) != "1":
+        # Ray Serve reads its ingress from the environment when it is imported, and the
+        # cluster's processes inherit this one's: start again with it set. A short drain
+        # lets HAIF's app go before the second phase (30 s by default, for load balancers).
+        env = {**os.environ, HAPROXY_ENV: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+        os.execve(sys.executable, [sys.executable, "-m", "bench.engine", *sys.argv[1:]], env)
 
     from haif.devmodels.tiny_llama import build_tiny_llama
 

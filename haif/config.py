@@ -68,6 +68,13 @@ class ServerConfig(_Model):
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
         "EveryNode", description="Where Ray Serve runs HTTP proxies: every node, or the head node only."
     )
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy",
+        description="How HTTP reaches the Bridge: Serve's HTTP proxy actor, or HAProxy on host:port "
+        "in front of the Bridge replicas' own HTTP servers (Ray Serve's direct ingress; the Ray "
+        "cluster must run with RAY_SERVE_ENABLE_HA_PROXY=1, which `haif serve` sets for a cluster "
+        "it starts).",
+    )
     control_resource: str | None = Field(
         None,
         description="Ray custom resource of the nodes that run the Bridge, Gateway and Orchestrator "

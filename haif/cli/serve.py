@@ -53,6 +53,12 @@ def _die_with_parent() -> None:
 
 
 def run(config: HaifConfig, ready_timeout_s: float = 900.0) -> int:
+    from haif.ingress import prepare_environment
+
+    address = os.environ.get("RAY_ADDRESS") or config.ray.address
+    owns_cluster = address is None
+    if owns_cluster:
+        prepare_environment(config)  # before Ray starts: the cluster's processes inherit it
     import ray
     from ray import serve
 
@@ -60,11 +66,6 @@ def run(config: HaifConfig, ready_timeout_s: float = 900.0) -> int:
 
     _die_with_parent()
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-
-    address = os.environ.get("RAY_ADDRESS") or config.ray.address
-    owns_cluster = address is None
     ray.init(
         # "local": always a cluster of our own. ray.init() without an address would join
         # any cluster already running on this machine, and the serve.shutdown() below
@@ -76,6 +77,10 @@ def run(config: HaifConfig, ready_timeout_s: float = 900.0) -> int:
         include_dashboard=config.ray.include_dashboard if owns_cluster else None,
         log_to_driver=True,
     )
+    # After ray.init, which installs a handler of its own that aborts the process on
+    # SIGTERM: the stop must reach the `finally` below, which stops what was started.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         config = deploy(config)
         url = f"http://{config.server.host}:{config.server.port}"
