@@ -117,7 +117,9 @@ def __getattr__(name: str) -> Any:
     # `serve run serve_app:app` reads this attribute; building it lazily keeps the
     # import free of side effects for `haif serve` and the tests.
     if name == "app":
-        return build_app(prepare(load_config()))
+        config = prepare(load_config())
+        check_ingress(config)
+        return build_app(config)
     raise AttributeError(name)
 
 
