@@ -21,20 +21,11 @@ if TYPE_CHECKING:
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
-def cluster_environment(config: HaifConfig) -> dict[str, str]:
-    """The variables a Ray cluster needs, in every process, for ``config``'s ingress."""
-    return {HAPROXY_ENV: "1"} if config.server.ingress == "haproxy" else {}
-
-
 def prepare_environment(config: HaifConfig) -> None:
     """Set ``config``'s ingress in this process's environment, before Ray starts a
-    cluster from it (the cluster's processes inherit it).
-
-    Raises:
-        ConfigError: Ray Serve was already imported here with another ingress.
-    """
-    os.environ.update(cluster_environment(config))
-    check_ingress(config)
+    cluster from it (the cluster's processes inherit it); ``deploy`` checks it."""
+    if config.server.ingress == "haproxy":
+        os.environ[HAPROXY_ENV] = "1"
 
 
 def check_ingress(config: HaifConfig) -> None:
