@@ -41,7 +41,15 @@ from haif.exceptions import (
 )
 from haif.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from haif.runtimes import RuntimeContext, SamplingParams, create_runtime
-from haif.runtimes.base import ChatMessage, GenerationOutput, StreamEvent, coalesce
+from haif.runtimes.base import (
+    ChatMessage,
+    GenerationOutput,
+    StreamEvent,
+    StreamTally,
+    coalesce,
+    merge_choices,
+    usage_of,
+)
 from haif.telemetry import tracing
 from haif.telemetry.logs import install_json_logs
 from haif.telemetry.metrics import ProcessMetrics, WorkerMetrics
@@ -310,7 +318,7 @@ class ModelWorker:
                 self._in_flight -= 1
 
     async def generate(self, item: WorkItem) -> list[GenerationOutput]:
-        """Complete every prompt of the request (one output per prompt)."""
+        """Complete every prompt of the request: ``n`` outputs per prompt, prompt by prompt."""
         with self._serving(item, "generate") as span:
             runtime = self._ready_runtime()
             body = await self._body(item)
@@ -319,17 +327,18 @@ class ModelWorker:
             # past the deadline the work is cancelled here too, not only by the caller.
             with tracing.span("runtime.generate") as generating:
                 prompts = self._prompts(runtime, body)
-                work = asyncio.gather(*(runtime.generate(p, params) for p in prompts))
+                choices = [params.for_choice(i) for i in range(item.n_choices)]
+                work = asyncio.gather(*(runtime.generate(p, c) for p in prompts for c in choices))
                 outputs = list(await _within_deadline(work, item))
-                prompt_tokens = sum(o.prompt_tokens for o in outputs)
-                completion_tokens = sum(o.completion_tokens for o in outputs)
+                prompt_tokens, completion_tokens = usage_of(outputs, item.n_choices)
                 _usage(generating, prompt_tokens, completion_tokens)
             _usage(span, prompt_tokens, completion_tokens)
             self._served += 1
             return outputs
 
     async def generate_stream(self, item: WorkItem) -> AsyncIterator[StreamEvent]:
-        """Stream the completion of a single-prompt request, one event per decoded piece."""
+        """Stream the completion of a single-prompt request, one event per decoded piece
+        (of one of its ``n`` choices, each a stream of its own, merged as they come)."""
         finished = False
         with self._serving(item, "stream") as span:
             try:
@@ -337,27 +346,33 @@ class ModelWorker:
                 body = await self._body(item)
                 params = self._params(body, item.max_tokens)
                 (prompt,) = self._prompts(runtime, body)
-                last: StreamEvent | None = None
+                n = item.n_choices
+                tally: StreamTally | None = None
                 with tracing.span("runtime.stream") as streaming:
                     started = time.time()
                     # aclosing: a cancelled consumer must free the runtime's batch slot now,
                     # not whenever the generator happens to be garbage-collected.
                     # coalesce: tokens that pile up while the hops downstream are busy, or
                     # within the model's stream_batch_ms, travel together as one Ray object.
-                    pieces = coalesce(runtime.stream(prompt, params), self._piece_interval_s)
-                    self._streams += 1
+                    streams = [
+                        coalesce(runtime.stream(prompt, params.for_choice(i)), self._piece_interval_s)
+                        for i in range(n)
+                    ]
+                    pieces = streams[0] if n == 1 else merge_choices(streams)
+                    self._streams += n  # each choice's pieces count against the budget
                     try:
                         async with contextlib.aclosing(pieces) as events:
                             async for event in events:
-                                if last is None:
+                                if tally is None:
                                     tracing.record_span("runtime.first_token", streaming, started)
-                                last = event
+                                    tally = StreamTally(n)
+                                tally.add(event)
                                 yield event
                     finally:
-                        self._streams -= 1
-                        if last is not None:
-                            _usage(streaming, last.prompt_tokens, last.completion_tokens)
-                            _usage(span, last.prompt_tokens, last.completion_tokens)
+                        self._streams -= n
+                        if tally is not None:
+                            _usage(streaming, tally.prompt_tokens, tally.completion_tokens)
+                            _usage(span, tally.prompt_tokens, tally.completion_tokens)
                 finished = True
                 self._served += 1
             finally:

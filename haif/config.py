@@ -102,6 +102,9 @@ class LimitsConfig(_Model):
         16, ge=1, le=1024, description="Most prompts in one /v1/completions request."
     )
     max_stop_sequences: int = Field(4, ge=0, le=64, description="Most `stop` strings.")
+    max_choices: int = Field(
+        8, ge=1, le=128, description="Most choices per prompt (`n`); each is a generation of its own."
+    )
     object_ref_threshold_bytes: int = Field(
         64 * 1024,
         ge=0,

@@ -137,6 +137,7 @@ class WorkItem:
     body: Any  # a Body, or an ObjectRef to one
     ctx: RequestContext
     include_usage: bool = False
+    n_choices: int = 1  # `n`: choices per prompt of a generation
 
     @property
     def by_reference(self) -> bool:
@@ -171,6 +172,8 @@ def check_limits(body: Body, limits: LimitsConfig) -> int:
                 f"'input' has {n} items; the limit is {limits.max_embedding_inputs}"
             )
         return 0
+    if body.n > limits.max_choices:
+        raise UnprocessableRequest(f"'n' is {body.n}; the limit is {limits.max_choices}")
     stops = body.stop_list()
     if len(stops) > limits.max_stop_sequences:
         raise UnprocessableRequest(
@@ -228,6 +231,7 @@ def build_work_item(
         body=stored,
         ctx=ctx,
         include_usage=False if isinstance(body, EmbeddingRequest) else body.include_usage(),
+        n_choices=1 if isinstance(body, EmbeddingRequest) else body.n,
     )
 
 

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 MAX_ID_CHARS = 256
 MAX_STOP_CHARS = 256
+MAX_CHOICES = 128  # `n`, as OpenAI bounds it
 
 
 
@@ -48,7 +49,11 @@ class _SamplingFields(_Request):
     model: ModelName
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="Choices per prompt; HAIF returns exactly one.")
+    n: int = Field(
+        1, ge=1, le=MAX_CHOICES,
+        description="Choices per prompt, each sampled on its own (a seeded request samples choice i "
+        "with seed + i); the operator's limits.max_choices bounds it further.",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | list[StopString] | None = Field(None, description="Stop sequences.")

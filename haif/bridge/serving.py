@@ -148,7 +148,7 @@ class BridgeService:
         return StreamingResponse(
             _sse_body(
                 gen, first, item.ctx.request_id, _StreamTimer(self.metrics, item.model, started),
-                item.include_usage,
+                item.include_usage, item.n_choices,
             ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -223,21 +223,23 @@ class _StreamTimer:
 
 
 async def _sse_body(
-    gen: Any, first: Any, request_id: str, timer: _StreamTimer, include_usage: bool
+    gen: Any, first: Any, request_id: str, timer: _StreamTimer, include_usage: bool, n_choices: int = 1
 ) -> AsyncIterator[bytes]:
     finished = False
     pending = b""  # events held back to leave with the next write
+    open_choices = set(range(n_choices))  # choices whose finish reason has not come yet
     try:
         chunk = first
         while chunk is not None:
             timer.chunk()
             pending += sse(chunk.model_dump_json().encode())
-            if _ends_stream(chunk, include_usage):
-                # The answer is whole: the client gets its end now, while the end of the
-                # stream comes back through the hops behind it.
+            whole = _finishes(chunk, open_choices)
+            if chunk.usage is not None if include_usage else whole:
+                # The answer is whole (and its usage sent): the client gets its end now,
+                # while the end of the stream comes back through the hops behind it.
                 _drain(gen, request_id)
                 break
-            if not (include_usage and _finishes(chunk)):  # else its usage follows at once
+            if not (include_usage and whole):  # else its usage follows at once
                 yield pending
                 pending = b""
             chunk = await anext(gen, None)
@@ -254,15 +256,14 @@ async def _sse_body(
     yield pending + SSE_DONE
 
 
-def _finishes(chunk: Any) -> bool:
-    """Whether ``chunk`` carries the finish reason of every choice (the last text)."""
-    return bool(chunk.choices) and all(c.finish_reason is not None for c in chunk.choices)
-
-
-def _ends_stream(chunk: Any, include_usage: bool) -> bool:
-    """Whether ``chunk`` is the last of its stream: the usage chunk when the client asked
-    for usage, else the chunk that carries the finish reason."""
-    return chunk.usage is not None if include_usage else _finishes(chunk)
+def _finishes(chunk: Any, open_choices: set[int]) -> bool:
+    """Take the choices whose finish reason ``chunk`` carries off ``open_choices``; whether
+    it finished the last of them (its text is the answer's last)."""
+    done = {c.index for c in chunk.choices if c.finish_reason is not None}
+    if not done:
+        return False
+    open_choices.difference_update(done)
+    return not open_choices
 
 
 _draining: set[asyncio.Task[None]] = set()

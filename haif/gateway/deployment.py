@@ -24,6 +24,7 @@ from haif.gateway.metrics import GatewayMetrics
 from haif.gateway.serving import StreamFormatter, chat_response, completion_response
 from haif.handles import transported
 from haif.protocol import ModelCard, ModelList, now
+from haif.runtimes.base import usage_of
 from haif.telemetry import tracing
 from haif.telemetry.logs import install_json_logs
 from haif.telemetry.metrics import MetricsTarget, ProcessMetrics
@@ -212,9 +213,8 @@ class Gateway:
             await self._admission.fail(ticket, exc)
             raise
         shape = chat_response if item.kind == "chat" else completion_response
-        response = shape(item.model, outputs, ticket.job_id)
-        prompt_tokens = sum(o.prompt_tokens for o in outputs)
-        completion_tokens = sum(o.completion_tokens for o in outputs)
+        response = shape(item.model, outputs, ticket.job_id, item.n_choices)
+        prompt_tokens, completion_tokens = usage_of(outputs, item.n_choices)
         _served(span, ticket, prompt_tokens, completion_tokens)
         await self._admission.succeed(ticket, prompt_tokens, completion_tokens, response)
         return response
@@ -224,7 +224,7 @@ class Gateway:
         with tracing.span("gateway.stream", item.ctx, attributes=self._attributes(item)) as span:
             ticket = await self._admission.admit(item)
             _admitted(span, ticket)
-            fmt = StreamFormatter(item.kind, item.model, item.include_usage, ticket.job_id)
+            fmt = StreamFormatter(item.kind, item.model, item.include_usage, ticket.job_id, item.n_choices)
             first = True
             ended = False  # the last event (it carries the finish reason) has been passed on
             after_end: BaseException | None = None
@@ -244,8 +244,9 @@ class Gateway:
                         if role is not None:
                             yield role
                     chunk = fmt.event(event)
-                    # The last event completes the answer: passed on, it is delivered.
-                    ended = event.finish_reason is not None
+                    # The last event (of the last choice) completes the answer: passed on,
+                    # it is delivered.
+                    ended = fmt.finished
                     if chunk is not None:
                         yield chunk
                     if ended:

@@ -43,7 +43,8 @@ def reservation_tokens(item: WorkItem, bytes_per_token: float) -> int:
     prompt = math.ceil(item.payload_bytes / bytes_per_token)
     if item.kind == "embedding":
         return prompt
-    return prompt + item.max_tokens * item.n_inputs  # n_inputs: prompts of a completion, 1 for chat
+    # n_inputs: prompts of a completion, 1 for chat; each prompt gets n_choices generations
+    return prompt + item.max_tokens * item.n_inputs * item.n_choices
 
 
 class QuotaGate:

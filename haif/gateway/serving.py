@@ -25,6 +25,8 @@ from haif.protocol import (
     now,
 )
 
+from haif.runtimes.base import StreamTally, usage_of
+
 if TYPE_CHECKING:
     from haif.envelope import EmbeddingResult
     from haif.runtimes.base import GenerationOutput, StreamEvent
@@ -35,9 +37,12 @@ def _usage(prompt: int, completion: int) -> Usage:
 
 
 def completion_response(
-    model: str, outputs: list[GenerationOutput], response_id: str | None = None
+    model: str, outputs: list[GenerationOutput], response_id: str | None = None, n_choices: int = 1
 ) -> CompletionResponse:
-    """The /v1/completions body; its id is the job's id when the request has a job."""
+    """The /v1/completions body; its id is the job's id when the request has a job.
+
+    ``outputs`` holds ``n_choices`` outputs per prompt, prompt by prompt: choice ``index``
+    is prompt ``index // n`` 's choice ``index % n``, as OpenAI numbers them."""
     return CompletionResponse(
         id=response_id or new_id("cmpl"),
         created=now(),
@@ -46,22 +51,25 @@ def completion_response(
             CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason)
             for i, o in enumerate(outputs)
         ],
-        usage=_usage(sum(o.prompt_tokens for o in outputs), sum(o.completion_tokens for o in outputs)),
+        usage=_usage(*usage_of(outputs, n_choices)),
     )
 
 
 def chat_response(
-    model: str, outputs: list[GenerationOutput], response_id: str | None = None
+    model: str, outputs: list[GenerationOutput], response_id: str | None = None, n_choices: int = 1
 ) -> ChatCompletionResponse:
-    (out,) = outputs
+    """The /v1/chat/completions body: one prompt (the conversation), ``n_choices`` outputs."""
+    if len(outputs) != n_choices:
+        raise ValueError(f"a chat answer has {n_choices} choices; got {len(outputs)} outputs")
     return ChatCompletionResponse(
         id=response_id or new_id("chatcmpl"),
         created=now(),
         model=model,
         choices=[
-            ChatChoice(index=0, message=ChatMessageOut(content=out.text), finish_reason=out.finish_reason)
+            ChatChoice(index=i, message=ChatMessageOut(content=o.text), finish_reason=o.finish_reason)
+            for i, o in enumerate(outputs)
         ],
-        usage=_usage(out.prompt_tokens, out.completion_tokens),
+        usage=_usage(*usage_of(outputs, n_choices)),
     )
 
 
@@ -69,34 +77,56 @@ class StreamFormatter:
     """Builds the chunks of one streamed response, OpenAI style."""
 
     def __init__(
-        self, kind: str, model: str, include_usage: bool, response_id: str | None = None
+        self, kind: str, model: str, include_usage: bool, response_id: str | None = None,
+        n_choices: int = 1,
     ) -> None:
         self.kind = kind
         self.model = model
         self.include_usage = include_usage
         self.id = response_id or new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = now()
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
+        self.n_choices = n_choices
+        self._tally = StreamTally(n_choices)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._tally.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        """Every choice's, so far."""
+        return self._tally.completion_tokens
+
+    @property
+    def finished(self) -> bool:
+        """Whether every choice has had its finish reason: the answer is whole."""
+        return self._tally.finished
 
     def first(self) -> ChatCompletionChunk | None:
         if self.kind != "chat":
             return None
-        return self._chat(ChatDelta(role="assistant", content=""), None)
+        return ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[
+                ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""), finish_reason=None)
+                for i in range(self.n_choices)
+            ],
+        )
 
     def event(self, event: StreamEvent) -> ChatCompletionChunk | CompletionChunk | None:
-        self.prompt_tokens = event.prompt_tokens
-        self.completion_tokens = event.completion_tokens
+        self._tally.add(event)
         if not event.text and event.finish_reason is None:
             return None
         if self.kind == "chat":
             delta = ChatDelta(content=event.text) if event.text else ChatDelta()
-            return self._chat(delta, event.finish_reason)
+            return self._chat(event.index, delta, event.finish_reason)
         return CompletionChunk(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[CompletionChoice(index=0, text=event.text, finish_reason=event.finish_reason)],
+            choices=[CompletionChoice(index=event.index, text=event.text, finish_reason=event.finish_reason)],
         )
 
     def usage_chunk(self) -> ChatCompletionChunk | CompletionChunk | None:
@@ -109,12 +139,12 @@ class StreamFormatter:
             )
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
-    def _chat(self, delta: ChatDelta, finish: Any) -> ChatCompletionChunk:
+    def _chat(self, index: int, delta: ChatDelta, finish: Any) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=finish)],
+            choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish)],
         )
 
 

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from haif.exceptions import PromptTooLong, UnsupportedOperation
@@ -50,6 +50,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice ``index`` of a request with ``n`` > 1: a seeded request
+        samples choice i with seed + i (wrapped into the signed 64-bit range), so that its
+        choices differ and the request still repeats exactly."""
+        if self.seed is None or index == 0:
+            return self
+        return replace(self, seed=(self.seed + index + 2**63) % 2**64 - 2**63)
+
 
 @dataclass(frozen=True)
 class RuntimeContext:
@@ -67,12 +75,38 @@ class StreamEvent:
 
     The last event of a stream carries ``finish_reason``; every event carries the
     prompt's token count so that usage is known whenever the stream stops.
+    ``completion_tokens`` counts the tokens of its choice (``index``, for ``n`` > 1) so far.
     """
 
     text: str
     completion_tokens: int
     prompt_tokens: int
     finish_reason: FinishReason | None = None
+    index: int = 0
+
+
+class StreamTally:
+    """Usage and completion of a stream's choices, from its events as they pass."""
+
+    def __init__(self, n_choices: int = 1) -> None:
+        self.prompt_tokens = 0  # the prompt's, counted once whatever ``n``, as OpenAI bills it
+        self._tokens: dict[int, int] = {}
+        self._open = set(range(n_choices))
+
+    def add(self, event: StreamEvent) -> None:
+        self.prompt_tokens = event.prompt_tokens
+        self._tokens[event.index] = event.completion_tokens
+        if event.finish_reason is not None:
+            self._open.discard(event.index)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self._tokens.values())
+
+    @property
+    def finished(self) -> bool:
+        """Whether every choice has had its last event: the answer is whole."""
+        return not self._open
 
 
 @dataclass(frozen=True)
@@ -81,6 +115,13 @@ class GenerationOutput:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
+
+
+def usage_of(outputs: Sequence[GenerationOutput], n_choices: int) -> tuple[int, int]:
+    """(prompt, completion) tokens of a request's outputs, ``n_choices`` per prompt in a row:
+    each prompt counted once, every choice's completion counted."""
+    prompt = sum(o.prompt_tokens for o in outputs[::n_choices])
+    return prompt, sum(o.completion_tokens for o in outputs)
 
 
 @dataclass
@@ -266,9 +307,7 @@ async def coalesce(
                     if item is None:
                         return
                     raise item
-                merged = item if merged is None else StreamEvent(
-                    merged.text + item.text, item.completion_tokens, item.prompt_tokens, item.finish_reason
-                )
+                merged = item if merged is None else replace(item, text=merged.text + item.text)
                 if queue.empty():
                     break
                 item = queue.get_nowait()
@@ -279,3 +318,40 @@ async def coalesce(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def merge_choices(streams: Sequence[AsyncIterator[StreamEvent]]) -> AsyncIterator[StreamEvent]:
+    """The events of a request's choices (one stream each, ``n`` > 1) as one stream, each
+    event tagged with its choice's index, in the order they come.
+
+    A failure of any choice ends the merged stream with it; closing the merged stream
+    (or its failure) closes every choice's stream.
+    """
+    queue: asyncio.Queue[StreamEvent | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[StreamEvent]) -> None:
+        try:
+            async with contextlib.aclosing(stream) as events:  # type: ignore[type-var]
+                async for event in events:
+                    queue.put_nowait(replace(event, index=index))
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    running = len(tasks)
+    try:
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -75,9 +75,9 @@ def gateway(orchestrator: Orchestrator) -> tuple[Gateway, Admission]:
     return gw, admission
 
 
-def item(include_usage: bool) -> Any:
+def item(include_usage: bool, n: int = 1) -> Any:
     body = CompletionRequest(
-        model="echo", prompt="a b c", max_tokens=8, stream=True,
+        model="echo", prompt="a b c", max_tokens=8, stream=True, n=n,
         stream_options=StreamOptions(include_usage=True) if include_usage else None,
     )
     return build_work_item("completion", body, RequestContext.new(timeout_s=30, api_key="k"), CONFIG.limits)
@@ -163,3 +163,39 @@ def test_a_stream_that_fails_before_its_last_text_is_settled_as_failed() -> None
     chunks, settled = asyncio.run(run())
     assert [c.choices[0].text for c in chunks] == ["a"]  # no usage chunk after a failure
     assert settled == [("WorkerUnavailable", 3, 1)]
+
+
+def test_with_several_choices_usage_and_success_wait_for_the_last_choice() -> None:
+    events = [
+        StreamEvent("a", 1, 3, index=1),
+        StreamEvent("x", 1, 3, "stop", index=0),
+        StreamEvent(" b", 2, 3, index=1),
+        StreamEvent(" c", 3, 3, "length", index=1),
+    ]
+
+    async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
+        gw, admission = gateway(Orchestrator(events))
+        stream = gw.stream(item(include_usage=True, n=2))
+        chunks = [await asyncio.wait_for(anext(stream), 5) for _ in range(5)]
+        await stream.aclose()  # stops at the usage chunk; the end never came back
+        return chunks, admission.settled
+
+    chunks, settled = asyncio.run(run())
+    assert [(c.choices[0].index, c.choices[0].text) for c in chunks[:4]] == [(1, "a"), (0, "x"), (1, " b"), (1, " c")]
+    # The prompt counts once; each choice's completion tokens count.
+    assert chunks[4].choices == [] and chunks[4].usage.prompt_tokens == 3
+    assert chunks[4].usage.completion_tokens == 1 + 3
+    assert settled == [("succeeded", 3, 4)]
+
+
+def test_with_several_choices_a_consumer_gone_after_the_first_finish_is_billed_for_what_it_got() -> None:
+    events = [StreamEvent("x", 1, 3, "stop", index=0), StreamEvent("a", 1, 3, index=1)]
+
+    async def run() -> list[tuple[str, int, int]]:
+        gw, admission = gateway(Orchestrator(events))
+        stream = gw.stream(item(include_usage=True, n=2))
+        await asyncio.wait_for(anext(stream), 5)  # choice 0's whole answer, choice 1 still open
+        await stream.aclose()
+        return admission.settled
+
+    assert asyncio.run(run()) == [("GeneratorExit", 3, 1)]

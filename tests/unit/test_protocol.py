@@ -90,12 +90,13 @@ def test_valid_non_ascii_accepted() -> None:
     assert completion(prompt="héllo 😀 世界").prompts() == ["héllo 😀 世界"]
 
 
-@pytest.mark.parametrize("n", [0, 2, 5])
-def test_n_must_be_one(n: int) -> None:
+@pytest.mark.parametrize("n", [0, -1, 129])
+def test_n_is_between_one_and_128(n: int) -> None:
     with pytest.raises(ValidationError) as info:
         completion(n=n)
     assert error_locs(info.value) == ["n"]
-    assert completion(n=1).n == 1
+    assert completion().n == 1
+    assert completion(n=128).n == 128  # the API's bound; limits.max_choices is the operator's
 
 
 @pytest.mark.parametrize("temperature", [-0.1, 2.01])

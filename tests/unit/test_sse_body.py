@@ -55,9 +55,10 @@ class Timings:
         self.chunks += 1
 
 
-def chunk(text: str, finish: str | None = None) -> CompletionChunk:
+def chunk(text: str, finish: str | None = None, index: int = 0) -> CompletionChunk:
     return CompletionChunk(
-        id="cmpl-1", created=1, model="m", choices=[CompletionChoice(index=0, text=text, finish_reason=finish)]
+        id="cmpl-1", created=1, model="m",
+        choices=[CompletionChoice(index=index, text=text, finish_reason=finish)],
     )
 
 
@@ -72,9 +73,11 @@ def event(c: CompletionChunk) -> bytes:
     return sse(c.model_dump_json().encode())
 
 
-async def writes(stream: Stream, first: Any, include_usage: bool, timings: Timings | None = None) -> list[bytes]:
+async def writes(
+    stream: Stream, first: Any, include_usage: bool, timings: Timings | None = None, n_choices: int = 1
+) -> list[bytes]:
     timer = _StreamTimer(timings or Timings(), "m", 0.0)  # type: ignore[arg-type]
-    body = _sse_body(stream, first, "req-1", timer, include_usage)
+    body = _sse_body(stream, first, "req-1", timer, include_usage, n_choices)
     return [w async for w in body]
 
 
@@ -111,6 +114,24 @@ async def _without_usage_the_chunk_with_the_finish_reason_is_the_last() -> None:
     assert out == [event(chunk("a")), event(chunk(" b", "stop")) + SSE_DONE]
     stream.items.put_nowait(END)
     await ended(stream)
+
+
+def test_with_several_choices_the_answer_ends_with_the_last_choice_to_finish() -> None:
+    asyncio.run(_with_several_choices_the_answer_ends_with_the_last_choice_to_finish())
+
+
+async def _with_several_choices_the_answer_ends_with_the_last_choice_to_finish() -> None:
+    for include_usage in (False, True):
+        stream = Stream()
+        # Choice 0 finishes first, and again (a repeat must not count as choice 1's end).
+        rest = [chunk(" b", "stop", 0), chunk("y", None, 1), chunk("", "stop", 0), chunk(" z", "length", 1)]
+        for item in rest + ([usage()] if include_usage else []):
+            stream.items.put_nowait(item)
+        out = await asyncio.wait_for(writes(stream, chunk("x", None, 1), include_usage, n_choices=2), 5)
+        last = event(chunk(" z", "length", 1)) + (event(usage()) if include_usage else b"") + SSE_DONE
+        assert out == [event(c) for c in [chunk("x", None, 1), *rest[:3]]] + [last]
+        stream.items.put_nowait(END)
+        await ended(stream)
 
 
 async def ended(stream: Stream) -> None:
