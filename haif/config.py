@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from haif.exceptions import ConfigError
+from haif.protocol import MAX_CHOICES
 
 ENV_PREFIX = "HAIF_"
 ENV_CONFIG_PATH = "HAIF_CONFIG"
@@ -103,7 +104,7 @@ class LimitsConfig(_Model):
     )
     max_stop_sequences: int = Field(4, ge=0, le=64, description="Most `stop` strings.")
     max_choices: int = Field(
-        8, ge=1, le=128, description="Most choices per prompt (`n`); each is a generation of its own."
+        8, ge=1, le=MAX_CHOICES, description="Most choices per prompt (`n`); each is a generation of its own."
     )
     object_ref_threshold_bytes: int = Field(
         64 * 1024,

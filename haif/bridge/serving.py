@@ -234,7 +234,7 @@ async def _sse_body(
             timer.chunk()
             pending += sse(chunk.model_dump_json().encode())
             whole = _finishes(chunk, open_choices)
-            if chunk.usage is not None if include_usage else whole:
+            if (chunk.usage is not None) if include_usage else whole:
                 # The answer is whole (and its usage sent): the client gets its end now,
                 # while the end of the stream comes back through the hops behind it.
                 _drain(gen, request_id)
