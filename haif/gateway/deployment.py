@@ -24,7 +24,6 @@ from haif.gateway.metrics import GatewayMetrics
 from haif.gateway.serving import StreamFormatter, chat_response, completion_response
 from haif.handles import transported
 from haif.protocol import ModelCard, ModelList, now
-from haif.runtimes.base import usage_of
 from haif.telemetry import tracing
 from haif.telemetry.logs import install_json_logs
 from haif.telemetry.metrics import MetricsTarget, ProcessMetrics
@@ -214,7 +213,7 @@ class Gateway:
             raise
         shape = chat_response if item.kind == "chat" else completion_response
         response = shape(item.model, outputs, ticket.job_id, item.n_choices)
-        prompt_tokens, completion_tokens = usage_of(outputs, item.n_choices)
+        prompt_tokens, completion_tokens = response.usage.prompt_tokens, response.usage.completion_tokens
         _served(span, ticket, prompt_tokens, completion_tokens)
         await self._admission.succeed(ticket, prompt_tokens, completion_tokens, response)
         return response

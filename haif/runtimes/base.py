@@ -249,7 +249,27 @@ class StopMatcher:
         return out
 
 
-def _ends_stream(item: StreamEvent | BaseException | None) -> bool:
+_Queued = StreamEvent | BaseException | None  # an event, a failure, or the end (None)
+
+
+async def _pump(
+    stream: AsyncIterator[StreamEvent], queue: asyncio.Queue[_Queued], index: int | None = None
+) -> None:
+    """Put ``stream``'s events into ``queue`` (tagged with choice ``index`` when given),
+    then None; a failure goes in instead, for the consumer to re-raise. ``stream`` is
+    closed however this ends."""
+    try:
+        async with contextlib.aclosing(stream) as events:  # type: ignore[type-var]
+            async for event in events:
+                queue.put_nowait(event if index is None else replace(event, index=index))
+        queue.put_nowait(None)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # handed to the consumer, which re-raises it
+        queue.put_nowait(exc)
+
+
+def _ends_stream(item: _Queued) -> bool:
     return not isinstance(item, StreamEvent) or item.finish_reason is not None
 
 
@@ -271,19 +291,12 @@ async def coalesce(
     reason, error or end) leaves as soon as it exists. 0 hands each event over as soon
     as the consumer takes it. Closing the returned generator closes ``events``.
     """
-    queue: asyncio.Queue[StreamEvent | BaseException | None] = asyncio.Queue()
+    queue: asyncio.Queue[_Queued] = asyncio.Queue()
     ended = asyncio.Event()
 
     async def pump() -> None:
         try:
-            async with contextlib.aclosing(events) as source:
-                async for event in source:
-                    queue.put_nowait(event)
-            queue.put_nowait(None)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            queue.put_nowait(exc)
+            await _pump(events, queue)
         finally:
             ended.set()
 
@@ -327,20 +340,8 @@ async def merge_choices(streams: Sequence[AsyncIterator[StreamEvent]]) -> AsyncI
     A failure of any choice ends the merged stream with it; closing the merged stream
     (or its failure) closes every choice's stream.
     """
-    queue: asyncio.Queue[StreamEvent | BaseException | None] = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[StreamEvent]) -> None:
-        try:
-            async with contextlib.aclosing(stream) as events:  # type: ignore[type-var]
-                async for event in events:
-                    queue.put_nowait(replace(event, index=index))
-            queue.put_nowait(None)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            queue.put_nowait(exc)
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    queue: asyncio.Queue[_Queued] = asyncio.Queue()
+    tasks = [asyncio.ensure_future(_pump(s, queue, i)) for i, s in enumerate(streams)]
     running = len(tasks)
     try:
         while running:
