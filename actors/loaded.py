@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from actors.adapters import WorkerAdapters
     from haif.artifacts import PulledArtifact
     from haif.runtimes import Runtime
 
@@ -18,6 +19,7 @@ class LoadedModel:
     artifact: PulledArtifact | None = None
     load_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    adapters: WorkerAdapters | None = None  # LoRA adapters loaded on it (made on first use)
 
 
 class LoadedModels:

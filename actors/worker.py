@@ -1,8 +1,9 @@
 """The model worker: a Ray actor that owns one loaded runtime.
 
-The Orchestrator creates workers with ``num_gpus=1`` when the model runs on a GPU,
-so Ray pins each worker to its own device (``CUDA_VISIBLE_DEVICES``); CPU workers
-reserve ``num_cpus``. A worker loads its model once, then serves any number of
+The Orchestrator creates workers (detached, named actors it adopts again after a
+restart) with ``num_gpus=1`` when the model runs on a GPU, so Ray pins each worker to
+its own device (``CUDA_VISIBLE_DEVICES``); CPU workers reserve ``num_cpus``. Gateways
+call it directly: one Ray call per request, one Ray streaming call per stream. A worker loads its model once, then serves any number of
 concurrent requests from its event loop (an async actor); streaming methods are
 Ray streaming generators, and cancelling one (client gone, deadline) stops the
 generation in the runtime.
@@ -12,6 +13,9 @@ the node cache, its manifest signature and every blob digest verified, then load
 a directory of the cache. A failed check refuses the model (``ArtifactRejected``); there
 is no fallback to unverified bytes. Loaded models stay in a bounded LRU
 (``artifacts.loaded_models_max``): loading one that is still there is instant.
+A request may name a LoRA adapter of the model: loaded on first use, verified the same way
+and against the base's manifest (``actors.adapters``); the health probe reports the loaded
+ones, so that the Gateways send an adapter's requests where it is warm.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from actors.adapters import hold_adapter
 from actors.loaded import LoadedModel, LoadedModels
 from haif.config import CPU_STREAM_PIECES_PER_S
 from haif.envelope import EmbeddingResult
@@ -38,18 +43,13 @@ from haif.exceptions import (
     ModelLoadFailed,
     ModelNotReady,
     UnprocessableRequest,
+    WorkerDraining,
 )
+from actors.params import generation
 from haif.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from haif.runtimes import RuntimeContext, SamplingParams, create_runtime
-from haif.runtimes.base import (
-    ChatMessage,
-    GenerationOutput,
-    StreamEvent,
-    StreamTally,
-    coalesce,
-    merge_choices,
-    usage_of,
-)
+from haif.runtimes.base import GenerationOutput, Prompt, StreamEvent, StreamTally, usage_of
+from haif.runtimes.streams import coalesce, merge_choices
 from haif.telemetry import tracing
 from haif.telemetry.logs import install_json_logs
 from haif.telemetry.metrics import ProcessMetrics, WorkerMetrics
@@ -100,7 +100,14 @@ class ModelWorker:
             tracing.setup_tracing(telemetry, "worker", instance=worker_id)
             install_json_logs(telemetry, "worker")
         self.model = model
-        self.worker_id = worker_id
+        # The slot it fills and the actor that fills it, as the routing table names it.
+        # Outside Ray (a remote P2P worker, `haif p2p worker`) no Ray call is made: Ray's
+        # accessors would start a local Ray instance of their own.
+        self._in_ray = ray.is_initialized()
+        actor_id = ray.get_runtime_context().get_actor_id() if self._in_ray else None
+        self.worker_id = f"{worker_id}#{actor_id[:8]}" if actor_id else worker_id
+        self._load_lock = asyncio.Lock()  # every Orchestrator replica may ask it to load
+        self._failed_loads: dict[str, ModelLoadFailed] = {}
         self._base_dir = base_dir
         self._max_prompt_tokens = max_prompt_tokens
         self._object_ref_threshold = 64 * 1024
@@ -114,6 +121,9 @@ class ModelWorker:
         self._error: str | None = None
         self._device = "cpu"
         self._in_flight = 0
+        self._draining = False
+        self._idle = asyncio.Event()  # set while nothing is in flight (a drain waits for it)
+        self._idle.set()
         self._streams = 0  # streams in flight: they share the model's stream_pieces_per_s
         self._served = 0
         self._cancelled = 0
@@ -131,13 +141,26 @@ class ModelWorker:
         A model still in this worker's LRU of loaded models is served at once. A failed
         load raises ModelLoadFailed (ArtifactRejected when the bytes fail a check) and
         leaves the worker as it was: never half-loaded, never on unverified bytes.
+
+        Every Orchestrator replica that adopts this worker asks it to load: the calls are
+        serialized, and a load that failed answers its failure again without another try
+        (a new worker tries again; the same bytes would be refused the same way).
         """
-        self._object_ref_threshold = object_ref_threshold_bytes
+        async with self._load_lock:
+            return await self._load_target(object_ref_threshold_bytes, artifact)
+
+    def _key(self, artifact: str | None) -> tuple[str, str | None]:
         target = artifact or self.model.artifact
         if target is not None:
-            key = f"artifact:{target}"
-        else:
-            key = f"path:{self.model.path}" if self.model.path else "builtin"
+            return f"artifact:{target}", target
+        return (f"path:{self.model.path}" if self.model.path else "builtin"), None
+
+    async def _load_target(self, object_ref_threshold_bytes: int, artifact: str | None) -> dict[str, Any]:
+        self._object_ref_threshold = object_ref_threshold_bytes
+        key, target = self._key(artifact)
+        failed = self._failed_loads.get(key)
+        if failed is not None:
+            raise failed
         warm = self._loaded.get(key)
         if warm is not None:
             self._activate(warm, warm=True)
@@ -146,14 +169,18 @@ class ModelWorker:
             tracing.MODEL: self.model.name, tracing.WORKER: self.worker_id, "haif.artifact": target
         }
         with tracing.span("worker.load_model", attributes=attributes):
-            return await self._load(key, target)
+            try:
+                return await self._load(key, target)
+            except ModelLoadFailed as exc:
+                self._failed_loads[key] = exc
+                raise
 
     async def _load(self, key: str, target: str | None) -> dict[str, Any]:
         self._state = "loading"
         started = time.perf_counter()
         pulled = None
         try:
-            self._device = _pick_device(self.model.runtime, ray.get_gpu_ids())
+            self._device = _pick_device(self.model.runtime, self._gpu_ids())
             model_dir = None
             if target is not None:
                 with tracing.span("artifact.pull", attributes={"haif.artifact": target}) as span:
@@ -223,6 +250,8 @@ class ModelWorker:
         try:
             await loaded.runtime.unload()
         finally:
+            if loaded.adapters is not None:
+                loaded.adapters.release_all()
             if loaded.artifact is not None:
                 loaded.artifact.release()
 
@@ -231,6 +260,12 @@ class ModelWorker:
         self._state = "unloaded"
         for loaded in self._loaded.clear():
             await self._unload_one(loaded)
+
+    def _gpu_ids(self) -> list[Any]:
+        if self._in_ray:
+            return ray.get_gpu_ids()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        return [g for g in visible.split(",") if g.strip()]
 
     def info(self) -> dict[str, Any]:
         """Placement and load facts (used by health checks, routing and tests)."""
@@ -242,9 +277,9 @@ class ModelWorker:
             "state": self._state,
             "error": self._error,
             "device": self._device,
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "gpu_ids": [str(g) for g in self._gpu_ids()],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": ray.get_runtime_context().get_node_id() if self._in_ray else None,
             "pid": os.getpid(),
             "in_flight": self._in_flight,
             "served": self._served,
@@ -252,6 +287,7 @@ class ModelWorker:
             "runtime_stats": stats_fn() if callable(stats_fn) else {},
             "artifact": current.artifact.summary() if current and current.artifact else None,
             "loaded": self._loaded.keys(),
+            "adapters": self._adapter_names(),
             "load_s": round(current.load_s, 4) if current else None,
             "warm": self._last_load_warm,
             "artifact_events": list(self._loader.events.recent) if self._loader else [],
@@ -268,44 +304,59 @@ class ModelWorker:
     async def _body(item: WorkItem) -> Any:
         return await item.body if item.by_reference else item.body
 
-    @staticmethod
-    def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stop_list(),
-            seed=body.seed,
-        )
+    def _request(self, runtime: Runtime, body: Any, max_tokens: int) -> tuple[list[Prompt], SamplingParams]:
+        if not isinstance(body, (CompletionRequest, ChatCompletionRequest)):
+            raise UnprocessableRequest(f"model {self.model.name!r} generates text; use /v1/embeddings elsewhere")
+        return generation(runtime, body, max_tokens)
 
-    def _prompts(self, runtime: Runtime, body: Any) -> list[str]:
-        if isinstance(body, CompletionRequest):
-            return body.prompts()
-        if isinstance(body, ChatCompletionRequest):
-            messages = [ChatMessage(role=m.role, content=m.text(), name=m.name) for m in body.messages]
-            return [runtime.render_chat(messages)]
-        raise UnprocessableRequest(f"model {self.model.name!r} generates text; use /v1/embeddings elsewhere")
+    async def drain(self, timeout_s: float) -> int:
+        """Take no new request from now on (they are refused with ``WorkerDraining``, before
+        any work, and the Gateway sends them to another worker); wait up to ``timeout_s`` for
+        the ones in flight to finish. Returns how many are still running then (0: drained)."""
+        if not self._draining:
+            logger.info("worker %s: draining (%d in flight)", self.worker_id, self._in_flight)
+        self._draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self._in_flight
 
-    def ping(self) -> tuple[str, int]:
-        """The Orchestrator's health probe: cheap, answered even while requests run."""
-        return self._state, self._in_flight
+    def ping(self) -> tuple[str, int, list[str]]:
+        """The Orchestrator's health probe: cheap, answered even while requests run; the
+        in-flight count is the load the routing table reports to every Gateway, the loaded
+        LoRA adapters where it sends their requests first."""
+        state = "draining" if self._draining else self._state
+        return state, self._in_flight, self._adapter_names()
+
+    def _adapter_names(self) -> list[str]:
+        current = self._current
+        return current.adapters.names() if current is not None and current.adapters is not None else []
+
+    def _adapter(self, item: WorkItem) -> contextlib.AbstractAsyncContextManager[str | None]:
+        """Hold the request's LoRA adapter loaded while it runs (nothing when it names none)."""
+        if item.adapter is None or self._current is None:
+            return contextlib.nullcontext()
+        return hold_adapter(self._current, item.adapter, self._artifact_loader, self._metrics)
 
     @contextlib.contextmanager
     def _serving(self, item: WorkItem, what: str) -> Iterator[Span]:
         """Trace the request and count it in flight; let HAIF errors through, turn others
         into InternalError. A request whose deadline has passed is refused before any work."""
         item.ctx.remaining_s()
-        if item.ctx.sent_at is not None:  # from the Orchestrator's hand-off to this call
+        if self._draining:
+            raise WorkerDraining(f"worker {self.worker_id} is draining; the request goes to another worker")
+        if item.ctx.sent_at is not None:  # from the Gateway's hand-off to this call
             tracing.record_span("worker.queue_wait", item.ctx, item.ctx.sent_at, attributes={
                 tracing.WORKER: self.worker_id, "haif.in_flight": self._in_flight,
             })
         attributes = {
             tracing.MODEL: self.model.name,
             tracing.MODEL_VERSION: self.model.version,
+            tracing.ADAPTER: item.adapter.name if item.adapter is not None else None,
             tracing.WORKER: self.worker_id,
         }
         with tracing.span(f"worker.{what}", item.ctx, attributes=attributes) as span:
             self._in_flight += 1
+            self._idle.clear()
             try:
                 yield span
                 logger.debug("%s served on %s", what, self.worker_id)
@@ -316,20 +367,24 @@ class ModelWorker:
                 raise InternalError(f"worker {self.worker_id} failed: {type(exc).__name__}") from exc
             finally:
                 self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
 
     async def generate(self, item: WorkItem) -> list[GenerationOutput]:
         """Complete every prompt of the request: ``n`` outputs per prompt, prompt by prompt."""
         with self._serving(item, "generate") as span:
             runtime = self._ready_runtime()
             body = await self._body(item)
-            params = self._params(body, item.max_tokens)
             # Concurrently, so that the runtime can batch the prompts of one request;
             # past the deadline the work is cancelled here too, not only by the caller.
             with tracing.span("runtime.generate") as generating:
-                prompts = self._prompts(runtime, body)
+                prompts, params = self._request(runtime, body, item.max_tokens)
                 choices = [params.for_choice(i) for i in range(item.n_choices)]
-                work = asyncio.gather(*(runtime.generate(p, c) for p in prompts for c in choices))
-                outputs = list(await _within_deadline(work, item))
+                async with self._adapter(item) as adapter:
+                    work = asyncio.gather(
+                        *(runtime.generate(p, c, adapter=adapter) for p in prompts for c in choices)
+                    )
+                    outputs = list(await _within_deadline(work, item))
                 prompt_tokens, completion_tokens = usage_of(outputs, item.n_choices)
                 _usage(generating, prompt_tokens, completion_tokens)
             _usage(span, prompt_tokens, completion_tokens)
@@ -340,12 +395,13 @@ class ModelWorker:
         """Stream the completion of a single-prompt request, one event per decoded piece
         (of one of its ``n`` choices, each a stream of its own, merged as they come)."""
         finished = False
+        held = contextlib.AsyncExitStack()  # the LoRA adapter, for the whole stream
         with self._serving(item, "stream") as span:
             try:
                 runtime = self._ready_runtime()
+                adapter = await held.enter_async_context(self._adapter(item))
                 body = await self._body(item)
-                params = self._params(body, item.max_tokens)
-                (prompt,) = self._prompts(runtime, body)
+                (prompt,), params = self._request(runtime, body, item.max_tokens)
                 n = item.n_choices
                 tally: StreamTally | None = None
                 with tracing.span("runtime.stream") as streaming:
@@ -355,7 +411,8 @@ class ModelWorker:
                     # coalesce: tokens that pile up while the hops downstream are busy, or
                     # within the model's stream_batch_ms, travel together as one Ray object.
                     streams = [
-                        coalesce(runtime.stream(prompt, params.for_choice(i)), self._piece_interval_s)
+                        coalesce(self._stream(runtime, prompt, params.for_choice(i), adapter),
+                                 self._piece_interval_s)
                         for i in range(n)
                     ]
                     pieces = streams[0] if n == 1 else merge_choices(streams)
@@ -376,8 +433,17 @@ class ModelWorker:
                 finished = True
                 self._served += 1
             finally:
+                await held.aclose()
                 if not finished:
                     self._cancelled += 1
+
+    @staticmethod
+    def _stream(
+        runtime: Runtime, prompt: Prompt, params: SamplingParams, adapter: str | None
+    ) -> AsyncIterator[StreamEvent]:
+        if adapter is None:  # only runtimes with supports_adapters take the keyword
+            return runtime.stream(prompt, params)
+        return runtime.stream(prompt, params, adapter=adapter)  # type: ignore[call-arg]
 
     def _piece_interval_s(self) -> float:
         """How far apart one stream's pieces leave: the model's ``stream_batch_ms``, widened
@@ -414,7 +480,7 @@ class ModelWorker:
                     f"'dimensions'={body.dimensions} is not supported"
                 )
             if vectors.nbytes >= self._object_ref_threshold:
-                vectors = ray.put(vectors)
+                vectors = ray.put(vectors) if self._in_ray else vectors
             self._served += 1
             return EmbeddingResult(model=self.model.name, vectors=vectors, prompt_tokens=output.prompt_tokens)
 

@@ -46,7 +46,7 @@ def _config(database_url: str) -> Any:
         "resilience": {"health_check_period_s": 0.5},
         # 5 ms per token: a request spends ~80 ms on its worker, so kills hit requests.
         "models": [{"name": "echo", "runtime": "echo", "device": "cpu", "num_cpus": 0.1,
-                    "workers": 2, "token_delay_ms": 5}],
+                    "workers": 2, "echo": {"token_delay_ms": 5}}],
     })
 
 
@@ -109,7 +109,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from haif.cli.serve import wait_ready
+    from haif.ingress import wait_ready
     from serve_app import deploy
 
     base = f"http://127.0.0.1:{PORT}"

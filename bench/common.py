@@ -24,6 +24,8 @@ class Row:
     baseline_name: str
     higher_is_better: bool
     target: str = ""
+    # The ratio's lowest and highest over the interleaved rounds of the run (its spread).
+    spread: tuple[float, float] | None = None
 
     @property
     def ratio(self) -> float:
@@ -32,7 +34,16 @@ class Row:
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
         data["ratio"] = round(self.ratio, 4)
+        spread = data.pop("spread")
+        if spread is not None:
+            data["ratio_min"], data["ratio_max"] = round(spread[0], 4), round(spread[1], 4)
         return data
+
+
+def round_ratios(haif: list[float], baseline: list[float]) -> tuple[float, float]:
+    """The spread of a ratio: its lowest and highest over rounds (round i against round i)."""
+    ratios = [h / b for h, b in zip(haif, baseline, strict=True) if b]
+    return min(ratios), max(ratios)
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -49,12 +60,13 @@ def median(values: list[float]) -> float:
 
 def print_table(title: str, rows: list[Row]) -> None:
     print(f"\n{title}")
-    header = f"{'metric':<34} {'haif':>12} {'baseline':>12} {'ratio':>8}  baseline / target"
+    header = f"{'metric':<34} {'haif':>12} {'baseline':>12} {'ratio':>8} {'rounds':>13}  baseline / target"
     print(header)
     print("-" * len(header))
     for r in rows:
+        spread = f"{r.spread[0]:.2f}-{r.spread[1]:.2f}" if r.spread else ""
         print(
-            f"{r.metric:<34} {r.haif:>12.3f} {r.baseline:>12.3f} {r.ratio:>8.3f}  "
+            f"{r.metric:<34} {r.haif:>12.3f} {r.baseline:>12.3f} {r.ratio:>8.3f} {spread:>13}  "
             f"{r.baseline_name}{'  (' + r.target + ')' if r.target else ''}"
         )
 

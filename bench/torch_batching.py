@@ -49,13 +49,13 @@ async def _round(
 
 
 def _runtime(model_dir: Path, max_batch_size: int, threads: int | None) -> TorchRuntime:
-    from haif.config import ModelConfig
+    from haif.config import ModelConfig, TorchConfig
     from haif.runtimes.base import RuntimeContext
     from haif.runtimes.torch import TorchRuntime
 
     config = ModelConfig(
         name="tiny-llama", runtime="torch", path=str(model_dir),
-        max_batch_size=max_batch_size, max_wait_ms=5.0, torch_threads=threads,
+        torch=TorchConfig(max_batch_size=max_batch_size, max_wait_ms=5.0, threads=threads),
     )
     ctx = RuntimeContext(model=config, model_dir=str(model_dir), device="cpu",
                          max_prompt_tokens=1024)

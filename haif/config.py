@@ -16,37 +16,52 @@ ignored setting. Every timeout, queue and size has a named, bounded default.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from haif.exceptions import ConfigError
-from haif.protocol import MAX_CHOICES
+from haif.protocol import MAX_CHOICES, MAX_TOP_LOGPROBS
 
 ENV_PREFIX = "HAIF_"
 ENV_CONFIG_PATH = "HAIF_CONFIG"
 DEFAULT_CONFIG_PATH = "configs/local.yaml"
 PACKAGE_SCHEME = "python-package:"
 
+logger = logging.getLogger(__name__)
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Server keys of the four-hop design, accepted with a warning and ignored.
+_RETIRED_SERVER_KEYS = {
+    "bridge_replicas": "the HTTP Bridge is the Gateway's ingress now: set server.gateway_replicas",
+    "handle_transport": "no request crosses a Serve handle between HAIF's deployments any more",
+}
+
+
 class ServerConfig(_Model):
-    host: str = Field("127.0.0.1", description="Address the HTTP Bridge listens on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP Bridge.")
+    host: str = Field("127.0.0.1", description="Address the HTTP ingress listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP ingress.")
     app_name: str = Field("haif", description="Name of the Ray Serve application.")
-    bridge_replicas: int = Field(1, ge=1, le=64, description="Replicas of the HTTP Bridge.")
-    gateway_replicas: int = Field(1, ge=1, le=64, description="Replicas of the Gateway.")
-    orchestrator_replicas: int = Field(1, ge=1, le=16, description="Replicas of the Orchestrator.")
+    gateway_replicas: int = Field(
+        1, ge=1, le=64, description="Replicas of the Gateway (each one serves HTTP and routes to workers)."
+    )
+    orchestrator_replicas: int = Field(
+        1, ge=1, le=16, description="Replicas of the Orchestrator (one leads the fleet, the others stand by)."
+    )
     max_ongoing_requests: int = Field(
-        256, ge=1, le=100_000, description="Concurrent requests one Serve replica accepts."
+        256, ge=1, le=100_000, description="Concurrent requests one Gateway replica accepts."
     )
     request_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="End-to-end deadline of one request (default)."
@@ -61,26 +76,33 @@ class ServerConfig(_Model):
     access_log: bool = Field(
         False, description="Ray Serve per-call access logs in every replica (costly on the hot path)."
     )
-    handle_transport: Literal["ray", "grpc"] = Field(
-        "grpc",
-        description="How the Bridge calls the Gateway and the Gateway the Orchestrator: Ray actor "
-        "calls (objects by reference), or Serve's direct gRPC between replicas (by value).",
-    )
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
         "EveryNode", description="Where Ray Serve runs HTTP proxies: every node, or the head node only."
     )
     ingress: Literal["proxy", "haproxy"] = Field(
         "proxy",
-        description="How HTTP reaches the Bridge: Serve's HTTP proxy actor, or HAProxy on host:port "
-        "in front of the Bridge replicas' own HTTP servers (Ray Serve's direct ingress; the Ray "
+        description="How HTTP reaches the Gateway: Serve's HTTP proxy actor, or HAProxy on host:port "
+        "in front of the Gateway replicas' own HTTP servers (Ray Serve's direct ingress; the Ray "
         "cluster must run with RAY_SERVE_ENABLE_HA_PROXY=1, which `haif serve` sets for a cluster "
         "it starts).",
     )
     control_resource: str | None = Field(
         None,
-        description="Ray custom resource of the nodes that run the Bridge, Gateway and Orchestrator "
+        description="Ray custom resource of the nodes that run the Gateway and Orchestrator "
         "replicas (unset: any node).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key, why in _RETIRED_SERVER_KEYS.items():
+            if key in data:
+                data.pop(key)
+                logger.warning("server.%s is deprecated and ignored: %s", key, why)
+        return data
 
 
 class LimitsConfig(_Model):
@@ -105,6 +127,10 @@ class LimitsConfig(_Model):
     max_stop_sequences: int = Field(4, ge=0, le=64, description="Most `stop` strings.")
     max_choices: int = Field(
         8, ge=1, le=MAX_CHOICES, description="Most choices per prompt (`n`); each is a generation of its own."
+    )
+    max_logprobs: int = Field(
+        MAX_TOP_LOGPROBS, ge=0, le=MAX_TOP_LOGPROBS,
+        description="Most alternatives per token (chat `top_logprobs`, completions `logprobs`).",
     )
     object_ref_threshold_bytes: int = Field(
         64 * 1024,
@@ -183,12 +209,175 @@ def resolve_source(spec: str, base: Path | None = None) -> Path:
     return path.resolve()
 
 
+RuntimeName = Literal["echo", "torch", "embeddings", "vllm"]
+RUNTIMES: tuple[str, ...] = get_args(RuntimeName)
+
+
+class EchoConfig(_Model):
+    """Options of the echo runtime (development and tests)."""
+
+    token_delay_ms: float = Field(0.0, ge=0, le=10_000, description="Delay per streamed token.")
+
+
+class TorchConfig(_Model):
+    """Options of the runtimes HAIF runs on torch itself (`torch`, `embeddings`)."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests batched into one step.")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="Wait for a batch to fill.")
+    threads: int | None = Field(
+        None, ge=1, le=256, description="torch intra-op threads (unset: torch's own choice)."
+    )
+
+
+class VllmConfig(_Model):
+    """HAIF's options around vLLM's engine that are not engine arguments (those are `engine`)."""
+
+    kv_cache_space_gib: int = Field(
+        1, ge=1, le=4096, description="On CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    cpu_engine_nice: int = Field(
+        19, ge=0, le=19,
+        description=(
+            "On CPU: niceness of the engine's processes (scheduler, model worker). They "
+            "busy-poll between steps; on cores they share with the serving path they delay "
+            "its every wake-up, and the engine then runs nearly empty batches. At the lowest "
+            "priority the serving path preempts them at once (10 is not enough); they still "
+            "get every cycle nothing else wants. 0: same priority."
+        ),
+    )
+
+
+# vLLM engine arguments HAIF gives unless `engine` does: a batch as wide as the other
+# runtimes' default, and a fixed engine seed (requests still pick their own).
+VLLM_ENGINE_DEFAULTS: Mapping[str, Any] = MappingProxyType({"max_num_seqs": 16, "seed": 0})
+# On a GPU; vLLM's own default has moved between releases.
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+# vLLM engine arguments HAIF derives from its own fields, never from `engine`.
+VLLM_ENGINE_OWNED: Mapping[str, str] = MappingProxyType({
+    "model": "comes from the model's `path` or `artifact`",
+    "tokenizer": "comes from the model's `path` or `artifact`",
+    "dtype": "is the model's `dtype`",
+    "max_model_len": "is the model's `max_model_len`",
+    "runner": "follows the model's `task`",
+    "distributed_executor_backend": (
+        "is ray with tensor_parallel_size > 1 (the engine runs on the placement group the "
+        "Orchestrator reserves)"
+    ),
+})
+MAX_TENSOR_PARALLEL_SIZE = 64
+# The option sections of ModelConfig, and the runtimes that read each.
+_SECTION_RUNTIMES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "engine": ("vllm",),
+    "vllm": ("vllm",),
+    "torch": ("torch", "embeddings"),
+    "echo": ("echo",),
+})
+# Deprecated flat keys of ModelConfig -> (section, key in it) they moved to.
+_FLAT_KEYS: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "token_delay_ms": ("echo", "token_delay_ms"),
+    "max_batch_size": ("torch", "max_batch_size"),  # vllm: engine.max_num_seqs
+    "max_wait_ms": ("torch", "max_wait_ms"),
+    "torch_threads": ("torch", "threads"),
+    "tensor_parallel_size": ("engine", "tensor_parallel_size"),
+    "gpu_memory_utilization": ("engine", "gpu_memory_utilization"),
+    "enforce_eager": ("engine", "enforce_eager"),
+    "stream_interval": ("engine", "stream_interval"),
+    "kv_cache_space_gib": ("vllm", "kv_cache_space_gib"),
+    "cpu_engine_nice": ("vllm", "cpu_engine_nice"),
+})
+
+
+# Runtimes that apply LoRA adapters (the torch runtime's batched LoRA, vLLM's LoRARequest).
+ADAPTER_RUNTIMES = ("torch", "vllm")
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class AdapterConfig(_Model):
+    """A LoRA adapter served on a model: requested as `BASE:NAME` or by `NAME` alone."""
+
+    name: str = Field(..., pattern=ADAPTER_NAME_PATTERN, description="Its served name.")
+    artifact: str = Field(
+        ..., pattern=ARTIFACT_REF_PATTERN,
+        description="Its signed artifact (`name:version` or `sha256:<manifest digest>`), published "
+        "with `haif models publish --base` for this model's artifact.",
+    )
+
+
+def _flat_key_target(old: str, runtime: object) -> tuple[str, str]:
+    if old == "max_batch_size" and runtime == "vllm":
+        return "engine", "max_num_seqs"  # what HAIF passed it to vLLM as
+    return _FLAT_KEYS[old]
+
+
+def _move_flat_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (one model's mapping) with its deprecated flat keys moved into their sections.
+
+    Each moved key logs a warning that names its new place; a key the model's runtime
+    never read is dropped with a warning.
+
+    Raises:
+        ValueError: a key is given both flat and in its section, or the section is no mapping.
+    """
+    name, runtime = data.get("name", "?"), data.get("runtime")
+    out = dict(data)
+    for old in [k for k in _FLAT_KEYS if k in data]:
+        value = out.pop(old)
+        section, key = _flat_key_target(old, runtime)
+        if runtime in RUNTIMES and runtime not in _SECTION_RUNTIMES[section]:
+            logger.warning(
+                "models[%s].%s is deprecated and has no effect on runtime %s; remove it",
+                name, old, runtime,
+            )
+            continue
+        given = out.get(section)
+        given = {} if given is None else given
+        if isinstance(given, BaseModel):
+            given = given.model_dump(exclude_unset=True)
+        if not isinstance(given, Mapping):  # pydantic reports a ValueError, not a TypeError
+            raise ValueError(f"models[{name}].{section} must be a mapping")  # noqa: TRY004
+        if key in given:
+            raise ValueError(
+                f"models[{name}]: give {section}.{key} or the deprecated {old}, not both"
+            )
+        out[section] = {**given, key: value}
+        new = yaml.safe_dump({key: value}, default_flow_style=True, width=1_000).strip()
+        logger.warning("models[%s].%s is deprecated; use %s: %s", name, old, section, new)
+    return out
+
+
+class AutoscalingConfig(_Model):
+    """A model's elastic fleet, per region and tier: named after Ray Serve's
+    ``autoscaling_config`` (its ``min_replicas``/``max_replicas`` are workers here)."""
+
+    min_workers: int = Field(1, ge=0, le=256, description="Fewest workers (0: scale to zero when idle).")
+    max_workers: int = Field(1, ge=1, le=256, description="Most workers.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, le=100_000,
+        description="Ongoing requests (running on a worker or queued for one) per ready worker the "
+        "autoscaler aims for.",
+    )
+    upscale_delay_s: float = Field(
+        30.0, ge=0, le=3600, description="The load must stay above the target this long before workers are added."
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, le=86_400,
+        description="The load must stay below the target this long before surplus workers are drained.",
+    )
+    metrics_interval_s: float = Field(
+        1.0, gt=0, le=600, description="How often the autoscaler looks at the load and decides."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"autoscaling.min_workers ({self.min_workers}) exceeds max_workers ({self.max_workers})")
+        return self
+
+
 class ModelConfig(_Model):
     name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$",
                       description="Model id clients send in `model`.")
-    runtime: Literal["echo", "torch", "embeddings", "vllm"] = Field(
-        ..., description="Runtime that executes the model."
-    )
+    runtime: RuntimeName = Field(..., description="Runtime that executes the model.")
     path: str | None = Field(
         None,
         description="Model directory, or `python-package:PKG/SUBDIR` for weights shipped in a package.",
@@ -203,7 +392,18 @@ class ModelConfig(_Model):
         None, description="Build this development model into `path` on start when it is missing."
     )
     enabled: bool = Field(True, description="Serve this model.")
-    workers: int = Field(1, ge=1, le=256, description="Worker actors of this model.")
+    workers: int = Field(
+        1, ge=1, le=256,
+        description="Worker actors of this model per region and tier (without `autoscaling`).",
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="An elastic fleet instead of `workers` (see AutoscalingConfig)."
+    )
+    drain_timeout_s: float = Field(
+        60.0, ge=0, le=3600,
+        description="A drained worker (rollout, scale-down, `haif workers drain`) gets no new request and "
+        "this long to finish the ones it has before it stops.",
+    )
     device: Literal["cpu", "gpu", "auto"] = Field(
         "auto", description="cpu, gpu (one GPU per worker), or auto (gpu when the cluster has one)."
     )
@@ -213,41 +413,8 @@ class ModelConfig(_Model):
     num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs reserved per worker actor.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights dtype.")
     max_model_len: int = Field(2048, ge=16, le=1_048_576, description="Prompt + completion tokens.")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests batched into one step.")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="Wait for a batch to fill.")
     max_concurrency: int = Field(
         512, ge=1, le=100_000, description="Requests one worker actor accepts at once."
-    )
-    token_delay_ms: float = Field(
-        0.0, ge=0, le=10_000, description="echo runtime only: delay per streamed token."
-    )
-    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads.")
-    tensor_parallel_size: int = Field(
-        1, ge=1, le=64, description="vllm: GPUs one worker spans (a placement group of that many)."
-    )
-    gpu_memory_utilization: float = Field(
-        0.9, ge=0.05, le=0.99, description="vllm: share of each GPU's memory the engine may take."
-    )
-    kv_cache_space_gib: int = Field(
-        1, ge=1, le=4096, description="vllm on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
-    )
-    enforce_eager: bool = Field(False, description="vllm: no CUDA graphs / compilation.")
-    cpu_engine_nice: int = Field(
-        19, ge=0, le=19,
-        description=(
-            "vllm on CPU: niceness of the engine's processes (scheduler, model worker). They "
-            "busy-poll between steps; on cores they share with the serving path they delay "
-            "its every wake-up, and the engine then runs nearly empty batches. At the lowest "
-            "priority the serving path preempts them at once (10 is not enough); they still "
-            "get every cycle nothing else wants. 0: same priority."
-        ),
-    )
-    stream_interval: int = Field(
-        1, ge=1, le=1024,
-        description=(
-            "vllm: tokens per streamed piece after the first (vLLM's --stream-interval); "
-            "1 streams every token, more trades smoother streams for throughput."
-        ),
     )
     stream_batch_ms: float = Field(
         STREAM_BATCH_MS, ge=0, le=1000,
@@ -282,6 +449,122 @@ class ModelConfig(_Model):
         default_factory=list,
         description="Tenants with a pool of their own (`workers` per region) that no one else uses.",
     )
+    p2p_workers: list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]] = Field(
+        default_factory=list, max_length=256,
+        description=(
+            "Remote P2P workers (Noise public keys, 64 hex) that serve this model over Hyperswarm "
+            "RPC (`haif p2p worker`): probed and routed like local workers, in the model's first "
+            "region; needs p2p.enabled."
+        ),
+    )
+    # Per-runtime options, one section each; a section another runtime reads is an error.
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "vllm: vLLM engine arguments (AsyncEngineArgs; `vllm serve` flags with underscores), "
+            "passed through as given and checked by vLLM when the model loads. Unless set here, "
+            + ", ".join(f"{k} {v}" for k, v in VLLM_ENGINE_DEFAULTS.items())
+            + f", and gpu_memory_utilization {VLLM_GPU_MEMORY_UTILIZATION} on a GPU. "
+            + ", ".join(VLLM_ENGINE_OWNED) + " come from HAIF's own fields."
+        ),
+    )
+    vllm: VllmConfig = Field(
+        default_factory=VllmConfig, description="vllm: HAIF's options around the engine (CPU)."
+    )
+    torch: TorchConfig = Field(
+        default_factory=TorchConfig, description="torch, embeddings: dynamic batching and threads."
+    )
+    echo: EchoConfig = Field(default_factory=EchoConfig, description="echo: streaming delay.")
+    # LoRA adapters (torch, vllm): loaded by a worker on first use, verified like the model.
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list, max_length=1024,
+        description="LoRA adapters served on this model (`BASE:NAME`, or `NAME` alone).",
+    )
+    dynamic_adapters: bool = Field(
+        False,
+        description="Also serve, on demand, any trusted adapter artifact of this model's artifact: "
+        "`model: BASE:<adapter name:version or sha256:digest>`.",
+    )
+    max_adapters_per_worker: int = Field(
+        4, ge=1, le=1024,
+        description="Adapters a worker keeps loaded; the least recently used one not in use goes "
+        "first. vllm: also its engine's max_loras and max_cpu_loras unless `engine` sets them.",
+    )
+    adapter_spill_margin: int = Field(
+        4, ge=0, le=100_000,
+        description="Routing: a request for an adapter goes to a worker that has it loaded, unless "
+        "those carry this many requests more than the least loaded other worker; then that one "
+        "gets it (and loads it), so that a hot adapter is not pinned to one worker.",
+    )
+
+    @property
+    def initial_workers(self) -> int:
+        """Workers per region and tier at start: ``workers``, or ``autoscaling.min_workers``."""
+        return self.autoscaling.min_workers if self.autoscaling is not None else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.autoscaling.max_workers if self.autoscaling is not None else self.workers
+
+    def at_version(self, version: str) -> ModelConfig:
+        """This model as version ``version`` serves it: ``name:version`` of its artifact (the
+        echo runtime, without one: the version is a label, it has no weights).
+
+        Raises:
+            UnprocessableRequest: the model cannot have versions side by side (served from a
+                ``path``, or from an artifact named by its digest).
+        """
+        if version == self.version:
+            return self
+        if self.runtime == "echo" and self.artifact is None:
+            return self.model_copy(update={"version": version})
+        if self.artifact is None or self.artifact.startswith("sha256:"):
+            from haif.exceptions import UnprocessableRequest
+
+            source = "a path" if self.artifact is None else "an artifact digest"
+            raise UnprocessableRequest(
+                f"model {self.name!r} is served from {source}: a rollout needs a published artifact "
+                "`name:version` (or the echo runtime)"
+            )
+        name = self.artifact.rsplit(":", 1)[0]
+        return self.model_copy(update={"version": version, "artifact": f"{name}:{version}"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_flat_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and _FLAT_KEYS.keys() & data.keys():
+            return _move_flat_keys(data)
+        return data
+
+    @model_validator(mode="after")
+    def _workers_or_autoscaling(self) -> ModelConfig:
+        if self.autoscaling is not None and "workers" in self.model_fields_set:
+            raise ValueError(
+                f"models[{self.name}]: give workers (a fixed fleet) or autoscaling (min_workers.."
+                "max_workers), not both"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sections_of_runtime(self) -> ModelConfig:
+        for section, runtimes in _SECTION_RUNTIMES.items():
+            if section in self.model_fields_set and self.runtime not in runtimes:
+                hint = " (vLLM's batch size: engine: {max_num_seqs: N})" if section == "torch" else ""
+                raise ValueError(
+                    f"models[{self.name}].{section} applies to runtime {' or '.join(runtimes)}, "
+                    f"not {self.runtime}{hint}"
+                )
+        for key, owner in VLLM_ENGINE_OWNED.items():
+            if key in self.engine:
+                raise ValueError(f"models[{self.name}].engine.{key}: set by HAIF, it {owner}")
+        # HAIF reads this one itself (placement), before vLLM sees it.
+        size = self.engine.get("tensor_parallel_size", 1)
+        if type(size) is not int or not 1 <= size <= MAX_TENSOR_PARALLEL_SIZE:
+            raise ValueError(
+                f"models[{self.name}].engine.tensor_parallel_size must be an integer from 1 to "
+                f"{MAX_TENSOR_PARALLEL_SIZE}, not {size!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -294,6 +577,33 @@ class ModelConfig(_Model):
         if self.build is not None and not self.path:
             raise ValueError(f"model {self.name!r}: `build` needs `path`")
         return self
+
+    @model_validator(mode="after")
+    def _adapters_fit(self) -> ModelConfig:
+        if not (self.adapters or self.dynamic_adapters):
+            return self
+        if self.runtime not in ADAPTER_RUNTIMES or self.kind != "generate":
+            raise ValueError(
+                f"model {self.name!r}: LoRA adapters need a generating model on runtime "
+                f"{' or '.join(ADAPTER_RUNTIMES)}, not {self.runtime}"
+            )
+        names = [a.name for a in self.adapters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model {self.name!r}: duplicate adapter names: {', '.join(dupes)}")
+        return self
+
+    @property
+    def serves_adapters(self) -> bool:
+        return bool(self.adapters) or self.dynamic_adapters
+
+    def adapter(self, name: str) -> AdapterConfig | None:
+        return next((a for a in self.adapters if a.name == name), None)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """GPUs one vLLM worker spans (``engine.tensor_parallel_size``, default 1)."""
+        return int(self.engine.get("tensor_parallel_size", 1))
 
     @property
     def kind(self) -> Literal["generate", "embed"]:
@@ -468,7 +778,7 @@ class DevArtifactConfig(_Model):
     build: Literal["tiny-llama"] | None = Field(
         None, description="Build this development model into `source` when it is missing."
     )
-    runtime: Literal["echo", "torch", "embeddings", "vllm"] | None = Field(
+    runtime: RuntimeName | None = Field(
         None, description="Runtime hint recorded in the manifest."
     )
 
@@ -593,6 +903,27 @@ class ResilienceConfig(_Model):
     overloaded_retry_after_s: float = Field(
         1.0, gt=0, le=3600, description="Retry-After sent with 429 when a model's queue is full."
     )
+    routing_table_refresh_s: float = Field(
+        1.0, ge=0.05, le=300,
+        description=(
+            "Longest wait of a Gateway's long-poll for the routing table: a change (a worker "
+            "ready, dead, added) comes at once; the workers' load figures at least this often."
+        ),
+    )
+
+
+class RolloutsConfig(_Model):
+    poll_s: float = Field(
+        1.0, gt=0, le=600,
+        description="How often the Orchestrator reads the rollouts and drain requests of the metadata store.",
+    )
+    max_error_rate: float | None = Field(
+        None, gt=0, le=1,
+        description="A canary whose platform-error rate over `window_s` exceeds this (with at least "
+        "`min_requests` requests) is rolled back on its own. Unset: never automatically.",
+    )
+    min_requests: int = Field(20, ge=1, le=1_000_000, description="Requests a canary needs in the window before it is judged.")
+    window_s: float = Field(60.0, gt=0, le=86_400, description="The sliding window of the canary's error rate.")
 
 
 class ShardingConfig(_Model):
@@ -660,6 +991,94 @@ class TelemetryConfig(_Model):
         return self
 
 
+# One message on a Hyperswarm secret stream is at most 16 MiB - 1 (an atomic write); the
+# bound leaves room for protomux's and protomux-rpc's headers.
+P2P_MAX_MESSAGE_BYTES = 15 * 1024**2
+_HOST_PORT = r"^[^\s:]+:\d{1,5}$"
+_LOOPBACK = ("127.", "localhost:")
+
+
+class P2PConfig(_Model):
+    enabled: bool = Field(False, description="Run the P2P shim (the Node sidecar on hyperdht).")
+    bootstrap: list[str] | None = Field(
+        None, min_length=1, max_length=64,
+        description="DHT bootstrap nodes, `host:port` each; unset: the public DHT.",
+    )
+    host: str | None = Field(
+        None, min_length=1, max_length=255,
+        description="Address the DHT node binds; unset: 127.0.0.1 when every bootstrap node is "
+        "on the loopback (a local testnet), else 0.0.0.0.",
+    )
+    seed_file: str | None = Field(
+        None, description="File of the 32-byte key seed, created on first start; unset: "
+        "`p2p/seed` in server.state_dir (the public key is stable across restarts).",
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Deadline of one P2P request (a peer's haif.timeout_s may shorten it)."
+    )
+    max_concurrent: int = Field(
+        256, ge=1, le=100_000, description="Requests the sidecar serves at once (OVERLOADED beyond), and calls it makes."
+    )
+    max_message_bytes: int = Field(
+        4 * 1024**2, ge=1024, le=P2P_MAX_MESSAGE_BYTES,
+        description="Largest request or answer value (INVALID_REQUEST beyond); at most 15 MiB.",
+    )
+    max_concurrent_unverified: int = Field(
+        32, ge=1, le=100_000,
+        description="Requests from keys HAIF has not served yet (strangers, a peer's first request) "
+        "handed to HAIF at once; more wait for a slot within their deadline, up to max_concurrent "
+        "waiting (OVERLOADED beyond): a flood of unknown keys never takes served peers' slots.",
+    )
+    max_connections: int = Field(
+        1024, ge=1, le=100_000,
+        description="Peer connections the sidecar keeps open, inbound and outbound each; past it a new "
+        "inbound connection closes the oldest idle one (a stranger's first).",
+    )
+    max_stream_buffer_bytes: int = Field(
+        256 * 1024, ge=1024, le=P2P_MAX_MESSAGE_BYTES,
+        description="Bytes of a stream's chunks handed to the sidecar that its peer has not taken yet; "
+        "beyond it HAIF waits for the peer before it reads the stream on (a larger chunk goes alone).",
+    )
+    peers: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]] = Field(
+        default_factory=dict, max_length=100_000,
+        description="Peer public key (64 hex) -> tenant name, besides `haif p2p peers add`.",
+    )
+    node: str = Field("node", min_length=1, description="The Node.js (20+) executable that runs the sidecar.")
+    restart_backoff_initial_s: float = Field(
+        0.5, gt=0, le=60, description="Wait before restarting a sidecar that died (doubles per death)."
+    )
+    restart_backoff_max_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait before restarting a sidecar that keeps dying."
+    )
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _lower_case_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k.strip().lower() if isinstance(k, str) else k: v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> P2PConfig:
+        for node in self.bootstrap or ():
+            if not re.match(_HOST_PORT, node) or not 1 <= int(node.rsplit(":", 1)[1]) <= 65535:
+                raise ValueError(f"p2p.bootstrap: {node!r} is not host:port")
+        bad = [key for key in self.peers if not re.match(r"^[0-9a-f]{64}$", key)]
+        if bad:
+            raise ValueError(f"p2p.peers: keys are 64 hex characters, not {bad[0][:80]!r}")
+        if self.restart_backoff_initial_s > self.restart_backoff_max_s:
+            raise ValueError("p2p.restart_backoff_initial_s exceeds p2p.restart_backoff_max_s")
+        return self
+
+    def bind_host(self) -> str:
+        """The address the DHT node binds (``host``, or the default it stands for)."""
+        if self.host is not None:
+            return self.host
+        if self.bootstrap and all(node.startswith(_LOOPBACK) for node in self.bootstrap):
+            return "127.0.0.1"
+        return "0.0.0.0"
+
+
 class HaifConfig(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP and Serve settings.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
@@ -676,6 +1095,9 @@ class HaifConfig(_Model):
     regions: list[RegionConfig] = Field(
         default_factory=lambda: [RegionConfig(name="local")], min_length=1, description="Regions."
     )
+    rollouts: RolloutsConfig = Field(
+        default_factory=RolloutsConfig, description="Rollouts: canary versions, traffic weights, automatic rollback."
+    )
     resilience: ResilienceConfig = Field(
         default_factory=ResilienceConfig, description="Health probes, breakers, retries."
     )
@@ -683,6 +1105,7 @@ class HaifConfig(_Model):
         default_factory=ShardingConfig, description="Tenants' home regions."
     )
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry.")
+    p2p: P2PConfig = Field(default_factory=P2PConfig, description="P2P shim (Hyperswarm RPC).")
     base_dir: str | None = Field(
         None, description="Directory relative paths resolve against (the config file's repo root)."
     )
@@ -693,6 +1116,22 @@ class HaifConfig(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate model names: {', '.join(dupes)}")
+        # An adapter is served as BASE:NAME and as NAME alone: every such name names one thing.
+        served = names + [f"{m.name}:{a.name}" for m in self.models for a in m.adapters]
+        served += [a.name for m in self.models for a in m.adapters]
+        dupes = sorted({n for n in served if served.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model and adapter names must differ; used twice: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _p2p_workers_need_the_shim(self) -> HaifConfig:
+        remote = [m.name for m in self.models if m.enabled and m.p2p_workers]
+        if remote and not self.p2p.enabled:
+            raise ValueError(
+                f"models {', '.join(remote)} list p2p_workers: they are reached through the P2P shim; "
+                "set p2p.enabled: true (HAIF_P2P__ENABLED=true)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -726,8 +1165,11 @@ class HaifConfig(_Model):
         return [r for r in self.regions if r.name in names]
 
     def total_workers(self, model: ModelConfig) -> int:
-        """Workers of ``model`` in all: ``workers`` per region, per tier (shared + dedicated)."""
-        return model.workers * len(self.model_regions(model)) * (1 + len(model.dedicated_tenants))
+        """Workers of ``model`` at start (at least one): ``workers`` (or
+        ``autoscaling.min_workers``) per region, per tier (shared + dedicated). An autoscaler's
+        further workers are placed when there is room, else wait as ``pending``."""
+        per_pool = max(1, model.initial_workers)
+        return per_pool * len(self.model_regions(model)) * (1 + len(model.dedicated_tenants))
 
     def home_region(self, tenant: str | None) -> str:
         """Where ``tenant``'s requests go first."""
@@ -759,6 +1201,13 @@ class HaifConfig(_Model):
 
     def state_path(self) -> Path:
         path = Path(self.server.state_dir)
+        return path if path.is_absolute() else self.base_path() / path
+
+    def p2p_seed_path(self) -> Path:
+        """The P2P key seed file: ``p2p.seed_file`` (relative to ``base_dir``), else in state_dir."""
+        if self.p2p.seed_file is None:
+            return self.state_path() / "p2p" / "seed"
+        path = Path(self.p2p.seed_file).expanduser()
         return path if path.is_absolute() else self.base_path() / path
 
 

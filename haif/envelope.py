@@ -1,10 +1,9 @@
-"""The request envelope that travels Bridge/SDK → Gateway → Orchestrator → Worker.
+"""The request envelope that travels edge (HTTP, SDK, P2P) → Gateway → Worker.
 
 The envelope carries small routing facts (model, kind, max_tokens, deadline, ids)
 by value and the request body either by value or, when it is large, as a Ray
 ``ObjectRef``: the body is put into the object store once at the edge, the Gateway
-and the Orchestrator forward the reference without reading it, and only the Worker
-resolves it. ``check_limits`` applies the operator's limits at the edge, where the
+forwards the reference without reading it, and only the Worker resolves it. ``check_limits`` applies the operator's limits at the edge, where the
 client can still be told exactly what was wrong.
 """
 
@@ -16,23 +15,39 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from haif.exceptions import DeadlineExceeded, InvalidRequest, UnprocessableRequest
-from haif.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from haif.exceptions import (
+    DeadlineExceeded,
+    HaifError,
+    InvalidRequest,
+    UnprocessableRequest,
+    UnsupportedParameter,
+)
+from haif.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponseFormatText
 
 if TYPE_CHECKING:
     from haif.config import LimitsConfig
+    from haif.protocol import ToolMode
     from haif.store.quotas import QuotaLimits
 
 Kind = Literal["completion", "chat", "embedding"]
 Body = CompletionRequest | ChatCompletionRequest | EmbeddingRequest
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A client's X-Request-ID is kept only when it is short and made of characters that are
+# inert in a header, a JSON log line and a span attribute: letters, digits and ``-_.:``
+# (enough for UUIDs, ULIDs and ``service:123``-style ids). No spaces, quotes, ``,`` or
+# ``;`` (they split header lists and log parsers), nothing outside ASCII.
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 def request_id_from(header: str | None) -> str:
-    """The client's X-Request-ID when well-formed, else a fresh one."""
-    if header and _REQUEST_ID.match(header):
+    """The client's X-Request-ID when well-formed, else a fresh one (32 hex characters).
+
+    Well-formed: 1 to ``MAX_REQUEST_ID_CHARS`` characters of letters, digits and ``-_.:``.
+    A malformed id is replaced, never refused: the request goes on under the fresh id.
+    """
+    if header and _REQUEST_ID.fullmatch(header):
         return header
     return uuid.uuid4().hex
 
@@ -91,6 +106,9 @@ class RequestContext:
     principal: Principal | None = None
     idempotency_key: str | None = None  # as the client sent it; the Gateway validates it
     sent_at: float | None = None  # time.time() of the last hop's hand-off (queue-wait spans)
+    # A P2P caller's Noise public key, verified by the shim's handshake (set by it alone):
+    # the Gateway authenticates the peer by it instead of an API key.
+    peer_key: str | None = None
 
     @classmethod
     def new(
@@ -101,6 +119,7 @@ class RequestContext:
         request_id: str | None = None,
         traceparent: str | None = None,
         idempotency_key: str | None = None,
+        peer_key: str | None = None,
     ) -> RequestContext:
         return cls(
             request_id=request_id_from(request_id),
@@ -108,6 +127,7 @@ class RequestContext:
             api_key=api_key,
             traceparent=traceparent_from(traceparent),
             idempotency_key=idempotency_key,
+            peer_key=peer_key,
         )
 
     def remaining_s(self) -> float:
@@ -127,6 +147,36 @@ class RequestContext:
 
 
 @dataclass(frozen=True)
+class Shaping:
+    """What the Gateway needs to shape the answer besides the worker's outputs (it never reads
+    a body that travels by reference): whether logprobs go in it, and how tool calls are
+    read from the generated text (``haif.gateway.serving``)."""
+
+    logprobs: bool = False
+    tool_mode: ToolMode = "none"
+    tool_name: str | None = None  # the function a named tool_choice forces
+    parallel_tool_calls: bool = True
+
+    @classmethod
+    def of(cls, body: Body) -> Shaping:
+        if isinstance(body, EmbeddingRequest):
+            return cls()
+        logprobs = body.logprobs_count() is not None
+        if isinstance(body, CompletionRequest):
+            return cls(logprobs=logprobs)
+        mode, name = body.tool_mode()
+        return cls(logprobs, mode, name, body.parallel_tool_calls)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter a request runs through: its served name and its signed artifact."""
+
+    name: str  # a configured adapter's name, or the artifact ref of one served on demand
+    artifact: str  # `name:version` or `sha256:<manifest digest>`
+
+
+@dataclass(frozen=True)
 class WorkItem:
     kind: Kind
     model: str
@@ -138,6 +188,17 @@ class WorkItem:
     ctx: RequestContext
     include_usage: bool = False
     n_choices: int = 1  # `n`: choices per prompt of a generation
+    shaping: Shaping = field(default_factory=Shaping)
+    user: str | None = None  # the request's `user`, recorded on its job
+    adapter: Adapter | None = None  # set by admission: `model` is then the base model
+    # Set by admission: the model version the traffic split gave it (a rollout's canary or
+    # the stable version); the router sends it to that version's workers.
+    version: str | None = None
+
+    @property
+    def served_model(self) -> str:
+        """What the client is served: the model, or ``BASE:ADAPTER`` (responses, usage)."""
+        return self.model if self.adapter is None else f"{self.model}:{self.adapter.name}"
 
     @property
     def by_reference(self) -> bool:
@@ -147,15 +208,25 @@ class WorkItem:
         return replace(self, ctx=ctx)
 
 
+# A prompt given as token ids counts this many bytes a token (the quota's default estimate).
+TOKEN_ID_BYTES = 4
+
+
 def payload_bytes(body: Body) -> int:
-    """Approximate size of the text a body carries (UTF-8 bytes of prompts/inputs)."""
+    """Approximate size of the text a body carries (UTF-8 bytes of prompts/inputs, of the
+    tools and tool calls a chat template renders; token ids at ``TOKEN_ID_BYTES`` each)."""
     if isinstance(body, CompletionRequest):
         texts = body.prompts()
     elif isinstance(body, ChatCompletionRequest):
         texts = [m.text() for m in body.messages]
+        texts += [c.function.name + c.function.arguments for m in body.messages for c in m.tool_calls or ()]
+        texts += [t.function.model_dump_json(exclude_none=True) for t in body.tools or ()]
     else:
         texts = body.inputs()
-    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return sum(
+        len(t.encode("utf-8", "surrogatepass")) if isinstance(t, str) else TOKEN_ID_BYTES * len(t)
+        for t in texts
+    )
 
 
 def check_limits(body: Body, limits: LimitsConfig) -> int:
@@ -172,6 +243,12 @@ def check_limits(body: Body, limits: LimitsConfig) -> int:
                 f"'input' has {n} items; the limit is {limits.max_embedding_inputs}"
             )
         return 0
+    unsupported = body.unsupported()
+    if unsupported:
+        raise UnsupportedParameter(
+            f"model {body.model!r} is a text model; not supported: {', '.join(unsupported)}"
+        )
+    _check_generation_options(body, limits)
     if body.n > limits.max_choices:
         raise UnprocessableRequest(f"'n' is {body.n}; the limit is {limits.max_choices}")
     stops = body.stop_list()
@@ -195,7 +272,28 @@ def check_limits(body: Body, limits: LimitsConfig) -> int:
         raise UnprocessableRequest(
             f"'max_tokens' is {max_tokens}; the limit is {limits.max_tokens}"
         )
+    if body.min_tokens > max_tokens:
+        raise InvalidRequest(f"'min_tokens' ({body.min_tokens}) exceeds 'max_tokens' ({max_tokens})")
     return max_tokens
+
+
+def _check_generation_options(body: CompletionRequest | ChatCompletionRequest, limits: LimitsConfig) -> None:
+    """The combinations of logprobs, tools and response_format that make sense."""
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true")
+        name = "top_logprobs"
+        mode, _ = body.tool_mode()
+        constrained = body.response_format is not None and not isinstance(body.response_format, ResponseFormatText)
+        if constrained and mode in ("required", "named"):
+            raise InvalidRequest(
+                "'response_format' cannot be combined with a 'tool_choice' that forces a tool call"
+            )
+    else:
+        name = "logprobs"
+    count = body.logprobs_count()
+    if count is not None and count > limits.max_logprobs:
+        raise UnprocessableRequest(f"'{name}' is {count}; the limit is {limits.max_logprobs}")
 
 
 def build_work_item(
@@ -232,6 +330,8 @@ def build_work_item(
         ctx=ctx,
         include_usage=False if isinstance(body, EmbeddingRequest) else body.include_usage(),
         n_choices=1 if isinstance(body, EmbeddingRequest) else body.n,
+        shaping=Shaping.of(body),
+        user=body.user,
     )
 
 
@@ -240,8 +340,8 @@ class EmbeddingResult:
     """What a worker returns for an embeddings request.
 
     ``vectors`` is a float32 array of shape (n, dim), or an ObjectRef to one when it is
-    large: it then crosses the Orchestrator and the Gateway unread and is fetched only
-    by the edge that writes the response.
+    large: it then crosses the Gateway unread and is fetched only by the edge that
+    writes the response.
     """
 
     model: str
@@ -250,13 +350,28 @@ class EmbeddingResult:
 
 
 @dataclass(frozen=True)
-class Dispatched:
-    """Where the Orchestrator ran a request: sent back with the result (first on a stream).
+class Refused:
+    """A HAIF error that a Gateway handle method answers instead of raising it.
 
-    The Gateway writes ``worker``, ``region`` and ``attempts`` into the job record.
+    Serve logs every exception a replica method raises as an ERROR with its traceback;
+    a refused request (a bad key, an unknown model) is not a failure of the platform.
+    The SDK raises ``error`` on the caller's side (``haif.sdk``); on a stream it is the
+    last item.
+    """
+
+    error: HaifError
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """Where the router ran a request: sent back with the result (first on a stream).
+
+    The Gateway writes ``worker``, ``region``, ``version`` and ``attempts`` into the job
+    record; ``version`` is the response's ``system_fingerprint``.
     """
 
     worker: str
     region: str
     attempts: int
     value: Any = None  # the result (unary calls); a stream's first event, if any
+    version: str | None = None  # the model version of the worker that ran it

@@ -6,15 +6,18 @@
     ├── ConfigError                      operator error at start-up (fatal)
     ├── RequestError                     the client's fault, never retried
     │   ├── InvalidRequest          400  invalid_request_error
+    │   │   └── UnsupportedParameter 400 unsupported_parameter (named, with the model)
     │   ├── AuthenticationFailed    401  authentication_error / invalid_api_key
     │   ├── PermissionDenied        403  permission_error
     │   ├── NotFound                404  not_found_error
-    │   │   └── ModelNotFound       404  model_not_found
+    │   │   ├── ModelNotFound       404  model_not_found
+    │   │   └── AdapterNotFound     404  adapter_not_found (no such adapter artifact)
     │   ├── Conflict                409  conflict_error
     │   ├── PayloadTooLarge         413  request_too_large
     │   ├── UnprocessableRequest    422  invalid_request_error
     │   │   ├── PromptTooLong       422  context_length_exceeded
-    │   │   └── UnsupportedOperation 422 unsupported_operation
+    │   │   ├── UnsupportedOperation 422 unsupported_operation
+    │   │   └── AdapterRejected     422  adapter_rejected (untrusted, unsigned, wrong base...)
     │   └── RateLimited             429  rate_limit_error (Retry-After)
     │       └── QuotaExceeded       429  insufficient_quota (tokens per day spent)
     └── ServiceError                     the platform's side
@@ -44,6 +47,7 @@ the rate-limit family ``retry_after_s``) as constructor arguments.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -71,6 +75,12 @@ class HaifError(Exception):
     def headers(self) -> dict[str, str]:
         return {}
 
+    @property
+    def log_level(self) -> int:
+        """How a boundary logs it, in one line: INFO for the client's errors (4xx), WARNING
+        for the platform's (5xx); never a traceback, which is for bugs."""
+        return logging.INFO if self.status_code < 500 else logging.WARNING
+
 
 class ConfigError(HaifError):
     code = "config_error"
@@ -84,6 +94,13 @@ class RequestError(HaifError):
 
 class InvalidRequest(RequestError):
     pass
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A parameter of the OpenAI API that this model (or HAIF) does not implement: refused,
+    never silently ignored; the message names the parameter and the model."""
+
+    code = "unsupported_parameter"
 
 
 class AuthenticationFailed(RequestError):
@@ -109,6 +126,13 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class AdapterNotFound(NotFound):
+    """A request names a LoRA adapter that no replica of the artifact store holds."""
+
+    error_type = "invalid_request_error"
+    code = "adapter_not_found"
+
+
 class Conflict(RequestError):
     status_code = 409
     error_type = "conflict_error"
@@ -131,6 +155,15 @@ class PromptTooLong(UnprocessableRequest):
 
 class UnsupportedOperation(UnprocessableRequest):
     code = "unsupported_operation"
+
+
+class AdapterRejected(UnprocessableRequest):
+    """A worker refused to load a request's LoRA adapter (nothing was loaded; the base model
+    keeps serving). The message names the adapter and the reason: untrusted or unknown
+    signer, an edited manifest, a corrupt blob, not an adapter, trained on another base,
+    or not loadable by the runtime."""
+
+    code = "adapter_rejected"
 
 
 class _RetryAfter(HaifError):
@@ -171,6 +204,13 @@ class ModelNotReady(RetryableError):
 
 class WorkerUnavailable(RetryableError):
     code = "worker_unavailable"
+
+
+class WorkerDraining(RetryableError):
+    """The worker is draining (a rollout, a scale-down, ``haif workers drain``): it takes no
+    new request. Raised before any work, so the Gateway sends the request elsewhere."""
+
+    code = "worker_draining"
 
 
 class Overloaded(_RetryAfter, RetryableError):

@@ -1,6 +1,6 @@
-"""How HTTP reaches the Bridge: Serve's HTTP proxy, or HAProxy (Serve's direct ingress).
+"""How HTTP reaches the Gateway: Serve's HTTP proxy, or HAProxy (Serve's direct ingress).
 
-With ``server.ingress: haproxy`` the Bridge replicas serve HTTP themselves, each on a
+With ``server.ingress: haproxy`` the Gateway replicas serve HTTP themselves, each on a
 port of its own, and HAProxy listens on ``server.host:server.port`` in front of them:
 no Python proxy actor relays each request and each streamed piece. Ray Serve reads this
 mode from the environment of every process of the cluster when it imports, so it is
@@ -11,7 +11,8 @@ deployment checks that the cluster it joins runs the ingress its config names.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from haif.exceptions import ConfigError
 
@@ -19,6 +20,40 @@ if TYPE_CHECKING:
     from haif.config import HaifConfig
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+READY_POLL_S = 0.5
+
+
+def _settled(model: dict[str, Any]) -> bool:
+    """A model no longer starting: failed, or ready with its ``min_workers`` ready (its
+    autoscaler's floor; a model scaled to zero is ready with none)."""
+    state = model.get("state")
+    if state == "loading":
+        return False
+    return state != "ready" or model.get("ready_workers", 0) >= model.get("min_workers", 0)
+
+
+def wait_ready(url: str, timeout_s: float) -> dict[str, Any]:
+    """Poll ``/readyz`` until no model is still starting (every one has its
+    ``min_workers`` ready, or has failed); return the last status.
+
+    Raises:
+        TimeoutError: the deadline passed with models still loading or the ingress down.
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            resp = httpx.get(f"{url}/readyz", timeout=5.0)
+            last = resp.json()
+            models = last.get("models", {})
+            if (resp.status_code == 200 or models) and all(_settled(m) for m in models.values()):
+                return last
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(READY_POLL_S)
+    raise TimeoutError(f"HAIF at {url} was not ready within {timeout_s:.0f}s: {last}")
 
 
 def prepare_environment(config: HaifConfig) -> None:

@@ -6,6 +6,7 @@ Each ``case_*`` takes a migrated, empty-of-tenants ``Database``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,8 @@ from haif.store import fastpath, ledger, usage
 from haif.store.aio import AsyncWrites
 from haif.store.db import Database
 from haif.store.ledger import Existing, JobRequest, Outcome, Reservation
-from haif.store.models import ApiToken, Job, JobState, Quota
+from haif.store.models import ApiToken, Job, JobState, P2PPeer, Quota, Tenant
+from haif.store.peers import PeerInfo, PeerRepository, find_peer
 from haif.store.quotas import QuotaLimits
 from haif.store.tenants import TenantRepository
 from haif.store.tokens import TokenRepository, find_token, hash_token, lookup_prefix
@@ -320,6 +322,35 @@ def case_tenants_and_tokens(db: Database, w: Writes) -> None:
         assert (q.requests_per_minute, q.max_concurrent) == (None, 3)
 
 
+def case_p2p_peers(db: Database, w: Writes) -> None:
+    key, other = "ab" * 32, "CD" * 32
+    with db.session() as s:
+        tenants = TenantRepository(s)
+        acme = tenants.create("acme", QuotaLimits(requests_per_minute=7))
+        beta = tenants.create("beta")
+        peers = PeerRepository(s)
+        peers.add(key, acme)
+        peers.add(other, beta)  # stored lower-case
+        with pytest.raises(Conflict, match="acme"):
+            peers.add(key.upper(), beta)
+        with pytest.raises(InvalidRequest):
+            peers.add("ab" * 31, acme)
+        assert [(p.public_key, n) for p, n in peers.list()] == [(key, "acme"), (other.lower(), "beta")]
+        assert [p.public_key for p, _ in peers.list(beta)] == [other.lower()]
+    with db.connect() as conn:
+        info = find_peer(conn, key.upper())
+        assert info == PeerInfo(public_key=key, tenant_id=acme.id, tenant="acme", limits=(7, None, None, None))
+        assert find_peer(conn, "ef" * 32) is None
+    with db.session() as s:
+        assert PeerRepository(s).remove(other).public_key == other.lower()
+        with pytest.raises(NotFound):
+            PeerRepository(s).remove(other)
+    with db.session() as s:  # a tenant's peers go with it
+        s.delete(s.get(Tenant, acme.id))
+    with db.session() as s:
+        assert s.get(P2PPeer, key) is None
+
+
 def case_usage_export_and_batches(db: Database, w: Writes) -> None:
     t = tenant(db)
     jobs = [w.reserve(db, job(t)) for _ in range(5)]
@@ -349,6 +380,21 @@ def case_usage_export_and_batches(db: Database, w: Writes) -> None:
     assert again == batch_id and same == records
     with db.connect() as conn:
         assert usage.pending_records(conn) == 3
+
+
+def case_the_end_user_is_recorded_on_the_job(db: Database, w: Writes) -> None:
+    """The request's `user` lands on its job row whichever path wrote it: no quota at all,
+    a quota row (the single statement), an Idempotency-Key (the reference transaction)."""
+    limited = QuotaLimits(requests_per_minute=100)
+    for limits, key in ((None, None), (limited, None), (limited, f"k-{uuid.uuid4().hex}")):
+        t = tenant(db, limits)
+        req = dataclasses.replace(job(t, limits=limits, key=key, digest="h" if key else None), user="end-user-7")
+        res = w.reserve(db, req)
+        assert isinstance(res, Reservation)
+        with db.session() as s:
+            assert s.get(Job, req.job_id).end_user == "end-user-7"
+        with db.begin() as conn:
+            assert usage.tenant_job(conn, t, req.job_id)["user"] == "end-user-7"
 
 
 CASES = [value for name, value in sorted(globals().items()) if name.startswith("case_")]

@@ -116,7 +116,7 @@ class NodeCache:
         self._db = root / "index.sqlite"
         self._local = threading.local()
         conn = self._connect()
-        conn.execute("PRAGMA journal_mode=WAL")
+        self._use_wal(conn)
         for statement in _SCHEMA:
             conn.execute(statement)
         self._sweep()
@@ -136,6 +136,23 @@ class NodeCache:
         )
 
     # --- index --------------------------------------------------------------------
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Put the index in WAL mode (once per file). Switching the mode takes the database
+        exclusively and SQLite's busy timeout does not cover it: processes that open a new
+        cache at the same moment retry here instead of failing with "database is locked"."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.01
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     def _connect(self) -> sqlite3.Connection:
         """This thread's connection (reopened after a fork)."""

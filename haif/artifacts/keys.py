@@ -177,6 +177,13 @@ class TrustPolicy:
         keys = self.per_name.get(name, self.global_keys)
         return {k.key_id: k for k in keys}
 
+    def also(self, key: PublicKey) -> TrustPolicy:
+        """This policy, and ``key`` trusted for every artifact as well."""
+        return TrustPolicy(
+            global_keys=(*self.global_keys, key),
+            per_name={name: (*keys, key) for name, keys in self.per_name.items()},
+        )
+
     def with_keys(self, keys: Iterable[PublicKey]) -> TrustPolicy:
         """Only ``keys``, for every artifact (``haif models verify --trusted-key``)."""
         return TrustPolicy(global_keys=tuple(keys))

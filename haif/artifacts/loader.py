@@ -4,7 +4,10 @@
 without touching a replica: the manifest comes from the cache (its signature is checked
 again on every pull, against today's trusted keys) and every blob is a hit.
 ``ArtifactLoader`` is the worker's side: it turns any failure into ``ArtifactRejected``
-after counting it and recording an event.
+after counting it and recording an event. ``acquire_adapter`` does the same for a LoRA
+adapter a request asks for, and checks, before any blob is fetched, that the signed
+manifest is an adapter's and names the manifest of the base the worker serves; a refusal is
+the request's error (``AdapterRejected``, ``AdapterNotFound``: 4xx), never the model's.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +26,14 @@ from haif.artifacts.cache import NodeCache, new_owner
 from haif.artifacts.keys import TrustPolicy
 from haif.artifacts.manifest import ArtifactRef, SignedManifest
 from haif.artifacts.store import ArtifactStore
-from haif.exceptions import ArtifactError, ArtifactNotFound, ArtifactRejected
+from haif.exceptions import (
+    AdapterNotFound,
+    AdapterRejected,
+    ArtifactError,
+    ArtifactNotFound,
+    ArtifactRejected,
+    ManifestInvalid,
+)
 from haif.telemetry import tracing
 
 if TYPE_CHECKING:
@@ -111,8 +122,12 @@ def pull(
     trust: TrustPolicy,
     *,
     progress: Progress | None = None,
+    accept: Callable[[Manifest], None] | None = None,
 ) -> PulledArtifact:
     """Bring ``ref`` into ``cache``, verified, and return its pinned model directory.
+
+    ``accept`` sees the trusted manifest before any blob is fetched, and may refuse it by
+    raising an ``ArtifactError``.
 
     Raises:
         UntrustedSigner / ManifestInvalid: no replica has a manifest signed by a trusted key.
@@ -129,6 +144,8 @@ def pull(
         tracing.set_attributes({"haif.artifact.signer": signed.manifest.signer,
                                 "haif.artifact.manifest_from_cache": from_cache}, span)
     manifest = signed.manifest
+    if accept is not None:
+        accept(manifest)
     cache.set_ref(manifest.name, manifest.version, signed.digest)
     owner = new_owner()
     blobs = manifest.blobs()
@@ -190,9 +207,11 @@ class ArtifactEvents:
         self._counter: Any = None
         self.recent: deque[dict[str, Any]] = deque(maxlen=_EVENTS_KEPT)
 
-    def refused(self, model: str, artifact: str, error: ArtifactError) -> dict[str, Any]:
+    def refused(
+        self, model: str, artifact: str, error: ArtifactError, *, adapter: bool = False
+    ) -> dict[str, Any]:
         event = {
-            "event": "artifact_refused",
+            "event": "adapter_refused" if adapter else "artifact_refused",
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "model": model,
             "artifact": artifact,
@@ -200,7 +219,9 @@ class ArtifactEvents:
             "error": error.message,
         }
         self.recent.append(event)
-        logger.error("%s", json.dumps(event, sort_keys=True))
+        # A model refused is the operator's problem; an adapter refused, the request's (4xx).
+        level = logging.WARNING if adapter else logging.ERROR
+        logger.log(level, "%s", json.dumps(event, sort_keys=True))
         counter = self._metric()
         if counter is not None:
             counter.inc(1.0, tags={"model": model, "artifact": artifact, "reason": error.code})
@@ -264,3 +285,55 @@ class ArtifactLoader:
                 error = exc
         self.events.refused(self._model, artifact, error)
         raise ArtifactRejected(f"refused artifact {artifact} [{error.code}]: {error.message}")
+
+    def acquire_adapter(self, artifact: str, base_manifest: str | None) -> PulledArtifact:
+        """The verified, pinned directory of the LoRA adapter ``artifact`` for the base model
+        whose manifest digest is ``base_manifest`` (None: a model not served from the store).
+
+        Raises:
+            AdapterNotFound: no replica holds a manifest of ``artifact``.
+            AdapterRejected: it failed a check (untrusted or unknown signer, an edited
+                manifest, a corrupt blob, not an adapter, another base); nothing is pinned.
+        """
+
+        def accept(manifest: Manifest) -> None:
+            if manifest.adapter is None:
+                raise NotAnAdapter(f"{manifest.ref} is a model, not a LoRA adapter")
+            if base_manifest is None:
+                raise BaseMismatch(
+                    f"model {self._model!r} is not served from a signed artifact; an adapter's "
+                    "base cannot be checked"
+                )
+            if manifest.adapter.base_manifest != base_manifest:
+                raise BaseMismatch(
+                    f"{manifest.ref} was trained on {manifest.adapter.base} (manifest "
+                    f"sha256:{manifest.adapter.base_manifest[:16]}), not on the base model "
+                    f"{self._model!r} serves (sha256:{base_manifest[:16]})"
+                )
+
+        try:
+            ref = ArtifactRef.parse(artifact)
+        except ValueError as exc:
+            error: ArtifactError = ArtifactError(str(exc))
+        else:
+            try:
+                store, cache, trust = self._open()
+                return pull(store, cache, ref, trust, accept=accept)
+            except ArtifactError as exc:
+                error = exc
+        self.events.refused(self._model, artifact, error, adapter=True)
+        if isinstance(error, ArtifactNotFound):
+            raise AdapterNotFound(f"adapter {artifact} of model {self._model!r}: {error.message}")
+        raise AdapterRejected(f"refused adapter {artifact} [{error.code}]: {error.message}")
+
+
+class NotAnAdapter(ManifestInvalid):
+    """A request named a model's artifact as an adapter."""
+
+    code = "not_an_adapter"
+
+
+class BaseMismatch(ManifestInvalid):
+    """The adapter was trained on another base model than the one it was asked to run on."""
+
+    code = "base_mismatch"

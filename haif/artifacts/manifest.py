@@ -7,6 +7,12 @@ The manifest body::
      "files": [{"path": "config.json", "digest": "sha256:<hex>", "size": 612}, ...],
      "created_at": "2026-11-26T21:00:00Z", "signer": "<key id>"}
 
+A LoRA adapter's manifest has one field more, ``"adapter": {"base": "<name:version>",
+"base_manifest": "sha256:<hex>"}``: the base model it was trained on, by the digest of that
+model's manifest (signed with the rest, so a worker can refuse an adapter for another base).
+A model's manifest has no such field: manifests published before adapters existed keep
+their bytes and their digests.
+
 Canonical JSON is UTF-8, keys sorted, no whitespace, no floats: the same body always
 has the same bytes. The signature covers those bytes; the manifest digest is their
 sha256. What is stored is the envelope ``{"manifest": body, "signature": {...}}``, also
@@ -38,6 +44,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _BODY_KEYS = {"schema", "name", "version", "runtime", "files", "created_at", "signer"}
+_ADAPTER_KEYS = {"base", "base_manifest"}
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -96,6 +103,29 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class AdapterOf:
+    """What makes a manifest an adapter's: the base model it applies to."""
+
+    base: str  # the base's ``name:version`` when published (for people; the digest decides)
+    base_manifest: str  # sha256 hex of the base model's manifest
+
+    def body(self) -> dict[str, str]:
+        return {"base": self.base, "base_manifest": f"sha256:{self.base_manifest}"}
+
+    @classmethod
+    def from_body(cls, body: Any) -> AdapterOf:
+        """Raises: ValueError: not an adapter field."""
+        if not isinstance(body, dict) or set(body) != _ADAPTER_KEYS:
+            raise ValueError(f"an adapter field has exactly {sorted(_ADAPTER_KEYS)}")
+        base, digest = body["base"], body["base_manifest"]
+        if not isinstance(base, str) or not base:
+            raise ValueError("bad adapter base")
+        if not isinstance(digest, str) or not (digest.startswith("sha256:") and _HEX64.match(digest[7:])):
+            raise ValueError(f"bad adapter base_manifest {digest!r}")
+        return cls(base=base, base_manifest=digest[7:])
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: str
@@ -105,6 +135,7 @@ class Manifest:
         default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     )
     runtime: dict[str, str] = field(default_factory=dict)
+    adapter: AdapterOf | None = None  # set: a LoRA adapter of that base
 
     @property
     def ref(self) -> str:
@@ -119,15 +150,16 @@ class Manifest:
         return {f.digest: f.size for f in self.files}
 
     def same_content(self, other: Manifest) -> bool:
-        return (self.name, self.version, self.files, self.runtime) == (
+        return (self.name, self.version, self.files, self.runtime, self.adapter) == (
             other.name,
             other.version,
             other.files,
             other.runtime,
+            other.adapter,
         )
 
     def body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "schema": SCHEMA,
             "name": self.name,
             "version": self.version,
@@ -138,6 +170,9 @@ class Manifest:
             "created_at": self.created_at,
             "signer": self.signer,
         }
+        if self.adapter is not None:
+            body["adapter"] = self.adapter.body()
+        return body
 
     def canonical(self) -> bytes:
         return canonical_json(self.body())
@@ -149,8 +184,10 @@ class Manifest:
     @classmethod
     def from_body(cls, body: Any) -> Manifest:
         """Raises: ValueError: the body breaks the schema."""
-        if not isinstance(body, dict) or set(body) != _BODY_KEYS:
-            raise ValueError(f"a manifest has exactly the fields {sorted(_BODY_KEYS)}")
+        if not isinstance(body, dict) or set(body) - {"adapter"} != _BODY_KEYS:
+            raise ValueError(
+                f"a manifest has exactly the fields {sorted(_BODY_KEYS)} (and `adapter` for an adapter)"
+            )
         if body["schema"] != SCHEMA:
             raise ValueError(f"unknown manifest schema {body['schema']!r}")
         name, version = body["name"], body["version"]
@@ -180,6 +217,7 @@ class Manifest:
             signer=body["signer"],
             created_at=body["created_at"],
             runtime=dict(runtime),
+            adapter=AdapterOf.from_body(body["adapter"]) if "adapter" in body else None,
         )
 
 

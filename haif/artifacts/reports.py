@@ -99,3 +99,5 @@ class ListedArtifact:
     signer: str
     created_at: str
     replicas: list[str]
+    base: str | None = None  # a LoRA adapter: its base model's name:version when published
+    base_manifest: str | None = None  # and that model's manifest digest

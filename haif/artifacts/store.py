@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 from haif.artifacts._io import TooManyBytes, TransferStats, copy_hashed, group_reasons, hash_file
 from haif.artifacts.manifest import (
     MAX_MANIFEST_BYTES,
+    AdapterOf,
     ArtifactRef,
     FileEntry,
     Manifest,
@@ -209,6 +210,21 @@ class ArtifactStore:
                 )
         raise manifest_failure(ref, errors)
 
+    def adapter_of(self, base: ArtifactRef, trust: TrustPolicy) -> AdapterOf:
+        """What an adapter's manifest records of ``base``: its ref and its manifest digest.
+
+        Raises:
+            UntrustedSigner / ManifestInvalid / ArtifactNotFound: ``base`` has no trusted
+                manifest here; an adapter is published only for a model that is.
+            ManifestInvalid: ``base`` is itself an adapter.
+        """
+        signed = self.read_manifest(base, trust)
+        if signed.manifest.adapter is not None:
+            raise ManifestInvalid(
+                f"{base} is a LoRA adapter (of {signed.manifest.adapter.base}), not a base model"
+            )
+        return AdapterOf(base=signed.manifest.ref, base_manifest=signed.digest)
+
     # --- blobs ----------------------------------------------------------------------
 
     def blob_sources(self, digest: str) -> list[BlobSource]:
@@ -277,10 +293,12 @@ class ArtifactStore:
         runtime: dict[str, str] | None = None,
         trust: TrustPolicy | None = None,
         progress: Progress | None = None,
+        adapter: AdapterOf | None = None,
     ) -> PublishReport:
         """Publish the files of ``source`` as ``name:version``, signed by ``key``.
 
         Idempotent: publishing the same bytes again writes only what a replica lacks.
+        ``adapter`` makes it a LoRA adapter of that base (see ``adapter_of``).
 
         Raises:
             ArtifactNotFound: ``source`` holds no file.
@@ -301,6 +319,7 @@ class ArtifactStore:
                 files=tuple(entries),
                 signer=key.key_id,
                 runtime=dict(runtime or {}),
+                adapter=adapter,
             )
             signed = self._reuse_or_sign(ref, manifest, key, trust)
             with ThreadPoolExecutor(
@@ -488,6 +507,8 @@ class ArtifactStore:
                         signer=m.signer,
                         created_at=m.created_at,
                         replicas=[],
+                        base=m.adapter.base if m.adapter else None,
+                        base_manifest=m.adapter.base_manifest if m.adapter else None,
                     )
                 found[key].replicas.append(replica.label)
         return sorted(found.values(), key=lambda a: (a.ref, a.created_at))

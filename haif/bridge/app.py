@@ -1,4 +1,5 @@
-"""Builds the Bridge's FastAPI application (the OpenAI-compatible HTTP surface)."""
+"""Builds the Bridge's FastAPI application (the OpenAI-compatible HTTP surface), the
+ingress of each Gateway replica: its routes run the replica's pipeline in process."""
 
 from __future__ import annotations
 
@@ -14,20 +15,23 @@ from haif.bridge.serving import BridgeService
 from haif.telemetry.metrics import BridgeMetrics, MetricsReader, MetricsTarget, ProcessMetrics
 
 if TYPE_CHECKING:
-    from ray.serve.handle import DeploymentHandle
+    from haif.gateway.pipeline import Pipeline
 
     from haif.config import HaifConfig
 
 
-def build_app(config: HaifConfig, gateway: DeploymentHandle) -> FastAPI:
+def build_app(config: HaifConfig, pipeline: Pipeline, process: ProcessMetrics | None = None) -> FastAPI:
+    """The HTTP app over ``pipeline``; its request metrics go to ``process`` (the Gateway
+    replica's own metrics; a pusher of its own when not given)."""
     app = FastAPI(
         title="HAIF",
         version=__version__,
         description="OpenAI-compatible inference API of HAIF.",
     )
     target = MetricsTarget.from_config(config)
-    metrics = BridgeMetrics(ProcessMetrics.start(target, "bridge"), (m.name for m in config.models))
-    app.state.service = BridgeService(config, gateway, metrics, MetricsReader(target))
+    process = process or ProcessMetrics.start(target, "gateway")
+    metrics = BridgeMetrics(process, (m.name for m in config.models))
+    app.state.service = BridgeService(config, pipeline, metrics, MetricsReader(target))
     for module in (health, models, completions, chat, embeddings, jobs):
         app.include_router(module.router)
     install_error_handlers(app)

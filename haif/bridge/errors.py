@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from haif.protocol import validation_message
 from haif.exceptions import (
     HaifError,
     InternalError,
-    InvalidRequest,
-    Overloaded,
     PayloadTooLarge,
-    ServiceError,
     unwrap,
 )
 
@@ -24,7 +22,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("haif.bridge")
 
-MAX_ERROR_DETAILS = 5
 MAX_MESSAGE_CHARS = 1000
 
 _HTTP_TYPES = {
@@ -44,46 +41,25 @@ def error_response(err: HaifError) -> JSONResponse:
 
 
 def as_haif_error(exc: BaseException) -> HaifError:
-    """The HAIF error for any exception raised while serving (unknown ones become 500/503)."""
+    """The HAIF error for any exception raised while serving; anything else is a bug: it is
+    logged with its traceback and answered 500 without one."""
     err = unwrap(exc)
     if isinstance(err, HaifError):
         return err
-    name = type(err).__name__
-    if name == "BackPressureError":  # Serve's replica queues are full
-        return Overloaded("the service is at capacity; retry later", retry_after_s=1.0)
-    if name in {"DeploymentUnavailableError", "RayServeException"}:
-        return ServiceError("the service is not available; retry later")
     logger.error("unhandled error while serving: %r", err, exc_info=err)
     return InternalError("internal error")
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, int]:
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return "the request body is not valid JSON", 400
-    parts: list[str] = []
-    for e in errors:
-        # Drop pydantic's union/validator tags ("list[str]", "function-after[...]").
-        loc = ".".join(
-            str(p) for p in e.get("loc", ()) if p != "body" and not (isinstance(p, str) and "[" in p)
-        ) or "body"
-        part = f"{loc}: {e.get('msg', 'invalid')}"
-        if part not in parts:
-            parts.append(part)
-    more = len(parts) - MAX_ERROR_DETAILS
-    parts = parts[:MAX_ERROR_DETAILS]
-    if more > 0:
-        parts.append(f"and {more} more")
-    return "; ".join(parts)[:MAX_MESSAGE_CHARS], 422
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HaifError)
-    async def _haif(_: Request, exc: HaifError) -> JSONResponse:
+    async def _haif(request: Request, exc: HaifError) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", "-")
+        logger.log(exc.log_level, "request %s: %d %s: %s", request_id, exc.status_code, exc.code, exc.message)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, status = _validation_message(list(exc.errors()))
+        message, status = validation_message(list(exc.errors()))
         body = {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_value"}}
         if status == 400:
             body["error"]["code"] = "invalid_json"
@@ -107,7 +83,3 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return error_response(as_haif_error(exc))
-
-
-def invalid(message: str) -> InvalidRequest:
-    return InvalidRequest(message[:MAX_MESSAGE_CHARS])

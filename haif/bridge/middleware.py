@@ -51,14 +51,13 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        raw_id = headers.get(REQUEST_ID_HEADER)
-        request_id = request_id_from(raw_id.decode("latin-1") if raw_id is not None else None)
+        request_id, echo = _request_id(scope, headers)
         scope.setdefault("state", {})["request_id"] = request_id
         path = _app_path(scope)
         if not path.startswith(TRACED_PREFIX):
             previous = logs.bind(request_id)
             try:
-                await self._edge(scope, receive, send, headers, raw_id, request_id)
+                await self._edge(scope, receive, send, headers, request_id, echo)
             finally:
                 logs.restore(previous)
             return
@@ -79,7 +78,7 @@ class EdgeMiddleware:
                         tracing.set_error(span, f"HTTP {status}")
                 await send(message)
 
-            await self._edge(scope, receive, traced_send, headers, raw_id, request_id)
+            await self._edge(scope, receive, traced_send, headers, request_id, echo)
             route = scope.get("route")
             if route is not None and getattr(route, "path", None):
                 span.set_attribute("http.route", route.path)
@@ -92,16 +91,13 @@ class EdgeMiddleware:
         receive: Receive,
         send: Send,
         headers: dict[bytes, bytes],
-        raw_id: bytes | None,
         request_id: str,
+        echo: bool,
     ) -> None:
         id_header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
-        # Under Ray Serve the proxy has already put the client's (or its own) id on the
-        # request and echoes it on the response; only add it when nobody did.
-        echo_needed = raw_id is None
 
         async def send_with_id(message: Message) -> None:
-            if echo_needed and message["type"] == "http.response.start":
+            if echo and message["type"] == "http.response.start":
                 message = dict(message)
                 message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
@@ -155,6 +151,32 @@ class EdgeMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _request_id(scope: Scope, headers: dict[bytes, bytes]) -> tuple[str, bool]:
+    """The request's id and whether this middleware must echo it.
+
+    A client id that is too long or has unsafe characters (``request_id_from``) is treated
+    like a missing one: a fresh id replaces it on the request's headers, so that nothing
+    downstream reads the client's value, and it is echoed. A well-formed client id is
+    not echoed here: under Ray Serve the proxy has put it on the request and echoes it
+    itself (and when the client sent none, the proxy's own id arrives here as the
+    client's). The proxy echoes what the client sent, whatever it was: behind it, a
+    replaced id comes back beside the client's.
+    """
+    raw = headers.get(REQUEST_ID_HEADER)
+    sent = raw.decode("latin-1") if raw is not None else None
+    request_id = request_id_from(sent)
+    if request_id == sent:
+        return request_id, False
+    if raw is not None:
+        logger.debug("X-Request-ID of %d characters replaced by %s", len(raw), request_id)
+        fresh = request_id.encode("ascii")
+        scope["headers"] = [
+            (k, fresh if k == REQUEST_ID_HEADER else v) for k, v in scope.get("headers") or []
+        ]
+        headers[REQUEST_ID_HEADER] = fresh
+    return request_id, True
 
 
 UNMATCHED_ROUTE = "other"

@@ -1,8 +1,7 @@
-"""The Bridge's request logic: build the envelope, call the Gateway, write HTTP/SSE."""
+"""The Bridge's request logic: build the envelope, run the Gateway's pipeline, write HTTP/SSE."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -14,8 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from haif.bridge.errors import as_haif_error
 from haif.envelope import TIMEOUT_HEADER, RequestContext, build_work_item, timeout_from
-from haif.exceptions import InvalidRequest, MetricsUnavailable
-from haif.handles import transported
+from haif.exceptions import HaifError, InvalidRequest, MetricsUnavailable
 from haif.gateway.serving import embedding_response
 from haif.protocol import JobList, JobRecord, UsageList
 from haif.telemetry.metrics import CONTENT_TYPE
@@ -25,10 +23,10 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from fastapi import Request
-    from ray.serve.handle import DeploymentHandle
 
     from haif.config import HaifConfig
     from haif.envelope import Body, EmbeddingResult, Kind
+    from haif.gateway.pipeline import Pipeline
     from haif.protocol import EmbeddingRequest
     from haif.telemetry.metrics import BridgeMetrics, MetricsReader
 
@@ -36,6 +34,7 @@ logger = logging.getLogger("haif.bridge")
 
 SSE_DONE = b"data: [DONE]\n\n"
 IDEMPOTENCY_HEADER = "idempotency-key"
+MODEL_VERSION_HEADER = "X-HAIF-Model-Version"
 
 
 def api_key_from(request: Request) -> str | None:
@@ -75,18 +74,18 @@ def sse(payload: bytes) -> bytes:
 
 
 class BridgeService:
-    """What the routers call; holds the Gateway handles and the config."""
+    """What the routers call: builds the envelope and runs the Gateway's pipeline in this
+    process (the Bridge is the Gateway replica's HTTP adapter, not a hop of its own)."""
 
     def __init__(
         self,
         config: HaifConfig,
-        gateway: DeploymentHandle,
+        pipeline: Pipeline,
         metrics: BridgeMetrics,
         metrics_reader: MetricsReader,
     ) -> None:
         self.config = config
-        self.gateway = gateway = transported(gateway, config)
-        self.stream_gateway = gateway.options(stream=True)
+        self.pipeline = pipeline
         self.metrics = metrics
         self._metrics_reader = metrics_reader
 
@@ -111,17 +110,11 @@ class BridgeService:
         return build_work_item(kind, body, self.context(request), self.config.limits, put=ray.put)
 
     async def models(self, request: Request) -> Response:
-        try:
-            listing = await self.gateway.models.remote(self.context(request))
-        except Exception as exc:
-            raise as_haif_error(exc) from None
+        listing = await self.pipeline.models(self.context(request))
         return Response(listing.model_dump_json(), media_type="application/json")
 
     async def model(self, name: str, request: Request) -> Response:
-        try:
-            card = await self.gateway.model.remote(name, self.context(request))
-        except Exception as exc:
-            raise as_haif_error(exc) from None
+        card = await self.pipeline.model(name, self.context(request))
         return Response(card.model_dump_json(), media_type="application/json")
 
     async def generate(self, kind: Kind, body: Body, request: Request) -> Response:
@@ -129,69 +122,53 @@ class BridgeService:
         item = self._item(kind, body, request)
         if item.stream:
             return await self._stream(item, started)
-        try:
-            result = await self.gateway.generate.remote(item)
-        except Exception as exc:
-            raise as_haif_error(exc) from None
-        return Response(result.model_dump_json(), media_type="application/json")
+        result = await self.pipeline.generate(item)
+        return Response(
+            result.model_dump_json(), media_type="application/json", headers=_version_header(result)
+        )
 
     async def _stream(self, item: Any, started: float) -> Response:
-        gen = self.stream_gateway.stream.remote(item)
+        gen = self.pipeline.stream(item)
         try:
             # Pull the first chunk before answering, so that errors that happen before
             # any token (unknown model, bad key, prompt too long) are plain HTTP errors.
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except Exception as exc:
-            raise as_haif_error(exc) from None
+            first = await anext(gen, None)
+        except BaseException:
+            await gen.aclose()
+            raise
         return StreamingResponse(
             _sse_body(
                 gen, first, item.ctx.request_id, _StreamTimer(self.metrics, item.model, started),
                 item.include_usage, item.n_choices,
             ),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_version_header(first)},
         )
 
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
         item = self._item("embedding", body, request)
-        try:
-            result = await self.gateway.embed.remote(item)
-            vectors = await resolve_vectors(result)
-        except Exception as exc:
-            raise as_haif_error(exc) from None
+        result = await self.pipeline.embed(item)
+        vectors = await resolve_vectors(result)
         response = embedding_response(result, vectors, body.encoding_format)
         return Response(response.model_dump_json(), media_type="application/json")
 
     async def job(self, job_id: str, request: Request) -> Response:
-        try:
-            found = await self.gateway.job.remote(job_id, self.context(request))
-        except Exception as exc:
-            raise as_haif_error(exc) from None
+        found = await self.pipeline.job(job_id, self.context(request))
         return Response(JobRecord.model_validate(found).model_dump_json(), media_type="application/json")
 
     async def jobs(self, limit: int, request: Request) -> Response:
-        try:
-            found = await self.gateway.jobs.remote(self.context(request), limit)
-        except Exception as exc:
-            raise as_haif_error(exc) from None
+        found = await self.pipeline.jobs(self.context(request), limit)
         return Response(JobList(data=found).model_dump_json(), media_type="application/json")
 
     async def usage(self, since: datetime | None, limit: int, request: Request) -> Response:
-        since = utc(since)
-        try:
-            found = await self.gateway.usage.remote(self.context(request), since, limit)
-        except Exception as exc:
-            raise as_haif_error(exc) from None
+        found = await self.pipeline.usage(self.context(request), utc(since), limit)
         return Response(UsageList(data=found).model_dump_json(), media_type="application/json")
 
     async def ready(self) -> JSONResponse:
         try:
-            status = await self.gateway.status.remote()
-        except Exception as exc:
-            err = as_haif_error(exc)
-            return JSONResponse({"ready": False, "error": err.message}, status_code=503)
+            status = await self.pipeline.status()
+        except HaifError as exc:
+            return JSONResponse({"ready": False, "error": exc.message}, status_code=503)
         return JSONResponse(status, status_code=200 if status["ready"] else 503)
 
     async def metrics_text(self) -> Response:
@@ -201,6 +178,13 @@ class BridgeService:
         except MetricsUnavailable as exc:
             return PlainTextResponse(exc.message + "\n", status_code=exc.status_code)
         return Response(body, media_type=CONTENT_TYPE)
+
+
+def _version_header(response: Any) -> dict[str, str]:
+    """``X-HAIF-Model-Version``: the ``system_fingerprint`` ("<model>:<version>") of the
+    version that served the response (a stream's: its first chunk's)."""
+    fingerprint = getattr(response, "system_fingerprint", None)
+    return {MODEL_VERSION_HEADER: fingerprint} if fingerprint else {}
 
 
 class _StreamTimer:
@@ -223,37 +207,39 @@ class _StreamTimer:
 
 
 async def _sse_body(
-    gen: Any, first: Any, request_id: str, timer: _StreamTimer, include_usage: bool, n_choices: int = 1
+    gen: AsyncIterator[Any], first: Any, request_id: str, timer: _StreamTimer, include_usage: bool,
+    n_choices: int = 1,
 ) -> AsyncIterator[bytes]:
-    finished = False
     pending = b""  # events held back to leave with the next write
     open_choices = set(range(n_choices))  # choices whose finish reason has not come yet
+    whole = False
     try:
-        chunk = first
-        while chunk is not None:
-            timer.chunk()
-            pending += sse(chunk.model_dump_json().encode())
-            whole = _finishes(chunk, open_choices)
-            if (chunk.usage is not None) if include_usage else whole:
-                # The answer is whole (and its usage sent): the client gets its end now,
-                # while the end of the stream comes back through the hops behind it.
-                _drain(gen, request_id)
-                break
-            if not (include_usage and whole):  # else its usage follows at once
-                yield pending
-                pending = b""
-            chunk = await anext(gen, None)
-        finished = True
-    except Exception as exc:
-        # Headers are sent: the error travels as a final SSE event in OpenAI's shape.
-        err = as_haif_error(exc)
-        logger.warning("stream %s failed: %s", request_id, err.message)
-        pending += sse(json.dumps(err.to_body()).encode())
-        finished = True
+        try:
+            chunk = first
+            while chunk is not None:
+                timer.chunk()
+                pending += sse(chunk.model_dump_json().encode())
+                whole = whole or _finishes(chunk, open_choices)
+                if (chunk.usage is not None) if include_usage else whole:
+                    # The answer is whole (and its usage sent): the client gets its end
+                    # now; the end of the worker's stream is read below, after it.
+                    break
+                if not (include_usage and whole):  # else its usage follows at once
+                    yield pending
+                    pending = b""
+                chunk = await anext(gen, None)
+        except Exception as exc:
+            # Headers are sent: the error travels as a final SSE event in OpenAI's shape.
+            err = as_haif_error(exc)
+            logger.log(err.log_level, "stream %s failed: %s", request_id, err.message)
+            pending += sse(json.dumps(err.to_body()).encode())
+            whole = False
+        yield pending + SSE_DONE
+        if whole:
+            async for _ in gen:  # the end of the worker's stream: the call ends, not cancelled
+                logger.warning("stream %s: a chunk after its last one was dropped", request_id)
     finally:
-        if not finished:
-            gen.cancel()  # the client went away: stop the generation downstream
-    yield pending + SSE_DONE
+        await gen.aclose()  # the client went away (or it failed): stop the generation
 
 
 def _finishes(chunk: Any, open_choices: set[int]) -> bool:
@@ -264,22 +250,3 @@ def _finishes(chunk: Any, open_choices: set[int]) -> bool:
         return False
     open_choices.difference_update(done)
     return not open_choices
-
-
-_draining: set[asyncio.Task[None]] = set()
-
-
-def _drain(gen: Any, request_id: str) -> None:
-    """Read what is left of a stream whose answer is complete (its end, coming back
-    through the hops) in the background: the call ends as it should, not cancelled."""
-
-    async def rest() -> None:
-        try:
-            async for _ in gen:
-                logger.warning("stream %s: a chunk after its last one was dropped", request_id)
-        except Exception as exc:
-            logger.debug("stream %s ended with %s after its answer", request_id, type(exc).__name__)
-
-    task = asyncio.ensure_future(rest())
-    _draining.add(task)
-    task.add_done_callback(_draining.discard)

@@ -13,6 +13,8 @@ from haif.exceptions import ConfigError, HaifError, RequestError
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from sqlalchemy.orm import Session
+
     from haif.config import HaifConfig
 
 ConfigOption = Annotated[
@@ -45,3 +47,19 @@ def errors_to_exit() -> Iterator[None]:
             isinstance(exc, RequestError) and exc.status_code in (400, 422)
         )
         raise typer.Exit(EXIT_USAGE if usage else EXIT_FAILED) from None
+
+
+@contextmanager
+def db_session(config: Path | None) -> Iterator[Session]:
+    """A session on the config's metadata store (migrated if ``database.auto_migrate``), committed
+    when the block ends without an error; HAIF errors inside become exit codes."""
+    from haif.store import open_database
+
+    cfg = load(config)
+    with errors_to_exit():
+        db = open_database(cfg, pool_size=1)
+        try:
+            with db.session() as session:
+                yield session
+        finally:
+            db.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -155,15 +154,16 @@ def _call_gateway(cfg: HaifConfig, address: str, entry: DeadLetter) -> dict:
     import ray
     from ray import serve
 
-    from haif.exceptions import HaifError, ServiceError, unwrap
+    from haif.exceptions import HaifError, ServiceError
+    from haif.handles import answer, typed
 
     ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=False)
     try:
         handle = serve.get_deployment_handle("Gateway", app_name=cfg.server.app_name)
         response = handle.replay_dead_letter.remote(entry.model_dump(mode="json"))
-        return response.result(timeout_s=cfg.server.request_timeout_s + REPLAY_MARGIN_S)
-    except Exception as exc:  # noqa: BLE001 - Ray wraps the Gateway's error: unwrap it, once
-        cause = unwrap(exc)
+        reply = response.result(timeout_s=cfg.server.request_timeout_s + REPLAY_MARGIN_S)
+    except Exception as exc:  # noqa: BLE001 - Ray wraps the Gateway's error: map it, once
+        cause = typed(exc)
         if isinstance(cause, HaifError):
             raise cause from None
         raise ServiceError(
@@ -171,6 +171,7 @@ def _call_gateway(cfg: HaifConfig, address: str, entry: DeadLetter) -> dict:
         ) from None
     finally:
         ray.shutdown()
+    return answer(reply)  # the Gateway answers its errors as values
 
 
 @dlq_app.command("purge")

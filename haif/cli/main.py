@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from haif.cli import db, dlq, tenancy
+from haif.cli import db, dlq, p2p, rollout, tenancy, workers
+from haif.cli._common import ConfigOption, load
 from haif.cli.models import keys_app, models_app
-from haif.exceptions import HaifError
 
 app = typer.Typer(help="HAIF: distributed, OpenAI-compatible AI inference.", no_args_is_help=True)
 dev_app = typer.Typer(help="Development helpers.", no_args_is_help=True)
@@ -22,21 +22,9 @@ app.add_typer(tenancy.quotas_app, name="quotas")
 app.add_typer(tenancy.usage_app, name="usage")
 app.add_typer(db.db_app, name="db")
 app.add_typer(dlq.dlq_app, name="dlq")
-
-ConfigOption = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional here
-    typer.Option("--config", help="Config file (default: $HAIF_CONFIG or configs/local.yaml)."),
-]
-
-
-def _load(config: Path | None):  # noqa: ANN202
-    from haif.config import load_config
-
-    try:
-        return load_config(config)
-    except HaifError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(2) from None
+app.add_typer(p2p.p2p_app, name="p2p")
+app.add_typer(rollout.rollout_app, name="rollout")
+app.add_typer(workers.workers_app, name="workers")
 
 
 @app.command()
@@ -44,20 +32,21 @@ def serve(config: ConfigOption = None) -> None:
     """Run HAIF until Ctrl-C or SIGTERM (a local Ray cluster unless RAY_ADDRESS names one)."""
     from haif.cli.serve import run
 
-    raise typer.Exit(run(_load(config)))
+    raise typer.Exit(run(load(config)))
 
 
 @app.command()
 def status(
     config: ConfigOption = None,
-    url: Annotated[Optional[str], typer.Option(help="Bridge URL (default: from config).")] = None,  # noqa: UP045
+    url: Annotated[Optional[str], typer.Option(help="HAIF's URL (default: from config).")] = None,  # noqa: UP045
 ) -> None:
-    """Show readiness of every model of a running deployment."""
+    """Every model of a running deployment: readiness, versions and their traffic weights,
+    workers by version, state and region, ongoing requests, the autoscaler's last decision."""
     import httpx
     from rich.console import Console
     from rich.table import Table
 
-    cfg = _load(config)
+    cfg = load(config)
     base = url or f"http://{cfg.server.host}:{cfg.server.port}"
     try:
         resp = httpx.get(f"{base}/readyz", timeout=10.0)
@@ -65,10 +54,24 @@ def status(
     except (httpx.HTTPError, ValueError) as exc:
         typer.echo(f"error: cannot reach {base}: {exc}", err=True)
         raise typer.Exit(1) from None
-    table = Table("model", "state", "device", "ready workers", "error")
+    table = Table("model", "state", "device", "ready workers", "versions (weight %)", "workers by state",
+                  "ongoing", "autoscaler", "error")
     for name, m in body.get("models", {}).items():
-        table.add_row(name, m["state"], m["device"], f"{m['ready_workers']}/{m['workers']}", m.get("error") or "")
-    Console().print(table)
+        weights = m.get("weights") or {}
+        versions = ", ".join(f"{v} ({weights.get(v, 0)})" for v in sorted(set(weights) | set(m.get("versions") or {})))
+        by_state = "; ".join(
+            f"{v}: " + ", ".join(
+                f"{n} {s}" for s, n in sorted(info.get("workers_by_state", {}).items())
+            ) + " in " + ", ".join(f"{r} {n}" for r, n in sorted(info.get("workers_by_region", {}).items()))
+            for v, info in sorted((m.get("versions") or {}).items())
+        )
+        if m.get("scaled_to_zero"):
+            by_state = "scaled to zero"
+        table.add_row(
+            name, m["state"], m["device"], f"{m['ready_workers']}/{m['workers']}", versions, by_state,
+            str(m.get("ongoing", "")), m.get("autoscaler") or "", m.get("error") or "",
+        )
+    Console(width=200).print(table)
     raise typer.Exit(0 if resp.status_code == 200 else 1)
 
 
@@ -83,6 +86,18 @@ def build_tiny_llama(
 
     path = build(out, seed=seed, force=force)
     typer.echo(str(path))
+
+
+@dev_app.command("build-tiny-lora")
+def build_tiny_lora(
+    base: Annotated[Path, typer.Option("--base", help="The tiny-llama checkpoint it adapts.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the adapter into.")],
+    seed: Annotated[int, typer.Option(help="Random seed of its matrices.")] = 0,
+) -> None:
+    """Build a PEFT LoRA adapter of tiny-llama (seeded, non-zero weights: it changes the output)."""
+    from haif.devmodels.tiny_llama import build_tiny_lora as build
+
+    typer.echo(str(build(out, base, seed=seed)))
 
 
 if __name__ == "__main__":

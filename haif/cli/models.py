@@ -15,12 +15,16 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from haif.cli._common import EXIT_FAILED, EXIT_USAGE, ConfigOption, load
 from haif.exceptions import ArtifactError, HaifError
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
-    from haif.artifacts import ArtifactRef, ArtifactStore, TrustPolicy
+    from haif.artifacts import ArtifactRef, ArtifactStore, SigningKey, TrustPolicy
+    from haif.artifacts.manifest import AdapterOf
+    from haif.artifacts.reports import ListedArtifact
     from haif.config import HaifConfig
 
 models_app = typer.Typer(
@@ -28,14 +32,8 @@ models_app = typer.Typer(
 )
 keys_app = typer.Typer(help="Ed25519 signing keys for artifacts.", no_args_is_help=True)
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_DEGRADED = 3
-
-ConfigOption = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional here
-    typer.Option("--config", help="Config file (default: $HAIF_CONFIG or configs/local.yaml)."),
-]
+EXIT_DEGRADED = 3  # verify only: usable, but some replica copies are bad or missing
+_UNBOUNDED = 1 << 16  # columns to measure a table's natural width in (names are <= 128)
 RefArgument = Annotated[str, typer.Argument(help="`name:version` or `sha256:<manifest digest>`.")]
 
 
@@ -81,15 +79,34 @@ def _console(*, stderr: bool = False) -> Console:
     return Console(stderr=stderr, soft_wrap=True)
 
 
+def _table(*headers: str) -> Table:
+    """A results table whose cells are never wrapped, folded or cut (see ``_print``)."""
+    from rich.table import Table
+
+    table = Table()
+    for header in headers:
+        table.add_column(header, no_wrap=True)
+    return table
+
+
+def _print(table: Table) -> None:
+    """Print ``table`` at its natural width, even when that is wider than the terminal.
+
+    Its cells are names, refs, digests and replica URLs that people copy and grep: a
+    too-narrow terminal wraps the line but the text stays whole (rich would otherwise
+    shrink the columns to the width, 80 when piped, and cut every cell with "...").
+    """
+    from rich.measure import Measurement
+
+    console = _console()
+    natural = Measurement.get(console, console.options.update_width(_UNBOUNDED), table).maximum
+    console.width = max(console.width, natural)
+    console.print(table)
+
+
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
-
-
-def _config(path: Path | None) -> HaifConfig:
-    from haif.cli.main import _load
-
-    return _load(path)
 
 
 def _ref(text: str) -> ArtifactRef:
@@ -169,15 +186,21 @@ def publish(
         Optional[str],  # noqa: UP045
         typer.Option(help="Runtime hint recorded in the manifest (torch, embeddings, vllm, echo)."),
     ] = None,
+    base: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--base", metavar="MODEL_ARTIFACT",
+            help="DIR is a PEFT LoRA adapter of this model artifact (name:version or sha256:...): "
+            "the signed manifest records it and the base's manifest digest.",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Publish DIR as NAME:VERSION to every replica (streamed, deduplicated, write quorum)."""
-    from rich.table import Table
-
     from haif.artifacts import load_signing_key
     from haif.config import resolve_source
 
-    cfg = _config(config)
+    cfg = load(config)
     ref = _ref(f"{name}:{version}")
     try:
         source = resolve_source(directory, Path.cwd())
@@ -188,6 +211,7 @@ def publish(
         raise _fail(f"{source} is not a directory", EXIT_USAGE)
     store, trust = _store_and_trust(cfg)
     try:
+        adapter = _adapter_of(store, trust, signing_key, source, base) if base else None
         with _progress() as progress:
             report = store.publish(
                 source,
@@ -197,10 +221,11 @@ def publish(
                 runtime={"runtime": runtime} if runtime else None,
                 trust=trust,
                 progress=progress,
+                adapter=adapter,
             )
     except ArtifactError as exc:
         raise _fail(exc.message) from None
-    table = Table("replica", "result", "blobs written", "bytes written")
+    table = _table("replica", "result", "blobs written", "bytes written")
     for o in report.outcomes:
         table.add_row(
             o.replica,
@@ -208,26 +233,58 @@ def publish(
             str(o.blobs_written),
             _size(o.bytes_written),
         )
-    _console().print(table)
+    _print(table)
     typer.echo(
         f"published {report.ref}: {report.files} files, {_size(report.total_bytes)}, "
         f"{report.ok_replicas}/{len(report.outcomes)} replicas (quorum {store.write_quorum})"
     )
     typer.echo(f"manifest: sha256:{report.manifest_digest}")
     typer.echo(f"signer: {report.signer}")
+    if adapter is not None:
+        typer.echo(f"adapter of: {adapter.base} (manifest sha256:{adapter.base_manifest})")
+
+
+def _adapter_of(
+    store: ArtifactStore, trust: TrustPolicy, key: SigningKey, source: Path, base: str
+) -> AdapterOf:
+    """What an adapter's manifest records of its base, once DIR is a LoRA directory and the
+    base a model trusted here (or signed by the publishing key)."""
+    from haif.runtimes.lora import read_adapter
+
+    try:
+        read_adapter(source, str(source))
+    except HaifError as exc:
+        raise _fail(exc.message, EXIT_USAGE) from None
+    return store.adapter_of(_ref(base), trust.also(key.public_key))
 
 
 @models_app.command("list")
-def list_models(config: ConfigOption = None) -> None:
-    """Every published name:version and the replicas that hold it."""
-    from rich.table import Table
-
-    cfg = _config(config)
+def list_models(
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print a JSON list of objects (ref, manifest_digest, files, total_bytes, "
+            "signer, created_at, replicas, and base / base_manifest: an adapter's base model, "
+            "else null), unabridged, for scripts.",
+        ),
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Every published name:version and the replicas that hold it; LoRA adapters under their base."""
+    cfg = load(config)
     store, _ = _store_and_trust(cfg)
-    table = Table("artifact", "manifest", "files", "size", "signer", "created", "replicas")
-    for a in store.list():
+    artifacts = store.list()
+    if as_json:
+        import dataclasses
+        import json
+
+        typer.echo(json.dumps([dataclasses.asdict(a) for a in artifacts], indent=2))
+        return
+    table = _table("artifact", "manifest", "files", "size", "signer", "created", "replicas")
+    for a, label in _under_bases(artifacts):
         table.add_row(
-            a.ref,
+            label,
             f"sha256:{a.manifest_digest[:16]}",
             str(a.files),
             _size(a.total_bytes),
@@ -235,7 +292,25 @@ def list_models(config: ConfigOption = None) -> None:
             a.created_at,
             f"{len(a.replicas)}/{len(store.replicas)}",
         )
-    _console().print(table)
+    _print(table)
+
+
+def _under_bases(artifacts: list[ListedArtifact]) -> list[tuple[ListedArtifact, str]]:
+    """Each artifact and its label: models in order, each followed by its adapters (indented);
+    adapters whose base this store does not hold come last, naming it."""
+    adapters: dict[str, list[ListedArtifact]] = {}
+    for a in artifacts:
+        if a.base_manifest is not None:
+            adapters.setdefault(a.base_manifest, []).append(a)
+    out: list[tuple[ListedArtifact, str]] = []
+    for a in artifacts:
+        if a.base_manifest is None:
+            out.append((a, a.ref))
+            children = adapters.pop(a.manifest_digest, [])
+            out += [(child, f"  └ {child.ref} (adapter)") for child in children]
+    for orphans in adapters.values():
+        out += [(a, f"{a.ref} (adapter of {a.base}, not in this store)") for a in orphans]
+    return out
 
 
 @models_app.command("verify")
@@ -250,18 +325,16 @@ def verify(
     config: ConfigOption = None,
 ) -> None:
     """Check the signature and hash every blob on every replica (exit 0 only if all check out)."""
-    from rich.table import Table
-
-    cfg = _config(config)
+    cfg = load(config)
     artifact = _ref(ref)
     store, trust = _store_and_trust(cfg, trusted_key)
     with _progress() as progress:
         report = store.verify(artifact, trust, progress)
-    table = Table("replica", "manifest", "blobs ok")
+    table = _table("replica", "manifest", "blobs ok")
     for label, status in report.manifest_status.items():
         ok = sum(b.status.get(label) == "ok" for b in report.blobs)
         table.add_row(label, status, f"{ok}/{len(report.blobs)}" if report.blobs else "-")
-    _console().print(table)
+    _print(table)
     if report.manifest is None:
         raise _fail(
             report.error.message if report.error else f"artifact {artifact}: no trusted manifest"
@@ -286,7 +359,7 @@ def pull_model(ref: RefArgument, config: ConfigOption = None) -> None:
     """Pull into this node's cache, verifying the signature and every blob; print the directory."""
     from haif.artifacts import NodeCache, pull
 
-    cfg = _config(config)
+    cfg = load(config)
     artifact = _ref(ref)
     store, trust = _store_and_trust(cfg)
     cache = NodeCache.from_config(cfg.artifacts, cfg.base_path())
@@ -310,7 +383,7 @@ def pull_model(ref: RefArgument, config: ConfigOption = None) -> None:
 @models_app.command("repair")
 def repair(ref: RefArgument, config: ConfigOption = None) -> None:
     """Re-copy bad or missing blobs and manifests from a good replica."""
-    cfg = _config(config)
+    cfg = load(config)
     artifact = _ref(ref)
     store, trust = _store_and_trust(cfg)
     try:

@@ -7,39 +7,12 @@ import os
 import signal
 import sys
 import threading
-import time
-from typing import TYPE_CHECKING, Any
-
-import httpx
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from haif.config import HaifConfig
 
-READY_POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
-
-
-def wait_ready(url: str, timeout_s: float) -> dict[str, Any]:
-    """Poll ``/readyz`` until no model is still loading; return the last status.
-
-    Raises:
-        TimeoutError: the deadline passed with models still loading or the proxy down.
-    """
-    deadline = time.monotonic() + timeout_s
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            resp = httpx.get(f"{url}/readyz", timeout=5.0)
-            last = resp.json()
-            models = last.get("models", {})
-            if resp.status_code == 200 or (
-                models and all(m.get("state") != "loading" for m in models.values())
-            ):
-                return last
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(READY_POLL_S)
-    raise TimeoutError(f"HAIF at {url} was not ready within {timeout_s:.0f}s: {last}")
 
 
 def _die_with_parent() -> None:
@@ -53,7 +26,7 @@ def _die_with_parent() -> None:
 
 
 def run(config: HaifConfig, ready_timeout_s: float = 900.0) -> int:
-    from haif.ingress import prepare_environment
+    from haif.ingress import prepare_environment, wait_ready
 
     address = os.environ.get("RAY_ADDRESS") or config.ray.address
     owns_cluster = address is None
@@ -101,4 +74,11 @@ def run(config: HaifConfig, ready_timeout_s: float = 900.0) -> int:
             else:
                 serve.delete(config.server.app_name)
         finally:
-            ray.shutdown()
+            try:
+                # The workers are detached actors: the Orchestrator stops them when the app
+                # is deleted; this catches any it could not (killed before it could).
+                from haif.orchestrator.fleet import stop_workers
+
+                stop_workers(config.server.app_name, config.ray.namespace)
+            finally:
+                ray.shutdown()

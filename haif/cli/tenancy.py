@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import re
 import sys
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from haif.cli._common import ConfigOption, errors_to_exit, load
+from haif.cli._common import ConfigOption, db_session
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-    from sqlalchemy.orm import Session
-
     from haif.store.quotas import QuotaLimits
 
 tenants_app = typer.Typer(help="Tenants and their quotas.", no_args_is_help=True)
@@ -67,20 +62,6 @@ def _changes(**options: str | None) -> dict[str, int | None]:
     return {k: _limit("--" + k.replace("_", "-"), v) for k, v in options.items() if v is not None}
 
 
-@contextmanager
-def _session(config: Path | None) -> Iterator[Session]:
-    from haif.store import open_database
-
-    cfg = load(config)
-    with errors_to_exit():
-        db = open_database(cfg, pool_size=1)
-        try:
-            with db.session() as session:
-                yield session
-        finally:
-            db.close()
-
-
 def _fmt(value: int | None) -> str:
     return "unlimited" if value is None else str(value)
 
@@ -113,7 +94,7 @@ def tenants_create(
             max_concurrent=max_concurrent,
         )
     )
-    with _session(config) as session:
+    with db_session(config) as session:
         tenant = TenantRepository(session).create(name, limits)
         typer.echo(f"created tenant {tenant.name} (id {tenant.id}): {_describe(limits)}")
 
@@ -129,7 +110,7 @@ def tenants_list(
     from haif.store.quotas import QuotaLimits
     from haif.store.tenants import TenantRepository
 
-    with _session(config) as session:
+    with db_session(config) as session:
         rows = TenantRepository(session).list()
         if json_out:
             for tenant, quota in rows:
@@ -185,7 +166,7 @@ def tokens_create(
     from haif.store.tokens import TokenRepository, parse_scopes
 
     allowed = sorted({m.strip() for v in models or [] for m in v.split(",") if m.strip()}) or None
-    with _session(config) as session:
+    with db_session(config) as session:
         owner = TenantRepository(session).get(tenant)
         row, token = TokenRepository(session).create(
             owner,
@@ -215,7 +196,7 @@ def tokens_list(
     from haif.store.tenants import TenantRepository
     from haif.store.tokens import TokenRepository
 
-    with _session(config) as session:
+    with db_session(config) as session:
         owner = TenantRepository(session).get(tenant) if tenant else None
         rows = TokenRepository(session).list(owner)
         now = datetime.now(UTC)
@@ -269,7 +250,7 @@ def tokens_revoke(
     """Revoke a token (Gateways stop accepting it within auth.token_cache_ttl_s)."""
     from haif.store.tokens import TokenRepository
 
-    with _session(config) as session:
+    with db_session(config) as session:
         row = TokenRepository(session).revoke(id_or_token)
         typer.echo(f"revoked token {row.id} (prefix {row.prefix})")
 
@@ -298,7 +279,7 @@ def quotas_set(
     )
     if not changes:
         raise typer.BadParameter("give at least one limit to set")
-    with _session(config) as session:
+    with db_session(config) as session:
         quota = TenantRepository(session).set_limits(tenant, changes)
         typer.echo(f"tenant {tenant}: {_describe(QuotaLimits.from_row(quota))}")
 
@@ -349,7 +330,7 @@ def usage_export(
     if fmt not in ("jsonl", "csv"):
         raise typer.BadParameter("--format must be jsonl or csv")
     start = parse_since(since) if since else None
-    with _session(config) as session:
+    with db_session(config) as session:
         tenant_id = TenantRepository(session).get(tenant).id if tenant else None
         stream = out.open("w", encoding="utf-8", newline="") if out else sys.stdout
         try:

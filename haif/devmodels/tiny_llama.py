@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the chat template renders tools
 BUILD_MARKER = ".haif-build.json"
 CORPUS_PATH = Path(__file__).resolve().with_name("corpus.txt")
 
@@ -43,10 +43,38 @@ TARGET_VOCAB_SIZE = 3072
 
 # ChatML turns after a BOS. Runtimes that also add a BOS when tokenizing must drop the
 # duplicate (``TorchRuntime`` does); vLLM tokenizes chat prompts without special tokens.
+# Tools (OpenAI function tools) are rendered the hermes way, as Qwen's templates do: a
+# system turn lists them in <tools>, an assistant's calls are <tool_call> blocks, a tool's
+# answer is a `tool` turn in <tool_response>; the model answers a call the same way.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% if message['role'] == 'system' and tools and loop.first %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>tool\\n<tool_response>\\n' + (message['content'] or '') + "
+    "'\\n</tool_response><|im_end|>\\n' }}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}"
+    "{% set fn = call['function'] %}"
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+    "{{ fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) }}"
+    "{{ '}\\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
@@ -237,3 +265,85 @@ def _install(tmp: Path, out: Path, *, seed: int, force: bool) -> None:
         os.rename(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --- LoRA adapters of tiny-llama ------------------------------------------------------------
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_RANK = 8
+LORA_ALPHA = 16
+# A's rows at unit gain on the input (std 1/sqrt(in)); B large enough that the adapted
+# layers move the peaked logits and greedy output changes (PEFT's own init makes B zero).
+LORA_B_STD = 0.05
+
+
+def _lora_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(in, out) of each target projection of a Llama layer."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    return {
+        "self_attn.q_proj": (hidden, q), "self_attn.k_proj": (hidden, kv),
+        "self_attn.v_proj": (hidden, kv), "self_attn.o_proj": (q, hidden),
+        "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
+        "mlp.down_proj": (inter, hidden),
+    }
+
+
+def build_tiny_lora(
+    out_dir: str | Path,
+    base_dir: str | Path,
+    *,
+    seed: int = 0,
+    rank: int = LORA_RANK,
+    alpha: int = LORA_ALPHA,
+    targets: tuple[str, ...] = LORA_TARGETS,
+) -> Path:
+    """Write a PEFT LoRA adapter of the checkpoint in ``base_dir`` into ``out_dir``.
+
+    The matrices are drawn from a seeded generator (the same seed gives the same files)
+    with non-zero B, so that the adapter changes what the model generates, like a trained
+    one does. The directory is what PEFT's ``save_pretrained`` writes (``adapter_config.json``,
+    ``adapter_model.safetensors``): PEFT, vLLM and HAIF's torch runtime load it.
+
+    Returns:
+        ``out_dir`` as an absolute path.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    base = Path(base_dir).expanduser().resolve()
+    config = json.loads((base / "config.json").read_text())
+    shapes = {m: s for m, s in _lora_shapes(config).items() if m.rsplit(".", 1)[-1] in targets}
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            a = torch.randn((rank, fan_in), generator=generator) / fan_in**0.5
+            b = torch.randn((fan_out, rank), generator=generator) * LORA_B_STD
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base.name,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in sorted(tensors.items())}
+    save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    return out

@@ -7,7 +7,7 @@ or the stored response of an earlier execution to replay. The Gateway settles th
 ticket once the work is done or has failed; settlement is shielded from cancellation,
 so a client that hangs up still gets its reservation settled, and it outlives a store
 outage (``haif.gateway.settlement``). A job that fails finally (a service error after
-the Orchestrator's retries) is dead-lettered: its row ends ``dead_lettered`` and an
+the router's retries) is dead-lettered: its row ends ``dead_lettered`` and an
 entry with its request goes to the DLQ, from where ``haif dlq replay`` submits it again
 (``admit_trusted``, under its original Idempotency-Key).
 """
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from haif.exceptions import (
+    AuthenticationFailed,
     Conflict,
     HaifError,
     InvalidRequest,
@@ -33,6 +34,7 @@ from haif.exceptions import (
     unwrap,
 )
 from haif.gateway import idempotency
+from haif.gateway.catalog import ModelCatalog
 from haif.gateway.metrics import GatewayMetrics
 from haif.gateway.quota import reservation_tokens
 from haif.protocol import new_id
@@ -42,10 +44,12 @@ from haif.store.quotas import QuotaLimits
 from haif.telemetry import logs, tracing
 
 if TYPE_CHECKING:
-    from haif.config import HaifConfig
+    from collections.abc import Callable
+
+    from haif.config import HaifConfig, ModelConfig
     from haif.dlq import DeadLetter
     from haif.envelope import Dispatched, Principal, RequestContext, WorkItem
-    from haif.gateway.auth import Authenticator
+    from haif.gateway.auth import Authenticator, PeerAuthenticator
     from haif.gateway.quota import QuotaGate
     from haif.gateway.settlement import Settlements
     from haif.gateway.upkeep import JobUpkeep
@@ -71,10 +75,17 @@ class Ticket:
     attempts: int = 1
     worker: str | None = None
     region: str | None = None
+    version: str | None = None  # of the worker that ran it (None: the one admitted with)
+
+    @property
+    def served_version(self) -> str | None:
+        """The version that ran it, or that it was routed to (None: no version, e.g. no table)."""
+        return self.version or self.item.version
 
     def ran_on(self, dispatched: Dispatched) -> None:
-        """Where the Orchestrator ran it (and after how many tries), for the job record."""
+        """Where the router ran it (and after how many tries), for the job record."""
         self.worker, self.region, self.attempts = dispatched.worker, dispatched.region, dispatched.attempts
+        self.version = dispatched.version
 
 
 class Admission:
@@ -89,9 +100,15 @@ class Admission:
         replica: str | None = None,
         metrics: GatewayMetrics | None = None,
         settlements: Settlements | None = None,
+        peers: PeerAuthenticator | None = None,
+        versions: Callable[[str, str | None], str] | None = None,
     ) -> None:
         self._config = config
+        # (model, sticky key) -> the version the traffic split gives it: the router's table.
+        self._versions = versions
+        self.catalog = ModelCatalog(config)
         self._auth = auth
+        self._peers = peers
         self._db = db
         self._quotas = quotas
         if settlements is None and quotas is not None and db is not None:
@@ -110,12 +127,24 @@ class Admission:
             set()
         )  # settlements running after their response
 
+    def _version_of(self, model: ModelConfig, item: WorkItem, idempotency_key: str | None) -> str:
+        """The version ``item`` runs on: the same Idempotency-Key, else the same ``user``,
+        gets the same version while the weights stay; others are weighted at random."""
+        if self._versions is None:
+            return model.version
+        return self._versions(model.name, idempotency_key or item.user)
+
     # --- who -------------------------------------------------------------------------------
 
     async def authenticate(self, ctx: RequestContext, scope: str | None = "inference") -> Principal:
         with tracing.span("gateway.auth") as span:
             try:
-                principal = await self._auth.authenticate(ctx.api_key)
+                if ctx.peer_key is not None:  # a P2P caller: its Noise key, not an API key
+                    if self._peers is None:
+                        raise AuthenticationFailed("P2P callers are not served here (p2p.enabled is off)")
+                    principal = await self._peers.authenticate(ctx.peer_key)
+                else:
+                    principal = await self._auth.authenticate(ctx.api_key)
             except HaifError as exc:
                 self.metrics.refused(exc)
                 raise
@@ -153,7 +182,7 @@ class Admission:
             raise
 
     async def _admit(self, item: WorkItem, principal: Principal) -> Ticket:
-        if principal.allowed_models is not None and item.model not in principal.allowed_models:
+        if not self.catalog.permits(principal.allowed_models, item.model):
             raise PermissionDenied(f"this API key may not use model {item.model!r}")
         limits = self._config.limits
         if item.max_tokens > limits.max_tokens:
@@ -164,13 +193,21 @@ class Admission:
             raise UnprocessableRequest(
                 f"'input' has {item.n_inputs} items; the limit is {limits.max_embedding_inputs}"
             )
-        model = self._config.model(item.model)
-        if model is None or not model.enabled:
+        served = self.catalog.resolve(item.model)
+        if served is None:
             raise ModelNotFound(f"the model {item.model!r} does not exist")
+        model = served.model
+        if model.kind != ("embed" if item.kind == "embedding" else "generate"):
+            use = "/v1/embeddings" if model.kind == "embed" else "/v1/completions or /v1/chat/completions"
+            raise UnprocessableRequest(f"model {item.model!r} does not support this endpoint; use {use}")
         ctx = item.ctx
         ctx.remaining_s()
         key, digest = await self._idempotency(item)
-        item = item.with_ctx(ctx.authenticated(principal))
+        # From here on `model` is the base that runs it; the adapter travels beside it.
+        item = replace(
+            item, ctx=ctx.authenticated(principal), model=model.name, adapter=served.adapter,
+            version=self._version_of(model, item, ctx.idempotency_key),
+        )
         if self._quotas is None or principal.tenant_id is None:
             self.metrics.outcome("admitted")
             return Ticket(item)  # no metadata store: nothing to reserve or record
@@ -179,8 +216,8 @@ class Admission:
             tenant_id=principal.tenant_id,
             token_id=principal.token_id,
             kind=item.kind,
-            model=item.model,
-            version=model.version,
+            model=item.served_model,  # BASE:ADAPTER: usage records carry the adapter
+            version=item.version or model.version,
             tokens=reservation_tokens(item, self._config.quotas.prompt_bytes_per_token),
             limits=principal.limits or QuotaLimits(),
             count_requests=self._quotas.counts_requests_in_db,
@@ -188,6 +225,7 @@ class Admission:
             request_hash=digest,
             gateway=self._replica,
             region=self._region,
+            user=item.user,
         )
         while True:
             ctx.remaining_s()
@@ -261,7 +299,9 @@ class Admission:
         response: Any = None,
         vectors: Any = None,
     ) -> None:
-        self.metrics.finished(ticket.item.model, ticket.item.kind, None, prompt_tokens, completion_tokens)
+        self.metrics.finished(
+            ticket.item.model, ticket.item.kind, None, prompt_tokens, completion_tokens, ticket.served_version
+        )
         stored = None
         if ticket.key is not None and response is not None:
             stored = idempotency.encode_response(ticket.item.kind, response, vectors)
@@ -281,6 +321,7 @@ class Admission:
                 attempts=ticket.attempts,
                 worker=ticket.worker,
                 region=ticket.region,
+                version=ticket.version,
             ),
         )
 
@@ -289,10 +330,12 @@ class Admission:
     ) -> None:
         """Settle a failed or cancelled job; tokens a stream already delivered are billed.
 
-        A service error (the platform's side, after the Orchestrator's retries) is final:
+        A service error (the platform's side, after the router's retries) is final:
         the job is dead-lettered. Client errors and a client that went away are not.
         """
-        self.metrics.finished(ticket.item.model, ticket.item.kind, exc, prompt_tokens, completion_tokens)
+        self.metrics.finished(
+            ticket.item.model, ticket.item.kind, exc, prompt_tokens, completion_tokens, ticket.served_version
+        )
         cause = unwrap(exc)
         attempts = int(getattr(cause, "attempts", getattr(exc, "attempts", ticket.attempts)))
         entry = None
@@ -313,6 +356,7 @@ class Admission:
                 attempts=max(1, attempts),
                 worker=ticket.worker,
                 region=ticket.region,
+                version=ticket.version,
             ),
             entry,
         )
@@ -339,7 +383,7 @@ class Admission:
             job_id=ticket.reservation.job_id,
             ctx=item.ctx,
             kind=item.kind,
-            model=item.model,
+            model=item.served_model,
             exc=exc,
             attempts=attempts,
             body=body,

@@ -167,3 +167,88 @@ def _find(db: Database, prefix: str) -> TokenInfo | None:
 
     with db.connect() as conn:
         return find_token(conn, prefix)
+
+
+PEER_REFUSED_MESSAGE = "this peer's public key is not mapped to a tenant (haif p2p peers add)"
+
+
+class PeerAuthenticator:
+    """A P2P caller's Noise public key (verified by the shim's handshake) → Principal.
+
+    Keys come from ``p2p.peers`` in the config (tenant by name) and from the metadata
+    store's ``p2p_peers`` rows (``haif p2p peers add``), the latter cached like tokens for
+    ``auth.token_cache_ttl_s``, refusals included: a removed peer stops working within it.
+    """
+
+    def __init__(
+        self,
+        config_peers: dict[str, str],
+        db: Database | None,
+        ttl_s: float,
+        max_entries: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config_peers = {k.lower(): tenant for k, tenant in config_peers.items()}
+        self._db = db
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self.lookups = 0
+
+    async def authenticate(self, peer_key: str) -> Principal:
+        key = peer_key.strip().lower()
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise AuthenticationFailed(PEER_REFUSED_MESSAGE)
+        entry = self._cache.get(key)
+        if entry is None or entry.fresh_until <= self._clock():
+            entry = _Entry(self._clock() + self._ttl_s, await self._find(key), None)
+            if self._ttl_s > 0:
+                self._cache[key] = entry
+                self._cache.move_to_end(key)
+                while len(self._cache) > self._max_entries:
+                    self._cache.popitem(last=False)
+        if entry.principal is None:
+            raise AuthenticationFailed(PEER_REFUSED_MESSAGE)
+        return entry.principal
+
+    async def _find(self, key: str) -> Principal | None:
+        from haif.store.quotas import QuotaLimits
+
+        if self._db is not None:
+            info = await self._db.run(_find_peer, self._db, key)
+            self.lookups += 1
+            if info is not None:
+                return Principal(tenant=info.tenant, tenant_id=info.tenant_id, limits=QuotaLimits(*info.limits))
+        tenant = self._config_peers.get(key)
+        if tenant is None:
+            return None
+        if self._db is None:
+            return Principal(tenant=tenant)  # no metadata store: no quotas to apply
+        found = await self._db.run(_find_tenant, self._db, tenant)
+        if found is None:
+            return None  # p2p.peers names a tenant the store does not have
+        tenant_id, limits = found
+        return Principal(tenant=tenant, tenant_id=tenant_id, limits=QuotaLimits(*limits))
+
+
+def _find_peer(db: Database, key: str):  # noqa: ANN202
+    from haif.store.peers import find_peer
+
+    with db.connect() as conn:
+        return find_peer(conn, key)
+
+
+def _find_tenant(db: Database, name: str) -> tuple[int, tuple[int | None, ...]] | None:
+    from sqlalchemy import select
+
+    from haif.store.models import Quota, Tenant
+
+    with db.connect() as conn:
+        row = conn.execute(
+            select(Tenant.id, Quota.requests_per_minute, Quota.tokens_per_minute, Quota.tokens_per_day,
+                   Quota.max_concurrent)
+            .outerjoin(Quota, Quota.tenant_id == Tenant.id)
+            .where(Tenant.name == name)
+        ).one_or_none()
+    return None if row is None else (row[0], tuple(row[1:]))

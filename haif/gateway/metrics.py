@@ -11,7 +11,15 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from haif.exceptions import AuthenticationFailed, HaifError, PermissionDenied, RateLimited
+from haif.exceptions import (
+    AuthenticationFailed,
+    HaifError,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
+    ServiceError,
+    unwrap,
+)
 from haif.telemetry.metrics import ProcessMetrics, model_label, status_of
 
 if TYPE_CHECKING:
@@ -39,8 +47,19 @@ class GatewayMetrics:
 
     def __init__(self, metrics: ProcessMetrics | None = None, models: Iterable[str] = ()) -> None:
         self.counts: Counter[str] = Counter()
+        # (model, version) -> [finished, platform errors] since the Orchestrator last took them.
+        self.outcomes: dict[tuple[str, str], list[int]] = {}
         self.registry = (metrics or ProcessMetrics("gateway")).registry
         self._known = frozenset(models)
+
+    def take_outcomes(self) -> dict[str, dict[str, list[int]]]:
+        """The outcome tallies since the last call, by model and version (for the
+        Orchestrator's canary judge), and reset."""
+        taken, self.outcomes = self.outcomes, {}
+        out: dict[str, dict[str, list[int]]] = {}
+        for (model, version), tally in taken.items():
+            out.setdefault(model, {})[version] = tally
+        return out
 
     def outcome(self, name: str) -> None:
         self.counts[name] += 1
@@ -59,10 +78,21 @@ class GatewayMetrics:
         exc: BaseException | None,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        version: str | None = None,
     ) -> None:
-        """One inference request's end: refused, failed, or served (``exc`` None)."""
+        """One inference request's end: refused, failed, or served (``exc`` None), by the
+        ``version`` that ran it ("" when none did: refused before routing)."""
         label = model_label(model, self._known)
-        self.registry.inc("haif_requests_total", (label, kind, status_of(exc)))
+        self.registry.inc("haif_requests_total", (label, version or "", kind, status_of(exc)))
+        if version is not None and label == model:
+            # The canary's judge (rollouts.max_error_rate): platform errors per version.
+            # Backpressure (429 overloaded) and the client's own errors are not the version's.
+            tally = self.outcomes.setdefault((model, version), [0, 0])
+            cause = unwrap(exc) if exc is not None else None
+            platform = isinstance(cause, ServiceError) and not isinstance(cause, Overloaded)
+            if exc is None or platform:
+                tally[0] += 1
+                tally[1] += int(platform)
         if prompt_tokens:
             self.registry.inc("haif_prompt_tokens_total", (label,), prompt_tokens)
         if completion_tokens:

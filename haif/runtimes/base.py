@@ -10,14 +10,13 @@ request held.
 from __future__ import annotations
 
 import abc
-import asyncio
+import collections
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
-from haif.exceptions import PromptTooLong, UnsupportedOperation
+from haif.exceptions import PromptTooLong, UnsupportedOperation, UnsupportedParameter
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,6 +24,8 @@ if TYPE_CHECKING:
     from haif.config import ModelConfig
 
 FinishReason = Literal["stop", "length"]
+# A prompt as the client gave it: text, or the model's token ids.
+Prompt = str | Sequence[int]
 
 
 def quiet_transformers() -> None:
@@ -37,18 +38,58 @@ def quiet_transformers() -> None:
 
 
 @dataclass(frozen=True)
+class Guide:
+    """A grammar the output must follow, enforced by constrained decoding.
+
+    ``json_object``: any JSON object; ``json_schema``: JSON valid against ``schema`` (its
+    canonical JSON text, which is also the key of the runtime's cache of compiled grammars).
+    ``param`` names the request parameter it comes from, for the errors that refuse it.
+    """
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
+    param: str = "response_format"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """What a generation request asks of the sampler (OpenAI semantics)."""
+    """What a generation request asks of the sampler (OpenAI semantics, and vLLM's extras).
+
+    Every runtime applies these per request: in a batch, each sequence keeps its own.
+    """
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # alternatives per token (0: the chosen token's only); None: none
+    echo: bool = False  # the prompt first (and its tokens' logprobs, with ``logprobs``)
+    guide: Guide | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    def token_ids(self) -> dict[str, tuple[int, ...]]:
+        """The token ids the request names, by parameter (checked against the vocabulary)."""
+        return {
+            "logit_bias": tuple(token for token, _ in self.logit_bias),
+            "stop_token_ids": self.stop_token_ids,
+        }
 
     def for_choice(self, index: int) -> SamplingParams:
         """The parameters of choice ``index`` of a request with ``n`` > 1: a seeded request
@@ -69,6 +110,29 @@ class RuntimeContext:
     max_prompt_tokens: int
 
 
+class TopToken(NamedTuple):
+    """One of the most likely tokens at a position: its own text, log probability and bytes."""
+
+    token: str
+    logprob: float
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log probability of one token of the output (or of an echoed prompt).
+
+    ``token`` is the text the token added to the output, so that a choice's tokens join to
+    its text (a character split over several tokens shows with the last of them); ``raw``
+    is the token's own bytes. ``logprob`` is None for a prompt's first token.
+    """
+
+    token: str
+    logprob: float | None
+    raw: bytes
+    top: tuple[TopToken, ...] = ()
+
+
 @dataclass(frozen=True)
 class StreamEvent:
     """One step of a stream: new text and how many tokens it took.
@@ -76,6 +140,7 @@ class StreamEvent:
     The last event of a stream carries ``finish_reason``; every event carries the
     prompt's token count so that usage is known whenever the stream stops.
     ``completion_tokens`` counts the tokens of its choice (``index``, for ``n`` > 1) so far.
+    ``logprobs`` holds the tokens of ``text`` when the request asked for them.
     """
 
     text: str
@@ -83,6 +148,7 @@ class StreamEvent:
     prompt_tokens: int
     finish_reason: FinishReason | None = None
     index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class StreamTally:
@@ -115,6 +181,7 @@ class GenerationOutput:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def usage_of(outputs: Sequence[GenerationOutput], n_choices: int) -> tuple[int, int]:
@@ -135,6 +202,8 @@ class ChatMessage:
     role: str
     content: str
     name: str | None = field(default=None)
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's, as a chat template reads them
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
 
 class Runtime(abc.ABC):
@@ -142,6 +211,7 @@ class Runtime(abc.ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[frozenset[str]]  # subset of {"generate", "embed"}
+    supports_adapters: ClassVar[bool] = False  # LoRA adapters: load_adapter, stream(adapter=)
 
     def __init__(self, ctx: RuntimeContext) -> None:
         self.ctx = ctx
@@ -156,26 +226,58 @@ class Runtime(abc.ABC):
 
     # --- generation ---------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """Turn chat messages into one prompt with the model's chat template."""
+    def render_chat(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] | None = None
+    ) -> str:
+        """Turn chat messages (and the tools the answer may call) into one prompt with the
+        model's chat template."""
         raise UnsupportedOperation(f"model {self.ctx.model.name!r} does not support chat")
 
-    def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[StreamEvent]:
-        """Yield the completion of ``prompt`` as it is produced.
+    def unsupported(self, params: SamplingParams, prompts: Sequence[Prompt]) -> list[str]:
+        """The request parameters this runtime cannot honour (named as in the API). Default:
+        none; the torch and vLLM runtimes honour them all."""
+        return []
+
+    def check_request(self, params: SamplingParams, prompts: Sequence[Prompt]) -> None:
+        """Refuse what this runtime cannot honour, by name, before any work.
+
+        Raises:
+            UnsupportedParameter: the request asks for something this runtime does not do.
+        """
+        refused = self.unsupported(params, prompts)
+        if refused:
+            raise UnsupportedParameter(
+                f"model {self.ctx.model.name!r} (runtime {self.name}) does not support: "
+                + ", ".join(refused)
+            )
+
+    def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        """Yield the completion of ``prompt`` (text or token ids) as it is produced.
 
         Raises:
             PromptTooLong: the prompt exceeds the limits.
+            InvalidRequest: a token id is not in the vocabulary, or a grammar is refused.
             UnsupportedOperation: the model does not generate text.
         """
         raise UnsupportedOperation(f"model {self.ctx.model.name!r} does not generate text")
 
-    async def generate(self, prompt: str, params: SamplingParams) -> GenerationOutput:
-        """The whole completion at once. Default: drain ``stream``."""
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, *, adapter: str | None = None
+    ) -> GenerationOutput:
+        """The whole completion at once (through a loaded LoRA ``adapter`` when given).
+        Default: drain ``stream``."""
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         last: StreamEvent | None = None
-        async with contextlib.aclosing(self.stream(prompt, params)) as events:
+        # Only runtimes with supports_adapters take the keyword.
+        stream = (
+            self.stream(prompt, params) if adapter is None
+            else self.stream(prompt, params, adapter=adapter)  # type: ignore[call-arg]
+        )
+        async with contextlib.aclosing(stream) as events:
             async for event in events:
                 parts.append(event.text)
+                logprobs.extend(event.logprobs)
                 last = event
         if last is None:  # a stream always ends with a finish_reason event
             raise RuntimeError("runtime stream ended without events")
@@ -184,15 +286,36 @@ class Runtime(abc.ABC):
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             finish_reason=last.finish_reason or "length",
+            logprobs=tuple(logprobs),
         )
+
+    # --- LoRA adapters (runtimes with ``supports_adapters``) ---------------------------
+
+    def adapters(self) -> list[str]:
+        """The LoRA adapters loaded, by name."""
+        return []
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load the PEFT LoRA directory ``path`` (verified by the caller) as ``name``; then
+        ``stream(..., adapter=name)`` applies it.
+
+        Raises:
+            AdapterRejected: the runtime cannot apply it to this model; nothing was loaded.
+        """
+        raise UnsupportedOperation(f"model {self.ctx.model.name!r} does not take LoRA adapters")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Drop a loaded adapter (requests using it have ended)."""
+        return None
 
     # --- embeddings -----------------------------------------------------------------
 
-    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
-        """Embed each text.
+    async def embed(self, texts: Sequence[Prompt]) -> EmbeddingOutput:
+        """Embed each input (text, or the model's token ids taken as they are).
 
         Raises:
             PromptTooLong: an input exceeds the limits.
+            InvalidRequest: a token id is not in the vocabulary.
             UnsupportedOperation: the model does not embed.
         """
         raise UnsupportedOperation(f"model {self.ctx.model.name!r} does not produce embeddings")
@@ -226,6 +349,10 @@ class StopMatcher:
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._buffer = ""
 
+    @property
+    def active(self) -> bool:
+        return bool(self._stops)
+
     def feed(self, text: str) -> tuple[str, bool]:
         """Add ``text``; return (text safe to emit, whether a stop string was hit)."""
         if not self._stops:
@@ -249,110 +376,36 @@ class StopMatcher:
         return out
 
 
-_Queued = StreamEvent | BaseException | None  # an event, a failure, or the end (None)
+class LogprobsAligner:
+    """Keeps tokens' logprobs in step with the text a ``StopMatcher`` lets out.
 
-
-async def _pump(
-    stream: AsyncIterator[StreamEvent], queue: asyncio.Queue[_Queued], index: int | None = None
-) -> None:
-    """Put ``stream``'s events into ``queue`` (tagged with choice ``index`` when given),
-    then None; a failure goes in instead, for the consumer to re-raise. ``stream`` is
-    closed however this ends."""
-    try:
-        async with contextlib.aclosing(stream) as events:  # type: ignore[type-var]
-            async for event in events:
-                queue.put_nowait(event if index is None else replace(event, index=index))
-        queue.put_nowait(None)
-    except asyncio.CancelledError:
-        raise
-    except BaseException as exc:  # handed to the consumer, which re-raises it
-        queue.put_nowait(exc)
-
-
-def _ends_stream(item: _Queued) -> bool:
-    return not isinstance(item, StreamEvent) or item.finish_reason is not None
-
-
-async def coalesce(
-    events: AsyncIterator[StreamEvent],
-    min_interval_s: float | Callable[[], float] = 0.0,
-    clock: Callable[[], float] = time.monotonic,
-) -> AsyncIterator[StreamEvent]:
-    """Merge the events that pile up while the consumer is busy into one.
-
-    Every event yielded by a worker becomes a Ray object that crosses four hops (worker,
-    Orchestrator, Gateway, Bridge, HTTP proxy); forwarding tokens one by one costs CPU
-    the engine needs. This reader drains ``events`` into a queue and hands over
-    everything that is there: a slow consumer sees fewer, larger pieces.
-
-    With ``min_interval_s`` > 0 (the model's ``stream_batch_ms``), the first piece leaves
-    at once and each later one no sooner than ``min_interval_s`` after the one before,
-    with every token that arrived in between; the piece that ends the stream (finish
-    reason, error or end) leaves as soon as it exists. 0 hands each event over as soon
-    as the consumer takes it. Closing the returned generator closes ``events``.
+    Each token's entry is added with the text it produced; ``release`` hands over the
+    entries whose text has been let out (a token whose text a stop string cuts keeps the
+    part before it), so that the tokens of every event join to its text... over the whole
+    stream, at least: a token whose text is let out in two pieces goes with the second.
     """
-    queue: asyncio.Queue[_Queued] = asyncio.Queue()
-    ended = asyncio.Event()
 
-    async def pump() -> None:
-        try:
-            await _pump(events, queue)
-        finally:
-            ended.set()
+    def __init__(self) -> None:
+        self._pending: collections.deque[TokenLogprob] = collections.deque()
+        self._released = 0  # characters let out of the first pending entry's text
 
-    task = asyncio.ensure_future(pump())
-    last_sent: float | None = None
-    try:
-        while True:
-            item = await queue.get()
-            interval_s = min_interval_s() if callable(min_interval_s) else min_interval_s
-            if interval_s > 0 and last_sent is not None and not _ends_stream(item):
-                wait_s = last_sent + interval_s - clock()
-                if wait_s > 0:
-                    # Woken early when the stream ends: its last piece never waits.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(ended.wait(), wait_s)
-            merged: StreamEvent | None = None
-            while True:
-                if item is None or isinstance(item, BaseException):
-                    if merged is not None:
-                        yield merged
-                    if item is None:
-                        return
-                    raise item
-                merged = item if merged is None else replace(item, text=merged.text + item.text)
-                if queue.empty():
-                    break
-                item = queue.get_nowait()
-            last_sent = clock()
-            yield merged
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def add(self, entry: TokenLogprob) -> None:
+        self._pending.append(entry)
 
-
-async def merge_choices(streams: Sequence[AsyncIterator[StreamEvent]]) -> AsyncIterator[StreamEvent]:
-    """The events of a request's choices (one stream each, ``n`` > 1) as one stream, each
-    event tagged with its choice's index, in the order they come.
-
-    A failure of any choice ends the merged stream with it; closing the merged stream
-    (or its failure) closes every choice's stream.
-    """
-    queue: asyncio.Queue[_Queued] = asyncio.Queue()
-    tasks = [asyncio.ensure_future(_pump(s, queue, i)) for i, s in enumerate(streams)]
-    running = len(tasks)
-    try:
-        while running:
-            item = await queue.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    def release(self, chars: int, *, final: bool = False) -> tuple[TokenLogprob, ...]:
+        """The entries covered once ``chars`` more characters are out; ``final``: the text
+        ends there (stopped, or flushed), the rest of the entries is dropped."""
+        out: list[TokenLogprob] = []
+        available = self._released + chars
+        while self._pending and len(self._pending[0].token) <= available:
+            entry = self._pending.popleft()
+            available -= len(entry.token)
+            out.append(entry)
+        self._released = available
+        if final:
+            if self._pending and available:
+                entry = self._pending[0]
+                out.append(replace(entry, token=entry.token[:available]))
+            self._pending.clear()
+            self._released = 0
+        return tuple(out)

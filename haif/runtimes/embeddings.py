@@ -11,8 +11,8 @@ than silently truncated: a vector of the first 256 tokens of a long document is 
 what the client asked for.
 
 Concurrent ``embed`` calls share forward passes through a dynamic batcher: inputs
-that arrive within ``max_wait_ms`` of the oldest waiting one are merged, sorted by
-length to reduce padding and run in micro-batches of at most ``max_batch_size``
+that arrive within ``torch.max_wait_ms`` of the oldest waiting one are merged, sorted by
+length to reduce padding and run in micro-batches of at most ``torch.max_batch_size``
 inputs. The forward pass runs in a thread so that the worker's event loop stays free.
 """
 
@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from haif.exceptions import HaifError, ModelLoadFailed, ModelNotReady, PromptTooLong
-from haif.runtimes.base import EmbeddingOutput, Runtime, quiet_transformers
+from haif.runtimes import hf
+from haif.runtimes.base import EmbeddingOutput, Prompt, Runtime, quiet_transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -219,8 +220,8 @@ class EmbeddingsRuntime(Runtime):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        if self.ctx.model.torch_threads:
-            torch.set_num_threads(self.ctx.model.torch_threads)
+        if self.ctx.model.torch.threads:
+            torch.set_num_threads(self.ctx.model.torch.threads)
         spec = read_encoder_spec(model_dir)
         quiet_transformers()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -274,12 +275,17 @@ class EmbeddingsRuntime(Runtime):
             "max_batch_seen": self._stats.max_batch_seen,
         }
 
-    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
+    async def embed(self, texts: Sequence[Prompt]) -> EmbeddingOutput:
+        """Embed texts, or token ids taken as they are (no special tokens added)."""
         if self._model is None:
             raise ModelNotReady(f"model {self.ctx.model.name!r} is not loaded")
         texts = list(texts)
         if not texts:
             return EmbeddingOutput(np.zeros((0, self._dim), dtype=np.float32), 0)
+        vocab = int(self._model.get_input_embeddings().weight.shape[0])
+        for index, given in enumerate(texts):
+            if not isinstance(given, str):
+                hf.check_token_ids(given, vocab, f"input {index}")
         encoded = await asyncio.to_thread(self._tokenize, texts)
         limit = self.max_input_tokens
         for index, ids in enumerate(encoded.input_ids):
@@ -301,26 +307,37 @@ class EmbeddingsRuntime(Runtime):
         prompt_tokens = sum(len(ids) for ids in encoded.input_ids)
         return EmbeddingOutput(vectors=vectors, prompt_tokens=prompt_tokens)
 
-    def _tokenize(self, texts: list[str]) -> _Encoded:
+    def _tokenize(self, inputs: list[Prompt]) -> _Encoded:
         tokenizer = self._tokenizer
         if tokenizer is None:
             raise ModelNotReady(f"model {self.ctx.model.name!r} is not loaded")
+        texts = [t for t in inputs if isinstance(t, str)]
         if self._spec.do_lower_case:
             texts = [text.lower() for text in texts]
         with_types = "token_type_ids" in tokenizer.model_input_names
-        with self._tokenizer_lock:
-            out = tokenizer(
-                texts,
-                add_special_tokens=True,
-                truncation=False,
-                padding=False,
-                return_attention_mask=False,
-                return_token_type_ids=with_types,
-            )
-        return _Encoded(
-            input_ids=list(out["input_ids"]),
-            token_type_ids=list(out["token_type_ids"]) if with_types else None,
-        )
+        out: dict[str, list[list[int]]] = {"input_ids": [], "token_type_ids": []}
+        if texts:
+            with self._tokenizer_lock:
+                out = tokenizer(
+                    texts,
+                    add_special_tokens=True,
+                    truncation=False,
+                    padding=False,
+                    return_attention_mask=False,
+                    return_token_type_ids=with_types,
+                )
+        encoded = iter(out["input_ids"])
+        types = iter(out["token_type_ids"]) if with_types else None
+        ids: list[list[int]] = []
+        type_ids: list[list[int]] = []
+        for given in inputs:  # token ids as they are, in the inputs' order
+            if isinstance(given, str):
+                ids.append(list(next(encoded)))
+                type_ids.append(list(next(types)) if types is not None else [])
+            else:
+                ids.append(list(given))
+                type_ids.append([0] * len(given))
+        return _Encoded(input_ids=ids, token_type_ids=type_ids if with_types else None)
 
     # --- dynamic batcher -------------------------------------------------------------
 
@@ -355,7 +372,7 @@ class EmbeddingsRuntime(Runtime):
             batcher.queue.popleft().call.fail(exc)
 
     async def _run(self, batcher: _Batcher) -> None:
-        max_batch = self.ctx.model.max_batch_size
+        max_batch = self.ctx.model.torch.max_batch_size
         while True:
             await self._wait_for_batch(batcher)
             items = self._take_round(batcher, max_batch * SORT_WINDOW_BATCHES)
@@ -373,12 +390,12 @@ class EmbeddingsRuntime(Runtime):
             batcher.in_flight = []
 
     async def _wait_for_batch(self, batcher: _Batcher) -> None:
-        """Return once a full batch is queued or the oldest input waited ``max_wait_ms``."""
+        """Return once a full batch is queued or the oldest input waited ``torch.max_wait_ms``."""
         while not batcher.queue:
             batcher.wakeup.clear()
             await batcher.wakeup.wait()
-        deadline = batcher.queue[0].enqueued_at + self.ctx.model.max_wait_ms / 1000.0
-        while len(batcher.queue) < self.ctx.model.max_batch_size:
+        deadline = batcher.queue[0].enqueued_at + self.ctx.model.torch.max_wait_ms / 1000.0
+        while len(batcher.queue) < self.ctx.model.torch.max_batch_size:
             remaining = deadline - batcher.loop.time()
             if remaining <= 0:
                 return

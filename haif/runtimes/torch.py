@@ -1,13 +1,18 @@
 """The torch runtime: a Hugging Face causal LM run by transformers, with dynamic batching.
 
 ``stream`` tokenizes the prompt, checks its limits, and queues the request. One batching
-loop per event loop takes up to ``max_batch_size`` queued requests, waiting at most
-``max_wait_ms`` after the first arrived, and generates for the whole batch step by step
+loop per event loop takes up to ``torch.max_batch_size`` queued requests, waiting at most
+``torch.max_wait_ms`` after the first arrived, and generates for the whole batch step by step
 in a single worker thread: left-padded prompts with an attention mask and explicit
 position ids, one KV cache for the batch, per-row sampling, stop and length checks.
 Each new token's text goes back to its request's queue as soon as it is produced.
 Requests that arrive while a batch runs wait for the next batch; rows that finish or
 whose consumer goes away are dropped from the batch (and its cache) at the next step.
+Penalties, logit bias, ``min_tokens``, grammars (``response_format``, forced tool calls)
+and logprobs are applied per row (``haif.runtimes.sampling``, ``haif.runtimes.grammar``):
+each request of a batch keeps its own parameters. A request may name a loaded LoRA
+adapter: requests for different adapters and for the base share a batch, each row's
+adapter applied inside the forward (``haif.runtimes.lora``).
 
 torch and transformers are imported only when a model loads.
 """
@@ -15,17 +20,16 @@ torch and transformers are imported only when a model loads.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from haif.exceptions import (
+    AdapterRejected,
     HaifError,
     InternalError,
     InvalidRequest,
@@ -36,217 +40,27 @@ from haif.exceptions import (
 from haif.runtimes import hf
 from haif.runtimes.base import (
     ChatMessage,
-    FinishReason,
+    Prompt,
     Runtime,
     RuntimeContext,
     SamplingParams,
-    StopMatcher,
     StreamEvent,
     quiet_transformers,
 )
+from haif.runtimes.batching import Batcher, QueuedRequest
+from haif.runtimes.sequence import GeneratedSequence, IncrementalDecoder, prompt_logprobs
 
 if TYPE_CHECKING:
     import torch
 
+    from haif.runtimes.grammar import GrammarCompiler
+    from haif.runtimes.lora import BatchedLora
+    from haif.runtimes.sampling import BatchSampler
+
+# The decoder's old name, kept for the tests and benchmarks that import it from here.
+_IncrementalDecoder = IncrementalDecoder
+
 logger = logging.getLogger(__name__)
-
-
-class _IncrementalDecoder:
-    """Text of a growing token list, one delta per token, correct for byte-level BPE.
-
-    Decodes the tokens since the last emitted chunk together with that chunk (context
-    for tokenizers whose pieces depend on their neighbours) and emits the new suffix;
-    while the text ends in U+FFFD, a multi-byte character is incomplete and is held back.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0  # start of the decode window
-        self._read = 0  # end of what has been emitted
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        done = self._decode(self.ids[self._prefix : self._read])
-        text = self._decode(self.ids[self._prefix :])
-        if len(text) > len(done) and not text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return text[len(done) :]
-        return ""
-
-    def flush(self) -> str:
-        done = self._decode(self.ids[self._prefix : self._read])
-        text = self._decode(self.ids[self._prefix :])
-        self._prefix = self._read = len(self.ids)
-        return text[len(done) :]
-
-
-@dataclass(eq=False)
-class _Request:
-    """One queued generation; shared by its stream (event loop) and the worker thread."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    enqueued_at: float
-    queue: asyncio.Queue[StreamEvent | BaseException] = field(default_factory=asyncio.Queue)
-    cancelled: bool = False  # set by the stream when its consumer goes away
-    finished: bool = False  # set when the final event or an error was sent
-
-    def send(self, item: StreamEvent | BaseException, *, final: bool = False) -> None:
-        """Deliver ``item`` from any thread."""
-        if final:
-            self.finished = True
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled = True
-
-
-class _Row:
-    """Per-request generation state inside a running batch (worker thread only)."""
-
-    def __init__(self, req: _Request, tokenizer: Any, eos_ids: frozenset[int]) -> None:
-        import torch
-
-        self.req = req
-        self.decoder = _IncrementalDecoder(tokenizer)
-        self.matcher = StopMatcher(req.params.stop)
-        self.eos_ids = eos_ids
-        self.done = False
-        self.count = 0
-        self.generator: torch.Generator | None = None
-        if not req.params.greedy:
-            self.generator = torch.Generator()
-            if req.params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(req.params.seed)
-
-    def advance(self, token_id: int) -> StreamEvent | None:
-        """Take the next token; return the event it makes (the final one sets ``done``)."""
-        eos = token_id in self.eos_ids
-        delta = "" if eos else self.decoder.push(token_id)  # EOS counts but shows no text
-        self.count += 1
-        n = self.count
-        if eos or n >= self.req.params.max_tokens:
-            delta += self.decoder.flush()
-        text, stopped = self.matcher.feed(delta)
-        reason: FinishReason | None = None
-        if stopped or eos:
-            reason = "stop"
-        elif n >= self.req.params.max_tokens:
-            reason = "length"
-        if reason is not None:
-            self.done = True
-            if not stopped:
-                text += self.matcher.flush()
-            return StreamEvent(text, n, len(self.req.prompt_ids), reason)
-        return StreamEvent(text, n, len(self.req.prompt_ids)) if text else None
-
-
-def _sample(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
-    """Next token per row: argmax for greedy rows, temperature + top-p for the others."""
-    import torch
-
-    tokens = logits.argmax(dim=-1).tolist()
-    picked = [i for i, row in enumerate(rows) if row.generator is not None]
-    if not picked:
-        return tokens
-    device = logits.device
-    sub = logits.index_select(0, torch.tensor(picked, device=device)).float()
-    params = [rows[i].req.params for i in picked]
-    temps = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
-    top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
-    probs, order = torch.softmax(sub / temps, dim=-1).sort(dim=-1, descending=True)
-    keep = (probs.cumsum(dim=-1) - probs) < top_p  # always keeps the most likely token
-    cumulative = (probs * keep).cumsum(dim=-1)
-    # Uniforms come from each row's own CPU generator: a seeded row draws the same
-    # numbers whatever else is in its batch and on whichever device.
-    draws = torch.cat([torch.rand(1, generator=rows[i].generator) for i in picked]).to(device)
-    targets = (draws * cumulative[:, -1]).unsqueeze(1)
-    index = torch.searchsorted(cumulative, targets, right=True)
-    index = torch.minimum(index, keep.sum(dim=-1, keepdim=True) - 1)
-    for i, token in zip(picked, order.gather(1, index).squeeze(1).tolist(), strict=True):
-        tokens[i] = token
-    return tokens
-
-
-class _Batcher:
-    """Queue and batching loop bound to one event loop."""
-
-    def __init__(self, runtime: TorchRuntime, loop: asyncio.AbstractEventLoop) -> None:
-        self.runtime = runtime
-        self.loop = loop
-        self.pending: collections.deque[_Request] = collections.deque()
-        self.wakeup = asyncio.Event()
-        self.task = loop.create_task(self._run(), name=f"haif-batcher-{runtime.ctx.model.name}")
-        self.task.add_done_callback(self._on_done)
-
-    def _on_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return  # cancelled by close() or by its event loop shutting down
-        logger.error("model %r: batching loop died", self.runtime.ctx.model.name,
-                     exc_info=task.exception())
-        while self.pending:  # never leave a queued request waiting for a dead loop
-            self.pending.popleft().send(
-                InternalError(f"batching loop failed: {task.exception()!r}"), final=True
-            )
-
-    def submit(self, req: _Request) -> None:
-        self.pending.append(req)
-        self.wakeup.set()
-
-    def discard(self, req: _Request) -> None:
-        with contextlib.suppress(ValueError):  # ValueError: already taken into a batch
-            self.pending.remove(req)
-
-    async def close(self, reason: HaifError) -> None:
-        self.task.cancel()
-        await asyncio.wait([self.task])
-        while self.pending:
-            self.pending.popleft().send(reason, final=True)
-
-    async def _next_batch(self) -> list[_Request]:
-        model = self.runtime.ctx.model
-        while not self.pending:
-            self.wakeup.clear()
-            await self.wakeup.wait()
-        deadline = self.pending[0].enqueued_at + model.max_wait_ms / 1000.0
-        while len(self.pending) < model.max_batch_size:
-            remaining = deadline - self.loop.time()
-            if remaining <= 0:
-                break
-            self.wakeup.clear()
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), remaining)
-            except TimeoutError:
-                break
-        batch: list[_Request] = []
-        while self.pending and len(batch) < model.max_batch_size:
-            req = self.pending.popleft()
-            if not req.cancelled:
-                batch.append(req)
-        return batch
-
-    async def _run(self) -> None:
-        runtime = self.runtime
-        while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
-            runtime._record_batch(len(batch))
-            try:
-                await self.loop.run_in_executor(runtime._executor, runtime._run_batch, batch)
-            except Exception as exc:  # handled: every unfinished request of the batch gets it
-                runtime._bump("failed_batches")
-                logger.exception("model %r: batch of %d failed", runtime.ctx.model.name, len(batch))
-                for req in batch:
-                    if not req.finished:
-                        req.send(exc, final=True)
 
 
 class TorchRuntime(Runtime):
@@ -254,6 +68,7 @@ class TorchRuntime(Runtime):
 
     name = "torch"
     capabilities = frozenset({"generate"})
+    supports_adapters = True
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)
@@ -263,11 +78,16 @@ class TorchRuntime(Runtime):
         self._eos_ids: frozenset[int] = frozenset()
         self._bos_id: int | None = None
         self._pad_id = 0
+        self._vocab_size = 0
+        self._texts: hf.TokenTexts | None = None
+        self._grammar: GrammarCompiler | None = None  # built on the first guided request
+        self._compiling: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._forward_kwargs: dict[str, Any] = {}
         self._cache_kw = "cache"
         self._new_cache: Callable[[], Any] | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._batcher: _Batcher | None = None
+        self._lora: BatchedLora | None = None  # made when the first adapter loads
+        self._batcher: Batcher | None = None
         self._closing = False
         self._lock = threading.Lock()
         self._stats = {"batches": 0, "batched_requests": 0, "max_batch_seen": 0,
@@ -297,8 +117,8 @@ class TorchRuntime(Runtime):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-        if self.ctx.model.torch_threads:
-            torch.set_num_threads(self.ctx.model.torch_threads)
+        if self.ctx.model.torch.threads:
+            torch.set_num_threads(self.ctx.model.torch.threads)
         if self.ctx.device == "cuda" and not torch.cuda.is_available():
             raise ModelLoadFailed(f"model {self.ctx.model.name!r}: CUDA is not available")
         device = torch.device(self.ctx.device)
@@ -323,6 +143,9 @@ class TorchRuntime(Runtime):
         self._bos_id = tokenizer.bos_token_id
         candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id)
         self._pad_id = next((t for t in candidates if t is not None), 0)  # masked out anyway
+        self._vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._texts = hf.TokenTexts(tokenizer)
+        self._grammar = None
         self._device = device
         self._tokenizer = tokenizer
         self._model = model
@@ -341,7 +164,7 @@ class TorchRuntime(Runtime):
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True)
         on_cuda = self._device is not None and self._device.type == "cuda"
-        self._model = self._tokenizer = None
+        self._model = self._tokenizer = self._lora = None
         if on_cuda:
             import torch
 
@@ -370,24 +193,62 @@ class TorchRuntime(Runtime):
 
     # --- requests -----------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        return hf.render_chat(self._require_loaded(), messages, self.ctx.model.name)
+    def render_chat(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] | None = None
+    ) -> str:
+        return hf.render_chat(self._require_loaded(), messages, self.ctx.model.name, tools)
 
-    def encode(self, prompt: str) -> list[int]:
-        """The prompt's token ids as generation sees them (with at most one BOS)."""
-        return hf.encode_prompt(self._require_loaded(), prompt, self._bos_id)
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids as generation sees them (with at most one BOS); token ids
+        are checked against the vocabulary.
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        Raises:
+            InvalidRequest: a token id is not in the vocabulary.
+        """
+        ids = hf.encode_prompt(self._require_loaded(), prompt, self._bos_id)
+        if not isinstance(prompt, str):
+            hf.check_token_ids(ids, self._vocab_size, "prompt")
+        return ids
+
+    async def _compiled(self, params: SamplingParams) -> Any:
+        """The compiled grammar of the request's guide (None without one); compiled off the
+        event loop the first time a schema is seen, from the cache after that."""
+        if params.guide is None:
+            return None
+        if self._grammar is None:
+            from haif.runtimes.grammar import GrammarCompiler
+
+            self._grammar = GrammarCompiler(self._tokenizer, self._vocab_size, self._eos_ids)
+        found = self._grammar.cached(params.guide)
+        if found is not None:
+            return found
+        loop = asyncio.get_running_loop()
+        if self._compiling is None or self._compiling[0] is not loop:  # a lock per event loop
+            self._compiling = (loop, asyncio.Lock())
+        async with self._compiling[1]:  # requests with a new schema at once: compiled once
+            return await asyncio.to_thread(self._grammar.compile, params.guide)
+
+    async def stream(
+        self, prompt: Prompt, params: SamplingParams, *, adapter: str | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        if adapter is not None and adapter not in self.adapters():
+            raise AdapterRejected(f"adapter {adapter} is not loaded on model {self.ctx.model.name!r}")
         prompt_ids = self.encode(prompt)
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty and the model has no BOS token")
         self.check_prompt(len(prompt_ids), params.max_tokens)
+        for what, ids in params.token_ids().items():
+            hf.check_token_ids(ids, self._vocab_size, what)
+        grammar = await self._compiled(params)
         if params.max_tokens <= 0:
             yield StreamEvent("", 0, len(prompt_ids), "length")
             return
         loop = asyncio.get_running_loop()
         batcher = self._batcher_for(loop)
-        req = _Request(prompt_ids, params, loop, loop.time())
+        echo = "" if not params.echo else prompt if isinstance(prompt, str) else self._tokenizer.decode(
+            prompt_ids, skip_special_tokens=True
+        )
+        req = QueuedRequest(prompt_ids, params, loop, loop.time(), grammar=grammar, echo_text=echo, adapter=adapter)
         batcher.submit(req)
         try:
             while True:
@@ -411,23 +272,63 @@ class TorchRuntime(Runtime):
             raise ModelNotReady(f"model {self.ctx.model.name!r} is not loaded")
         return self._tokenizer
 
-    def _batcher_for(self, loop: asyncio.AbstractEventLoop) -> _Batcher:
+    def _batcher_for(self, loop: asyncio.AbstractEventLoop) -> Batcher:
         batcher = self._batcher
         # One loop per event loop (a worker has one; tests run several in turn), and a
         # fresh one if the last died (its requests were failed by its done callback).
         if batcher is None or batcher.loop is not loop or batcher.task.done():
-            batcher = self._batcher = _Batcher(self, loop)
+            batcher = self._batcher = Batcher(
+                self.ctx.model, loop, self._run_in_executor, self._record_batch,
+                lambda: self._bump("failed_batches"),
+            )
         return batcher
+
+    # --- LoRA adapters (haif.runtimes.lora) ------------------------------------------------
+
+    def adapters(self) -> list[str]:
+        """The LoRA adapters loaded on the base weights."""
+        return self._lora.names() if self._lora is not None else []
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load the PEFT LoRA directory ``path`` as ``name``, between two batches.
+
+        Raises:
+            AdapterRejected: it does not fit the base model; nothing was loaded.
+        """
+        await self._between_batches(lambda lora: lora.load(name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._between_batches(lambda lora: lora.unload(name))
+
+    async def _between_batches(self, change: Callable[[BatchedLora], None]) -> None:
+        # On the batches' own thread: the stacks never change under a running forward.
+        from haif.runtimes.lora import BatchedLora
+
+        model, executor = self._model, self._executor
+        if model is None or executor is None:
+            raise ModelNotReady(f"model {self.ctx.model.name!r} is not loaded")
+        if self._lora is None:
+            self._lora = BatchedLora(model)  # wraps nothing until an adapter loads
+        await asyncio.get_running_loop().run_in_executor(executor, change, self._lora)
+
+    def _lora_rows(self, reqs: Sequence[QueuedRequest]) -> contextlib.AbstractContextManager[None]:
+        if self._lora is None:
+            return contextlib.nullcontext()
+        return self._lora.rows([req.adapter for req in reqs], self._device)
 
     # --- the worker thread ----------------------------------------------------------------
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: Any) -> torch.Tensor:
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                          use_cache=True, **{self._cache_kw: cache}, **self._forward_kwargs)
+                 cache: Any, reqs: Sequence[QueuedRequest]) -> torch.Tensor:
+        with self._lora_rows(reqs):  # each row's adapter, if any
+            out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              use_cache=True, **{self._cache_kw: cache}, **self._forward_kwargs)
         return out.logits[:, -1, :]
 
-    def _run_batch(self, reqs: list[_Request]) -> None:
+    async def _run_in_executor(self, reqs: list[QueuedRequest]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, reqs)
+
+    def _run_batch(self, reqs: list[QueuedRequest]) -> None:
         """Generate for ``reqs`` until every row is finished or cancelled."""
         import torch
 
@@ -437,11 +338,47 @@ class TorchRuntime(Runtime):
         finally:
             self._set_active(0)
 
-    def _generate(self, reqs: list[_Request]) -> None:
+    def _sampler(self, reqs: list[QueuedRequest]) -> tuple[list[GeneratedSequence], BatchSampler]:
+        from haif.runtimes import grammar, sampling
+
+        states = [
+            sampling.RowState(
+                req.params, req.prompt_ids, self._eos_ids | frozenset(req.params.stop_token_ids),
+                matcher=grammar.Matcher(req.grammar) if req.grammar is not None else None,
+            )
+            for req in reqs
+        ]
+        guided = any(state.matcher is not None for state in states)
+        mask = grammar.BatchMask(len(reqs), self._vocab_size) if guided else None
+        rows = [
+            GeneratedSequence(state, len(req.prompt_ids), self._tokenizer, self._texts, self._eos_ids)
+            for state, req in zip(states, reqs, strict=True)
+        ]
+        return rows, sampling.BatchSampler(states, self._vocab_size, self._device, mask)
+
+    def _echo(self, req: QueuedRequest) -> None:
+        """Send the prompt back first (``echo``), with its tokens' logprobs when asked."""
+        import torch
+
+        entries: tuple[Any, ...] = ()
+        k = req.params.logprobs
+        if k is not None:
+            ids = req.prompt_ids
+            # The prompt alone, every position's logits: only for the rows that ask.
+            with self._lora_rows([req]):  # its adapter's distribution, if it has one
+                logits = self._model(input_ids=torch.tensor([ids], device=self._device)).logits[0]
+            logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+            chosen = logp.gather(1, torch.tensor(ids[1:], device=self._device).unsqueeze(1)).squeeze(1)
+            top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+            top = [list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_values.tolist(), strict=True)]
+            entries = prompt_logprobs(self._tokenizer, self._texts, ids, chosen.tolist(), top)
+        req.send(StreamEvent(req.echo_text, 0, len(req.prompt_ids), logprobs=entries))
+
+    def _generate(self, reqs: list[QueuedRequest]) -> None:
         import torch
 
         device = self._device
-        rows = [_Row(req, self._tokenizer, self._eos_ids) for req in reqs]
+        rows, sampler = self._sampler(reqs)
         width = max(len(req.prompt_ids) for req in reqs)
         ids = torch.full((len(reqs), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(reqs), width), dtype=torch.long)
@@ -452,27 +389,37 @@ class TorchRuntime(Runtime):
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
         cache = self._new_cache()
         self._set_active(len(rows))
-        logits = self._forward(ids, mask, positions, cache)
+        for req in reqs:
+            if req.params.echo and not req.cancelled:
+                self._echo(req)
+        wants_logprobs = any(req.params.logprobs is not None for req in reqs)
+        raw = self._forward(ids, mask, positions, cache, reqs)
         while True:
-            tokens = _sample(logits, rows)
+            # Processors change the logits in place; logprobs are the raw distribution's.
+            logits = sampler.process(raw.float().clone() if wants_logprobs else raw.float())
+            tokens = sampler.sample(logits)
+            accepted = sampler.accept(tokens)
+            logprobs = sampler.logprobs(raw, tokens) if wants_logprobs else [None] * len(rows)
             if self._closing:
                 reason = WorkerUnavailable(f"model {self.ctx.model.name!r} is unloading")
-                for row in rows:
-                    row.req.send(reason, final=True)
+                for req in reqs:
+                    req.send(reason, final=True)
                 return
             keep: list[int] = []
-            events: list[tuple[_Row, StreamEvent]] = []
-            for i, row in enumerate(rows):
-                if row.req.cancelled:
+            events: list[tuple[QueuedRequest, StreamEvent]] = []
+            for i, (row, req) in enumerate(zip(rows, reqs, strict=True)):
+                if req.cancelled:
                     continue
-                event = row.advance(tokens[i])
+                event = row.advance(tokens[i], logprobs[i]) if accepted[i] else row.refuse()
+                if not accepted[i]:
+                    logger.warning("model %r: a grammar refused a token it allowed", self.ctx.model.name)
                 if event is not None:
-                    events.append((row, event))
+                    events.append((req, event))
                 if not row.done:
                     keep.append(i)
             self._set_active(len(keep))  # before the final events, so consumers see it
-            for row, event in events:
-                row.req.send(event, final=event.finish_reason is not None)
+            for req, event in events:
+                req.send(event, final=event.finish_reason is not None)
             if not keep:
                 return
             if len(keep) < len(rows):  # drop finished and cancelled rows, cache included
@@ -480,7 +427,9 @@ class TorchRuntime(Runtime):
                 cache.batch_select_indices(index)
                 mask, positions = mask[index], positions[index]
                 rows = [rows[i] for i in keep]
+                reqs = [reqs[i] for i in keep]
+                sampler.select(keep)
             step = torch.tensor([[tokens[i]] for i in keep], device=device)
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
             positions = positions[:, -1:] + 1
-            logits = self._forward(step, mask, positions, cache)
+            raw = self._forward(step, mask, positions, cache, reqs)

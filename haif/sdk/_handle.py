@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from haif.envelope import RequestContext, build_work_item
-from haif.exceptions import unwrap
+from haif.handles import answer, typed
 from haif.gateway.serving import embedding_response
 from haif.protocol import (
     ChatCompletionChunk,
@@ -29,10 +29,13 @@ DEFAULT_TIMEOUT_S = 120.0
 
 
 def _raise_typed(exc: BaseException) -> None:
-    err = unwrap(exc)
+    err = typed(exc)
     if err is exc:
         raise exc
     raise err from None
+
+
+_value = answer
 
 
 class HandleClient:
@@ -91,10 +94,11 @@ class HandleClient:
 
     def models(self) -> ModelList:
         try:
-            return self._gateway.models.remote(self._ctx()).result(timeout_s=self._timeout_s)
+            reply = self._gateway.models.remote(self._ctx()).result(timeout_s=self._timeout_s)
         except Exception as exc:
             _raise_typed(exc)
             raise
+        return _value(reply)
 
     def completions(self, request: CompletionRequest | dict[str, Any]) -> CompletionResponse:
         body = CompletionRequest.model_validate(request)
@@ -118,7 +122,7 @@ class HandleClient:
         body = EmbeddingRequest.model_validate(request)
         item = self._item("embedding", body, self._limits_sync())
         try:
-            result = self._gateway.embed.remote(item).result(timeout_s=self._timeout_s)
+            result = _value(self._gateway.embed.remote(item).result(timeout_s=self._timeout_s))
             vectors = ray.get(result.vectors) if isinstance(result.vectors, ray.ObjectRef) else result.vectors
         except Exception as exc:
             _raise_typed(exc)
@@ -130,16 +134,18 @@ class HandleClient:
         if item.stream:
             raise ValueError("use chat_stream / completions_stream for stream=True")
         try:
-            return self._gateway.generate.remote(item).result(timeout_s=self._timeout_s)
+            reply = self._gateway.generate.remote(item).result(timeout_s=self._timeout_s)
         except Exception as exc:
             _raise_typed(exc)
             raise
+        return _value(reply)
 
     def _stream_sync(self, kind: Kind, body: Body) -> Iterator[Any]:
         item = self._item(kind, body, self._limits_sync())
         gen = self._stream_gateway.stream.remote(item)
         try:
-            yield from gen
+            for chunk in gen:
+                yield _value(chunk)
         except Exception as exc:
             _raise_typed(exc)
             raise
@@ -164,7 +170,7 @@ class HandleClient:
         gen = self._stream_gateway.stream.remote(item)
         try:
             async for chunk in gen:
-                yield chunk
+                yield _value(chunk)
         except Exception as exc:
             _raise_typed(exc)
             raise
@@ -177,7 +183,7 @@ class HandleClient:
         body = EmbeddingRequest.model_validate(request)
         item = self._item("embedding", body, await self._limits_async())
         try:
-            result = await self._gateway.embed.remote(item)
+            result = _value(await self._gateway.embed.remote(item))
             vectors = await result.vectors if isinstance(result.vectors, ray.ObjectRef) else result.vectors
         except Exception as exc:
             _raise_typed(exc)
@@ -187,7 +193,8 @@ class HandleClient:
     async def _agenerate(self, kind: Kind, body: Body) -> Any:
         item = self._item(kind, body, await self._limits_async())
         try:
-            return await self._gateway.generate.remote(item)
+            reply = await self._gateway.generate.remote(item)
         except Exception as exc:
             _raise_typed(exc)
             raise
+        return _value(reply)

@@ -30,6 +30,7 @@ _BY_CODE: dict[str, type[errors.HaifError]] = {
         errors.ModelNotFound,
         errors.PromptTooLong,
         errors.UnsupportedOperation,
+        errors.UnsupportedParameter,
         errors.ModelNotReady,
         errors.WorkerUnavailable,
         errors.Overloaded,

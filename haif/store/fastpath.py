@@ -182,6 +182,7 @@ _JOB_FIELDS = (
     "holds_slot",
     "gateway",
     "region",
+    "end_user",
     "created_at",
 )
 
@@ -200,6 +201,7 @@ def _reserve_pg() -> Any:
         taken.c.holds_slot,
         bindparam("b_gateway", type_=String()),
         bindparam("b_region", type_=String()),
+        bindparam("b_user", type_=String()),
         _NOW,
     )
     return (
@@ -226,6 +228,7 @@ def _job_values(reserved_tokens: Any) -> dict[str, Any]:
         "holds_slot": False,
         "gateway": bindparam("b_gateway", type_=String()),
         "region": bindparam("b_region", type_=String()),
+        "end_user": bindparam("b_user", type_=String()),
         "created_at": _NOW,
     }
 
@@ -263,6 +266,7 @@ def _params(req: JobRequest, now: datetime) -> dict[str, Any]:
         "b_version": req.version,
         "b_gateway": req.gateway,
         "b_region": req.region,
+        "b_user": req.user,
     }
 
 
@@ -276,6 +280,7 @@ def _job_params(req: JobRequest, now: datetime) -> dict[str, Any]:
         "b_version": req.version,
         "b_gateway": req.gateway,
         "b_region": req.region,
+        "b_user": req.user,
         "b_now": now,
     }
 
@@ -295,6 +300,7 @@ def _job_row(
         "holds_slot": holds_slot,
         "gateway": req.gateway,
         "region": req.region,
+        "end_user": req.user,
         "created_at": now,
     }
 
@@ -356,6 +362,7 @@ def _closing_values(worker: Any, region: Any) -> dict[str, Any]:
         "finished_at": bindparam("b_finished", type_=UtcDateTime()),
         "worker": func.coalesce(bindparam("b_worker", type_=String()), worker),
         "region": func.coalesce(bindparam("b_region", type_=String()), region),
+        "version": bindparam("b_version", type_=String()),
         "attempts": bindparam("b_attempts", type_=Integer()),
         "error": bindparam("b_error", type_=String()),
         "response": bindparam("b_response", type_=String()),
@@ -467,7 +474,7 @@ def _settle_params(res: Reservation, out: Outcome) -> dict[str, Any]:
         "b_refund": res.reserved_tokens - charged if res.reserved_tokens else 0,
         "b_slot": int(res.holds_slot),
         "b_model": res.model,
-        "b_version": res.version,
+        "b_version": out.version or res.version,
         "b_usage_started": out.started_at or res.reserved_at,
     }
 
@@ -477,6 +484,7 @@ def _unwritten_params(req: JobRequest, now: datetime, reserved_tokens: int) -> d
     ``b_region`` is where it ran: the row's own region is ``b_job_region`` here)."""
     params = _job_params(req, now)
     params["b_job_region"] = params.pop("b_region")
+    del params["b_version"]  # the settlement's: the version that ran it
     params["b_reserved"] = reserved_tokens
     return params
 

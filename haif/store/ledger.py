@@ -51,6 +51,7 @@ class JobRequest:
     request_hash: str | None = None
     gateway: str | None = None
     region: str | None = None
+    user: str | None = None  # the request's `user` (its end user), recorded on the job
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Outcome:
     bill: bool = False  # record usage: tokens were served
     attempts: int = 1  # dispatches, retries included
     region: str | None = None  # where it ran; None: keep the admitting region
+    version: str | None = None  # the version that ran it; None: the one it was admitted with
 
 
 def _insert(conn: Connection) -> Any:
@@ -138,6 +140,7 @@ _CLOSE_JOB = (
         finished_at=bindparam("b_finished"),
         worker=func.coalesce(bindparam("b_worker"), jobs.c.worker),
         region=func.coalesce(bindparam("b_region"), jobs.c.region),
+        version=bindparam("b_version"),
         attempts=bindparam("b_attempts"),
         error=bindparam("b_error"),
         response=bindparam("b_response"),
@@ -199,6 +202,7 @@ def reserve(conn: Connection, req: JobRequest, now: datetime) -> Reservation | E
         "holds_slot": ask.slot,
         "gateway": req.gateway,
         "region": req.region,
+        "end_user": req.user,
         "created_at": now,
     }
     job_id = req.job_id
@@ -257,6 +261,7 @@ def _take_over_or_existing(
             reserved_tokens=values["reserved_tokens"],
             holds_slot=values["holds_slot"],
             gateway=values["gateway"],
+            end_user=values["end_user"],
             created_at=now,
             started_at=None,
             finished_at=None,
@@ -300,6 +305,7 @@ def close_job_params(res: Reservation, out: Outcome) -> dict[str, Any]:
         "b_finished": out.finished_at,
         "b_worker": out.worker,
         "b_region": out.region,
+        "b_version": out.version or res.version,
         "b_attempts": out.attempts,
         "b_error": out.error,
         "b_response": out.response,
@@ -332,7 +338,7 @@ def settle(conn: Connection, res: Reservation, out: Outcome) -> bool:
                 "job_id": res.job_id,
                 "tenant_id": res.tenant_id,
                 "model": res.model,
-                "version": res.version,
+                "version": out.version or res.version,
                 "prompt_tokens": out.prompt_tokens,
                 "completion_tokens": out.completion_tokens,
                 "started_at": out.started_at or res.reserved_at,

@@ -3,11 +3,14 @@
 ::
 
     tenants ──┬── api_tokens      (hash of the secret, never the secret; looked up by prefix)
+              ├── p2p_peers       (P2P callers: a Noise public key, mapped to its tenant)
               ├── quotas          (limits, and the live counters of their windows)
               ├── jobs            (one per admitted request: reserved → running → terminal)
               │     └── usage_records   (one per served job; exported in usage_batches)
               └── usage_records
     dead_letters                  (the DLQ's table: final failures, self-contained, keyed by job id)
+    rollouts                      (per model: stable and canary versions, the canary's weight; CLI-written)
+    worker_drains                 (`haif workers drain` requests, done by the Orchestrator)
 
 The Alembic migrations in ``haif/store/migrations`` create exactly these tables (a test
 compares them); change both together.
@@ -129,6 +132,16 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
+class P2PPeer(Base):
+    """A P2P caller's Noise public key (64 lower-case hex) and the tenant it acts as."""
+
+    __tablename__ = "p2p_peers"
+
+    public_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
 class Quota(Base):
     """A tenant's limits (NULL: unlimited) and the counters of their current windows."""
 
@@ -182,6 +195,7 @@ class Job(Base):
     # reservation (haif.store.fastpath, sent precompiled by haif.store.aio) leaves it out.
     attempts: Mapped[int] = mapped_column(Integer, server_default="1")
     gateway: Mapped[str | None] = mapped_column(String(128))  # the Gateway replica that admitted it
+    end_user: Mapped[str | None] = mapped_column(String(256))  # the request's `user`, as the client named them
     error: Mapped[str | None] = mapped_column(String(1024))
     response: Mapped[str | None] = mapped_column(Text)  # JSON, kept for Idempotency-Key replays
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)  # reserved at
@@ -248,3 +262,42 @@ class DeadLetter(Base):
     dead_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     body: Mapped[str] = mapped_column(Text)  # the request body, JSON
     body_truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class RolloutRow(Base):
+    """A model's rollout: its stable version and a canary with a share of the traffic.
+
+    The operator's CLI writes the versions and the weight (each change bumps
+    ``generation``); the Orchestrator reads every row on each poll, applies them through the
+    routing table, and writes ``canary_status`` and ``reason`` back for the generation it
+    saw (:mod:`haif.store.rollouts`).
+    """
+
+    __tablename__ = "rollouts"
+    __table_args__ = (
+        CheckConstraint("canary_weight >= 0 AND canary_weight <= 100", name="canary_weight"),
+    )
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # The config's version of the model when the rollout began; a redeploy whose config
+    # names another version makes the row stale (superseded).
+    base_version: Mapped[str] = mapped_column(String(64))
+    stable_version: Mapped[str] = mapped_column(String(64))
+    canary_version: Mapped[str | None] = mapped_column(String(64))
+    canary_weight: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # percent
+    canary_status: Mapped[str | None] = mapped_column(String(16))  # starting | ready | failed
+    reason: Mapped[str | None] = mapped_column(Text)  # why the canary has no traffic, or was rolled back
+    auto_rollbacks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class WorkerDrain(Base):
+    """A request to drain one worker (``haif workers drain``); the Orchestrator marks it done."""
+
+    __tablename__ = "worker_drains"
+
+    worker_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    requested_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    done_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    outcome: Mapped[str | None] = mapped_column(Text)

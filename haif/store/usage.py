@@ -110,6 +110,7 @@ _JOB_COLUMNS = (
     Job.started_at,
     Job.finished_at,
     Job.error,
+    Job.end_user,
 )
 
 
@@ -146,6 +147,7 @@ def _job(r: Any) -> dict[str, Any]:
         "started_at": _iso(r.started_at) if r.started_at else None,
         "finished_at": _iso(r.finished_at) if r.finished_at else None,
         "error": r.error,
+        "user": r.end_user,
     }
 
 

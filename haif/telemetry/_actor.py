@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from haif.telemetry._registry import Registry, Snapshot
-    from haif.telemetry.metrics import MetricsTarget
+    from haif.telemetry._target import MetricsTarget
 
 logger = logging.getLogger("haif.telemetry")
 

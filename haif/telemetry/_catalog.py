@@ -18,7 +18,7 @@ TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ITL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
-WORKER_STATES = ("loading", "ready", "failed", "dead")
+WORKER_STATES = ("pending", "loading", "ready", "draining", "failed", "dead")
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,10 @@ CATALOG: tuple[MetricSpec, ...] = (
                ("model",), ITL_BUCKETS_S, component="bridge"),
     # --- Gateway -----------------------------------------------------------------------
     MetricSpec("haif_requests_total", "counter",
-               "Inference requests seen by the Gateways, by model, kind and final status "
-               "(ok, or the error code).",
-               ("model", "kind", "status"), component="gateway"),
+               "Inference requests seen by the Gateways, by model, the version that served "
+               "them (a rollout's canary or the stable one), kind and final status (ok, or the "
+               "error code).",
+               ("model", "version", "kind", "status"), component="gateway"),
     MetricSpec("haif_gateway_admissions_total", "counter",
                "Admission decisions of the Gateways, by outcome.",
                ("outcome",), component="gateway"),
@@ -78,8 +79,18 @@ CATALOG: tuple[MetricSpec, ...] = (
                "Requests the Orchestrators have dispatched to workers and not yet finished.",
                ("model",), component="orchestrator"),
     MetricSpec("haif_workers", "gauge",
-               "Worker actors by model and state (loading, ready, failed, dead).",
-               ("model", "state"), component="orchestrator"),
+               "Worker actors by model, version and state (pending, loading, ready, draining, "
+               "failed, dead).",
+               ("model", "version", "state"), component="orchestrator"),
+    MetricSpec("haif_rollout_weight", "gauge",
+               "The share of a model's new requests each of its versions gets (percent).",
+               ("model", "version"), merge="max", component="orchestrator"),
+    MetricSpec("haif_rollout_auto_rollbacks_total", "counter",
+               "Canaries the Orchestrator rolled back on its own (rollouts.max_error_rate).",
+               ("model", "version"), component="orchestrator"),
+    MetricSpec("haif_autoscale_decisions_total", "counter",
+               "The autoscaler's decisions to add (up) or drain (down) workers, by model.",
+               ("model", "direction"), component="orchestrator"),
     MetricSpec("haif_queue_depth", "gauge",
                "Requests waiting in the Orchestrators' queues for a worker, by model.",
                ("model",), component="orchestrator"),
@@ -99,6 +110,15 @@ CATALOG: tuple[MetricSpec, ...] = (
                ("model",), component="worker"),
     MetricSpec("haif_artifact_cache_misses_total", "counter",
                "Artifact blobs a worker had to fetch from a replica, by model.",
+               ("model",), component="worker"),
+    MetricSpec("haif_adapter_loads_total", "counter",
+               "LoRA adapters a worker pulled, verified and loaded on first use, by base model.",
+               ("model",), component="worker"),
+    MetricSpec("haif_adapter_evictions_total", "counter",
+               "LoRA adapters a worker unloaded to make room (least recently used), by base model.",
+               ("model",), component="worker"),
+    MetricSpec("haif_adapter_cache_hits_total", "counter",
+               "Requests for a LoRA adapter that found it loaded on their worker, by base model.",
                ("model",), component="worker"),
     # --- the pipeline itself -------------------------------------------------------------
     MetricSpec("haif_metrics_processes", "gauge",

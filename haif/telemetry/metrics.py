@@ -17,9 +17,11 @@ What each component calls:
 * Orchestrator: ``OrchestratorMetrics.watch_workers`` (workers by state, in flight),
   ``queue_depth(model, n)``, ``circuit_state(model, worker, "closed"|"half_open"|"open")``,
   ``forget_worker(model, worker)``, ``dlq_depth(n)``.
-* Worker actors: ``WorkerMetrics`` (in flight, artifact cache hits/misses).
+* Worker actors: ``WorkerMetrics`` (in flight, artifact cache hits/misses, LoRA adapter
+  loads, evictions and hits).
 
-Label values are bounded: model names outside the config become ``other``, statuses
+Label values are bounded: model names outside the config become ``other`` (``BASE:ADAPTER``
+becomes ``BASE``), statuses
 are error codes of ``haif.exceptions``, tenants are names from the metadata store.
 """
 
@@ -29,17 +31,16 @@ import asyncio
 import logging
 import os
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from haif.exceptions import HaifError, MetricsUnavailable
 from haif.telemetry._catalog import CATALOG, CIRCUIT_STATES, WORKER_STATES, exported_names
 from haif.telemetry._registry import Labels, Registry
+from haif.telemetry._target import MetricsTarget
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from haif.config import HaifConfig
     from haif.telemetry._actor import Pusher
 
 __all__ = [
@@ -60,34 +61,6 @@ logger = logging.getLogger("haif.telemetry")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OTHER = "other"  # the label value of any model name the config does not define
-
-
-@dataclass(frozen=True)
-class MetricsTarget:
-    """Where and how a process pushes its metrics (picklable: it travels to worker actors)."""
-
-    enabled: bool = False
-    actor_name: str = "haif-metrics"
-    namespace: str = "haif"
-    push_interval_s: float = 1.0
-    stale_after_s: float = 10.0
-    retire_after_s: float = 3600.0
-    max_processes: int = 4096
-    scrape_timeout_s: float = 2.0
-
-    @classmethod
-    def from_config(cls, config: HaifConfig) -> MetricsTarget:
-        t = config.telemetry
-        return cls(
-            enabled=t.metrics_enabled,
-            actor_name=f"{config.server.app_name}-metrics",
-            namespace=config.ray.namespace,
-            push_interval_s=t.metrics_push_interval_s,
-            stale_after_s=t.metrics_stale_after_s,
-            retire_after_s=t.metrics_retire_after_s,
-            max_processes=t.metrics_max_processes,
-            scrape_timeout_s=t.metrics_scrape_timeout_s,
-        )
 
 
 class ProcessMetrics:
@@ -125,10 +98,18 @@ class ProcessMetrics:
 
 
 def model_label(name: str | None, known: frozenset[str]) -> str:
-    """``name`` when the config defines it, ``other`` for any other string, "" for none."""
+    """``name`` when the config defines it, the base of a ``BASE:ADAPTER`` name (LoRA
+    adapters are counted with their base), ``other`` for any other string, "" for none."""
     if not name:
         return ""
-    return name if name in known else OTHER
+    if name in known:
+        return name
+    cut = name.rfind(":")
+    while cut > 0:  # a model name may hold ":" itself
+        if name[:cut] in known:
+            return name[:cut]
+        cut = name.rfind(":", 0, cut)
+    return OTHER
 
 
 def status_of(exc: BaseException | None) -> str:
@@ -164,8 +145,8 @@ class BridgeMetrics:
         self.registry.observe("haif_inter_token_latency_seconds", (self.model(model),), seconds)
 
 
-# (model, state, in_flight) of one worker; state is loading|ready|failed|dead
-WorkerSample = tuple[str, str, int]
+# (model, version, state, in_flight) of one worker; state is one of WORKER_STATES
+WorkerSample = tuple[str, str, str, int]
 
 
 class OrchestratorMetrics:
@@ -175,25 +156,39 @@ class OrchestratorMetrics:
         self.registry = metrics.registry
 
     def watch_workers(self, sample: Callable[[], Iterable[WorkerSample]]) -> None:
-        """Sample ``haif_workers{model,state}`` and ``haif_in_flight_requests{model}`` before
-        each push. ``sample`` runs on the pusher thread: it must only read (copy containers
-        with ``list()`` before iterating them)."""
+        """Sample ``haif_workers{model,version,state}`` and ``haif_in_flight_requests{model}``
+        before each push. ``sample`` runs on the pusher thread: it must only read (copy
+        containers with ``list()`` before iterating them)."""
 
         def collect(registry: Registry) -> None:
             workers: dict[Labels, float] = {}
             in_flight: dict[Labels, float] = {}
-            models: set[str] = set()
-            for model, state, busy in list(sample()):
-                models.add(model)
-                workers[(model, state)] = workers.get((model, state), 0) + 1
+            versions: set[tuple[str, str]] = set()
+            for model, version, state, busy in list(sample()):
+                versions.add((model, version))
+                workers[(model, version, state)] = workers.get((model, version, state), 0) + 1
                 in_flight[(model,)] = in_flight.get((model,), 0) + busy
-            for model in models:  # zeros, so that a panel shows "0 ready", not "no data"
+            for model, version in versions:  # zeros: a panel shows "0 ready", not "no data"
                 for state in WORKER_STATES:
-                    workers.setdefault((model, state), 0)
+                    workers.setdefault((model, version, state), 0)
             registry.replace("haif_workers", workers)
             registry.replace("haif_in_flight_requests", in_flight)
 
         self.registry.add_collector(collect)
+
+    def watch_rollouts(self, sample: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Sample ``haif_rollout_weight{model,version}`` (percent) before each push."""
+
+        def collect(registry: Registry) -> None:
+            registry.replace("haif_rollout_weight", {(m, v): w for m, v, w in list(sample())})
+
+        self.registry.add_collector(collect)
+
+    def autoscaled(self, model: str, direction: str) -> None:
+        self.registry.inc("haif_autoscale_decisions_total", (model, direction))
+
+    def rolled_back(self, model: str, version: str) -> None:
+        self.registry.inc("haif_rollout_auto_rollbacks_total", (model, version))
 
     def queue_depth(self, model: str, depth: int) -> None:
         """Requests of ``model`` waiting in this replica's queue (summed over replicas)."""
@@ -232,6 +227,15 @@ class WorkerMetrics:
         """Blobs of one pull found in the node cache / fetched from a replica."""
         self.registry.inc("haif_artifact_cache_hits_total", (self._model,), hits)
         self.registry.inc("haif_artifact_cache_misses_total", (self._model,), misses)
+
+    def adapter_loaded(self) -> None:
+        self.registry.inc("haif_adapter_loads_total", (self._model,))
+
+    def adapter_evicted(self) -> None:
+        self.registry.inc("haif_adapter_evictions_total", (self._model,))
+
+    def adapter_hit(self) -> None:
+        self.registry.inc("haif_adapter_cache_hits_total", (self._model,))
 
 
 class MetricsReader:

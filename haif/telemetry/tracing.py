@@ -85,6 +85,7 @@ REQUEST_ID = "haif.request_id"
 TENANT = "haif.tenant"
 MODEL = "haif.model"
 MODEL_VERSION = "haif.model.version"
+ADAPTER = "haif.adapter"  # a LoRA adapter's served name (the model is its base)
 WORKER = "haif.worker"
 REGION = "haif.region"
 STATUS = "haif.status"

@@ -10,6 +10,7 @@ tier after the others), since a process joins one Ray cluster at a time.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
@@ -89,12 +90,26 @@ def chaos_store_env(chaos_pg_url: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def chaos_testnet() -> list[str]:
+    """A local hyperdht testnet (127.0.0.1) the deployment's P2P shim joins: its bootstrap."""
+    from tests.p2p import Testnet
+
+    with Testnet() as net:
+        yield net.bootstrap
+
+
+@pytest.fixture(scope="session")
 def chaos_haif(
-    chaos_cluster: ChaosCluster, chaos_store_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    chaos_cluster: ChaosCluster,
+    chaos_store_env: dict[str, str],
+    chaos_testnet: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Deployment:
     env = {
         "HAIF_SERVER__PORT": str(_free_port()),
         "HAIF_BASE_DIR": str(tmp_path_factory.mktemp("haif-chaos")),
+        # The P2P shim (chaos.yaml's p2p section) on the local testnet.
+        "HAIF_P2P__BOOTSTRAP": json.dumps(chaos_testnet),
         **chaos_store_env,
     }
     # No --working-dir: on several raylets of one host, their runtime-env agents unpack a
@@ -114,3 +129,10 @@ def chaos_orchestrator(chaos_haif: Deployment):  # noqa: ANN201
     from ray import serve
 
     return serve.get_deployment_handle("Orchestrator", app_name=chaos_haif.app_name)
+
+
+@pytest.fixture(scope="session")
+def chaos_gateway(chaos_haif: Deployment):  # noqa: ANN201
+    from ray import serve
+
+    return serve.get_deployment_handle("Gateway", app_name=chaos_haif.app_name)

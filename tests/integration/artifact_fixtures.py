@@ -6,7 +6,9 @@ store the deployment serves from (two local directories and an S3 bucket), publi
 the artifacts the deployment must refuse (a flipped byte in every replica, an edited
 manifest, an untrusted signer) plus good ones, and returns the ``HAIF_ARTIFACTS__*``
 overrides that point the deployment at it. The deployment's own bootstrap then adds
-MiniLM and the tiny LLM to the same store, signed by the same development key.
+MiniLM to the same store, signed by the same development key. The tiny LLM is published
+here (``tiny-llama:1``; the bootstrap finds it on every replica and publishes nothing), so
+that the LoRA adapters of ``tests.lora_cases`` can name its manifest digest.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class ArtifactSetup:
     root: Path
     dev_key_id: str
     signed_echo_blobs: int
+    lora_digests: dict[str, str]  # artifact ref -> manifest digest (tests.lora_cases)
 
 
 @pytest.fixture(scope="session")
@@ -135,4 +138,13 @@ def artifact_setup(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) ->
             key,
             runtime=echo,
         )
-    return ArtifactSetup(env=env, root=root, dev_key_id=key.key_id, signed_echo_blobs=2)
+    # A version of signed-echo signed by a key the deployment does not trust: a rollout of
+    # it must never get traffic (tests/integration/test_rollouts.py).
+    store.publish(write_payload(root / "src" / f"{SIGNED_ECHO}-9"), SIGNED_ECHO, "9", rogue, runtime=echo)
+    from tests.lora_cases import build_models, publish_all
+
+    base_dir, adapter_dirs = build_models(root / "lora")
+    lora_digests = publish_all(store, key, rogue, root / "lora", base_dir, adapter_dirs)
+    return ArtifactSetup(
+        env=env, root=root, dev_key_id=key.key_id, signed_echo_blobs=2, lora_digests=lora_digests
+    )

@@ -199,17 +199,29 @@ def store_env(pg_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def testnet() -> list[str]:
+    """A local hyperdht testnet (127.0.0.1) the deployment's P2P shim joins: its bootstrap."""
+    from tests.p2p import Testnet
+
+    with Testnet() as net:
+        yield net.bootstrap
+
+
+@pytest.fixture(scope="session")
 def haif(
     ray_cluster: str,
     store_env: dict[str, str],
     webhook: WebhookReceiver,
     artifact_setup: ArtifactSetup,
     telemetry_env: dict[str, str],
+    testnet: list[str],
 ) -> Deployment:
     # A free port, so that test sessions (and a running `make serve`) never collide.
     port = _free_port()
+    # The P2P shim on the local testnet, as `HAIF_P2P__ENABLED=true HAIF_P2P__BOOTSTRAP=...` does.
+    p2p_env = {"HAIF_P2P__ENABLED": "true", "HAIF_P2P__BOOTSTRAP": json.dumps(testnet)}
     env = {"HAIF_SERVER__PORT": str(port), "HAIF_USAGE__WEBHOOK_URL": webhook.url, **store_env,
-           **artifact_setup.env, **telemetry_env}
+           **artifact_setup.env, **telemetry_env, **p2p_env}
     out = submit_job(ray_cluster, "python", "serve_app.py", "--config", CONFIG, env=env)
     url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("URL: "))
     key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("API key: "))

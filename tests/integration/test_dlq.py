@@ -11,8 +11,8 @@ import pytest
 import ray
 from sqlalchemy import create_engine, select
 
-from haif.envelope import RequestContext, build_work_item
-from haif.exceptions import DeadlineExceeded, unwrap
+from haif.envelope import Refused, RequestContext, build_work_item
+from haif.exceptions import DeadlineExceeded
 from haif.protocol import CompletionRequest
 from haif.store.models import Job, UsageRecord
 from tests.integration.conftest import Deployment, haif_cli, wait_for
@@ -49,10 +49,9 @@ def test_a_final_failure_is_dead_lettered_and_replayed_once(
     body = CompletionRequest(model="echo-slow", prompt=prompt, max_tokens=64, stream=True)
     ctx = RequestContext.new(timeout_s=1.0, api_key=token, traceparent=TRACEPARENT)
     item = build_work_item("completion", body, ctx, limits)
-    with pytest.raises(Exception) as info:  # noqa: PT011 - Ray wraps it: unwrapped below
-        for _ in gateway.options(stream=True).stream.remote(item):
-            pass
-    assert isinstance(unwrap(info.value), DeadlineExceeded)
+    # The Gateway answers a HAIF error as a value (Refused), the stream's last item.
+    *_, last = list(gateway.options(stream=True).stream.remote(item))
+    assert isinstance(last, Refused) and isinstance(last.error, DeadlineExceeded), last
 
     [line] = haif_cli(store_env, "dlq", "list", "--tenant", tenant, "--json").splitlines()
     entry = json.loads(line)

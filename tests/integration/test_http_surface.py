@@ -70,7 +70,7 @@ def test_bad_keys_get_one_uniform_401(http: httpx.Client, headers: dict) -> None
         ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "robot", "content": "x"}]}, 422),
         ("/v1/chat/completions", {"model": "minilm", "messages": [{"role": "user", "content": "x"}]}, 422),
         ("/v1/embeddings", {"model": "minilm", "input": ["x"] * 65}, 422),  # over max_embedding_inputs
-        ("/v1/embeddings", {"model": "minilm", "input": [1, 2, 3]}, 422),
+        ("/v1/embeddings", {"model": "minilm", "input": [10**9]}, 400),  # a token id outside the vocabulary
         ("/v1/embeddings", {"model": "echo-slow", "input": "x", "dimensions": 3}, 422),
         ("/v1/embeddings", {"model": "tiny-llama", "input": "x"}, 422),
         ("/v1/completions", {"model": "no-such-model", "prompt": "x"}, 404),

@@ -572,14 +572,24 @@ def test_streams_are_marked_running_settled_and_billed(
         assert rest[-1] == "data: [DONE]"
         wait_for(lambda: c.get(f"/v1/jobs/{job_id}", headers=h).json()["state"] == "succeeded", 10)
         assert c.get(f"/v1/jobs/{job_id}", headers=h).json()["completion_tokens"] == 30
-        # A client that hangs up is billed for what was generated, and its job fails.
-        with c.stream("POST", "/v1/completions", headers=h, json=body) as resp:
+        # A client that hangs up is billed for what was generated, and its job fails. The
+        # answer would take ~10 s: a loaded machine does not finish it before the hang-up.
+        long = {**body, "prompt": "tok " * 200, "max_tokens": 200}
+        with c.stream("POST", "/v1/completions", headers=h, json=long) as resp:
             lines = resp.iter_lines()
             cut = json.loads(next(line for line in lines if line.startswith("data: "))[6:])["id"]
-        job = wait_for(
-            lambda: (j := c.get(f"/v1/jobs/{cut}", headers=h).json())["state"] == "failed" and j, 10
-        )
-        assert 0 < job["completion_tokens"] < 30
+        states: list[str] = []
+
+        def failed() -> dict | None:
+            job = c.get(f"/v1/jobs/{cut}", headers=h).json()
+            states.append(job["state"])
+            return job if job["state"] == "failed" else None
+
+        try:
+            job = wait_for(failed, 15, what="the job of a stream cut by its client to fail")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; its states: {states[:2]} ... {states[-2:]}") from None
+        assert 0 < job["completion_tokens"] < 200, (job, states[-3:])
     wait_for(
         lambda: {cut, job_id} <= {u[0] for u in tenant_usage(db, tenant)}, 10, what="stream usage"
     )

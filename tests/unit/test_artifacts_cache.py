@@ -85,7 +85,7 @@ def test_all_sources_bad_raises_and_reserves_nothing(tmp_path: Path) -> None:
         c.ensure_blob(
             DIGEST,
             len(DATA),
-            [source("r1", DATA[:-1] + b"?", stats), source("r2", DATA[:-1] + b"?", stats)],
+            [source("r1", DATA[:-1] + bytes([DATA[-1] ^ 1]), stats), source("r2", DATA[:-1] + bytes([DATA[-1] ^ 1]), stats)],
         )
     assert not c.blob_path(DIGEST).exists()
     assert c.usage().reserved_bytes == 0 and c.usage().blobs == 0

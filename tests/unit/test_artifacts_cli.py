@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -31,9 +32,17 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def haif(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, [*args, "--config", "haif.yaml"])
+def haif(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [*args, "--config", "haif.yaml"], env=env)
     return result.exit_code, result.output
+
+
+def publish(name: str, version: str = "1") -> None:
+    code, out = haif(
+        "models", "publish", "model", "--name", name, "--version", version,
+        "--key", "keys/release.key",
+    )  # fmt: skip
+    assert code == 0, out
 
 
 def test_the_artifact_lifecycle(setup: Path) -> None:
@@ -125,3 +134,42 @@ def test_errors_exit_nonzero(setup: Path) -> None:
     (setup / "model" / "config.json").write_text('{"changed": true}')
     code, out = haif(*args)
     assert code == 1 and "already published with other content" in out
+
+
+LONG_NAME = "a-model-name-" + "x" * 107  # 120 characters
+
+
+def test_list_never_cuts_a_name_in_a_narrow_terminal(setup: Path) -> None:
+    assert haif("keys", "generate", "--out", "keys/release.key")[0] == 0
+    publish(LONG_NAME)
+    publish("m")
+    code, out = haif("models", "list", env={"COLUMNS": "80"})
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if f"{LONG_NAME}:1" in line]
+    assert len(rows) == 1  # whole, on one line: copyable and greppable
+    assert "3/3" in rows[0] and "sha256:" in rows[0]
+    assert "…" not in out  # no cell of any column was cut with an ellipsis
+    assert any(" m:1 " in line for line in out.splitlines())
+
+
+def test_list_json_is_every_artifact_unabridged(setup: Path) -> None:
+    assert haif("keys", "generate", "--out", "keys/release.key")[0] == 0
+    assert haif("models", "list", "--json")[1].strip() == "[]"
+    publish(LONG_NAME)
+    publish("m", "2")
+    result = CliRunner().invoke(
+        app, ["models", "list", "--json", "--config", "haif.yaml"], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert [a["ref"] for a in listed] == [f"{LONG_NAME}:1", "m:2"]
+    first = listed[0]
+    assert set(first) == {
+        "ref", "manifest_digest", "files", "total_bytes", "signer", "created_at", "replicas",
+        "base", "base_manifest",  # a LoRA adapter's base (None for a model)
+    }  # fmt: skip
+    assert len(first["manifest_digest"]) == 64  # the whole digest, not the table's prefix
+    assert first["files"] == 2 and first["total_bytes"] == 200_002
+    assert first["replicas"] == ["store/r1", "store/r2", "store/r3"]
+    code, out = haif("models", "verify", f"sha256:{first['manifest_digest']}")
+    assert code == 0, out  # what --json prints is usable as it is

@@ -14,7 +14,8 @@ from haif.exceptions import PromptTooLong, UnprocessableRequest
 from haif.gateway.quota import reservation_tokens
 from haif.gateway.serving import StreamFormatter, chat_response, completion_response
 from haif.protocol import ChatCompletionRequest, CompletionRequest
-from haif.runtimes.base import GenerationOutput, SamplingParams, StreamEvent, StreamTally, merge_choices, usage_of
+from haif.runtimes.base import GenerationOutput, SamplingParams, StreamEvent, StreamTally, usage_of
+from haif.runtimes.streams import merge_choices
 
 pytestmark = pytest.mark.unit
 

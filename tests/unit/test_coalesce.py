@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from haif.config import ModelConfig
-from haif.runtimes.base import StreamEvent, coalesce
+from haif.runtimes.base import StreamEvent
+from haif.runtimes.streams import coalesce
 
 pytestmark = pytest.mark.unit
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
+import sys
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
 
 from haif.config import HaifConfig, ModelConfig, load_config
-from haif.exceptions import ConfigError
+from haif.exceptions import ConfigError, ModelLoadFailed
 
 pytestmark = pytest.mark.unit
 
@@ -50,7 +55,7 @@ def test_local_config_validates() -> None:
 
 def test_production_example_validates() -> None:
     config = load_config(PRODUCTION, environ={})
-    assert config.server.bridge_replicas == 2
+    assert config.server.gateway_replicas == 2
     assert config.artifacts.write_quorum == 2
     assert len(config.artifacts.replicas) == 3
     assert [r.name for r in config.regions] == ["eu-west", "us-east"]
@@ -58,6 +63,8 @@ def test_production_example_validates() -> None:
     assert llama.runtime == "vllm" and llama.device == "gpu" and llama.workers == 4
     assert llama.dtype == "bfloat16"
     assert config.model("minilm").allow_cpu_fallback is True
+    assert config.model("minilm").autoscaling.max_workers == 6
+    assert config.rollouts.max_error_rate == 0.05
     # Absolute state dir stays absolute.
     assert config.state_path() == Path("/var/lib/haif")
 
@@ -69,10 +76,12 @@ def test_integration_config_validates() -> None:
     assert config.auth.dev_api_key == "integration-test-key-0123456789"
     names = [m.name for m in config.models]
     assert names == [
-        "echo", "echo-slow", "minilm", "tiny-llama", "tiny-llama-vllm", "gpu-echo", "gpu-fallback", "gpu-hungry",
+        "echo", "echo-pair", "echo-remote", "echo-slow", "minilm", "tiny-llama", "tiny-llama-vllm", "gpu-echo", "gpu-fallback",
+        "gpu-hungry",
         "signed-echo", "tampered-blob", "tampered-manifest", "untrusted",
+        "tiny-llama-lora", "tiny-llama-lora-solo", "rollout-echo", "elastic-echo", "zero-echo",
     ]
-    assert config.model("echo-slow").token_delay_ms == 50
+    assert config.model("echo-slow").echo.token_delay_ms == 50
     assert Path(config.base_dir).is_dir()
 
 
@@ -257,3 +266,278 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 def test_top_level_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- a\n- b\n"), environ={})
+
+
+# --- per-runtime sections -------------------------------------------------------------------
+
+
+def vllm_model(**fields: Any) -> ModelConfig:
+    return ModelConfig(name="llama", runtime="vllm", path="/m", **fields)
+
+
+def test_runtime_sections_are_read(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+models:
+  - name: llama
+    runtime: vllm
+    path: /m
+    engine: {tensor_parallel_size: 2, max_num_seqs: 64, enable_prefix_caching: true}
+    vllm: {kv_cache_space_gib: 4, cpu_engine_nice: 0}
+  - {name: tl, runtime: torch, path: /m, torch: {max_batch_size: 8, max_wait_ms: 1, threads: 2}}
+  - {name: minilm, runtime: embeddings, path: /m, torch: {max_batch_size: 64}}
+  - {name: slow, runtime: echo, echo: {token_delay_ms: 20}}
+"""), environ={})
+    llama = config.model("llama")
+    assert llama.engine == {"tensor_parallel_size": 2, "max_num_seqs": 64, "enable_prefix_caching": True}
+    assert llama.tensor_parallel_size == 2
+    assert (llama.vllm.kv_cache_space_gib, llama.vllm.cpu_engine_nice) == (4, 0)
+    assert config.model("tl").torch.model_dump() == {"max_batch_size": 8, "max_wait_ms": 1.0, "threads": 2}
+    assert config.model("minilm").torch.max_batch_size == 64
+    assert config.model("minilm").torch.max_wait_ms == 5.0  # the section's own default
+    assert config.model("slow").echo.token_delay_ms == 20
+    # Unset sections take their defaults.
+    assert ModelConfig(name="e", runtime="echo").echo.token_delay_ms == 0
+    assert vllm_model().engine == {} and vllm_model().tensor_parallel_size == 1
+
+
+def test_shipped_configs_use_no_deprecated_keys(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="haif.config")
+    for path in (LOCAL, PRODUCTION, INTEGRATION, ROOT / "tests" / "configs" / "chaos.yaml"):
+        load_config(path, environ={})
+    assert caplog.messages == []
+
+
+@pytest.mark.parametrize(
+    ("runtime", "old", "value", "section", "key", "message"),
+    [
+        ("echo", "token_delay_ms", 50, "echo", "token_delay_ms", "use echo: {token_delay_ms: 50}"),
+        ("torch", "max_batch_size", 8, "torch", "max_batch_size", "use torch: {max_batch_size: 8}"),
+        ("embeddings", "max_wait_ms", 2.5, "torch", "max_wait_ms", "use torch: {max_wait_ms: 2.5}"),
+        ("torch", "torch_threads", 4, "torch", "threads", "use torch: {threads: 4}"),
+        # HAIF handed it to vLLM as max_num_seqs: the same engine setting as before.
+        ("vllm", "max_batch_size", 256, "engine", "max_num_seqs", "use engine: {max_num_seqs: 256}"),
+        ("vllm", "tensor_parallel_size", 2, "engine", "tensor_parallel_size",
+         "use engine: {tensor_parallel_size: 2}"),
+        ("vllm", "gpu_memory_utilization", 0.8, "engine", "gpu_memory_utilization",
+         "use engine: {gpu_memory_utilization: 0.8}"),
+        ("vllm", "enforce_eager", True, "engine", "enforce_eager", "use engine: {enforce_eager: true}"),
+        ("vllm", "stream_interval", 8, "engine", "stream_interval", "use engine: {stream_interval: 8}"),
+        ("vllm", "kv_cache_space_gib", 3, "vllm", "kv_cache_space_gib",
+         "use vllm: {kv_cache_space_gib: 3}"),
+        ("vllm", "cpu_engine_nice", 10, "vllm", "cpu_engine_nice", "use vllm: {cpu_engine_nice: 10}"),
+    ],
+)
+def test_deprecated_flat_key_moves_into_its_section(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    runtime: str, old: str, value: Any, section: str, key: str, message: str,
+) -> None:
+    caplog.set_level("WARNING", logger="haif.config")
+    model = {"name": "m", "runtime": runtime, "path": "/m", old: value}
+    config = load_config(write(tmp_path, {"models": [model]}), environ={})
+    moved = getattr(config.model("m"), section)
+    assert (moved[key] if section == "engine" else getattr(moved, key)) == value
+    assert caplog.messages == [f"models[m].{old} is deprecated; {message}"]
+
+
+def test_deprecated_flat_keys_merge_with_the_section(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="haif.config")
+    model = vllm_model(tensor_parallel_size=2, enforce_eager=True, engine={"max_num_seqs": 32})
+    assert model.engine == {"max_num_seqs": 32, "tensor_parallel_size": 2, "enforce_eager": True}
+    assert model.tensor_parallel_size == 2
+    assert len(caplog.messages) == 2
+    # Still validated where they land.
+    with pytest.raises(ValueError, match="torch.max_wait_ms"):
+        ModelConfig(name="t", runtime="torch", path="/m", max_wait_ms=-1)
+
+
+def test_deprecated_flat_key_of_another_runtime_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Before the sections, a key of another runtime was read by nobody; it still is not."""
+    caplog.set_level("WARNING", logger="haif.config")
+    model = ModelConfig(name="t", runtime="torch", path="/m", tensor_parallel_size=4, token_delay_ms=5)
+    assert model.tensor_parallel_size == 1 and model.engine == {}
+    assert model.echo.token_delay_ms == 0
+    assert caplog.messages == [
+        "models[t].token_delay_ms is deprecated and has no effect on runtime torch; remove it",
+        "models[t].tensor_parallel_size is deprecated and has no effect on runtime torch; remove it",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("model", "old", "new"),
+    [
+        ({"runtime": "vllm", "tensor_parallel_size": 2, "engine": {"tensor_parallel_size": 4}},
+         "tensor_parallel_size", "engine.tensor_parallel_size"),
+        ({"runtime": "vllm", "max_batch_size": 16, "engine": {"max_num_seqs": 16}},
+         "max_batch_size", "engine.max_num_seqs"),
+        ({"runtime": "torch", "torch_threads": 2, "torch": {"threads": 2}},
+         "torch_threads", "torch.threads"),
+        ({"runtime": "echo", "token_delay_ms": 1, "echo": {"token_delay_ms": 2}},
+         "token_delay_ms", "echo.token_delay_ms"),
+    ],
+)
+def test_a_key_given_flat_and_in_its_section_is_rejected(
+    tmp_path: Path, model: dict[str, Any], old: str, new: str
+) -> None:
+    message = config_error(tmp_path, {"models": [{"name": "m", "path": "/m", **model}]})
+    assert f"models[m]: give {new} or the deprecated {old}, not both" in message
+
+
+@pytest.mark.parametrize(
+    ("runtime", "section", "value"),
+    [
+        ("torch", "engine", {"max_num_seqs": 4}),
+        ("echo", "vllm", {"cpu_engine_nice": 0}),
+        ("vllm", "torch", {"max_batch_size": 4}),
+        ("embeddings", "echo", {"token_delay_ms": 1}),
+    ],
+)
+def test_a_section_of_another_runtime_is_rejected(
+    tmp_path: Path, runtime: str, section: str, value: dict[str, Any]
+) -> None:
+    message = config_error(
+        tmp_path, {"models": [{"name": "m", "runtime": runtime, "path": "/m", section: value}]}
+    )
+    assert f"models[m].{section} applies to runtime" in message and f"not {runtime}" in message
+
+
+def test_typo_in_a_typed_section_is_rejected(tmp_path: Path) -> None:
+    model = {"name": "m", "runtime": "torch", "path": "/m", "torch": {"max_batchsize": 4}}
+    message = config_error(tmp_path, {"models": [model]})
+    assert "models.0.torch.max_batchsize" in message and "Extra inputs are not permitted" in message
+
+
+@pytest.mark.parametrize(
+    ("engine", "fragment"),
+    [
+        ({"dtype": "float16"}, "engine.dtype: set by HAIF, it is the model's `dtype`"),
+        ({"max_model_len": 128}, "engine.max_model_len: set by HAIF"),
+        ({"model": "/elsewhere"}, "engine.model: set by HAIF"),
+        ({"distributed_executor_backend": "mp"}, "engine.distributed_executor_backend: set by HAIF"),
+        ({"tensor_parallel_size": 0}, "engine.tensor_parallel_size must be an integer from 1 to 64, not 0"),
+        ({"tensor_parallel_size": "2"}, "not '2'"),
+        ({"tensor_parallel_size": True}, "not True"),
+    ],
+)
+def test_engine_keys_haif_reads_or_sets_are_checked(engine: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        vllm_model(engine=engine)
+
+
+# --- the engine mapping reaches vLLM's engine arguments ---------------------------------------
+
+
+def test_engine_mapping_over_haif_defaults_reaches_the_engine_kwargs() -> None:
+    from haif.runtimes.vllm import engine_kwargs
+
+    base = engine_kwargs(vllm_model(max_model_len=512), "/models/m", "cpu")
+    assert base == {
+        "max_num_seqs": 16, "seed": 0, "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        "model": "/models/m", "tokenizer": "/models/m", "dtype": "float32", "max_model_len": 512,
+    }
+    on_gpu = engine_kwargs(vllm_model(), "/models/m", "cuda")
+    assert on_gpu["gpu_memory_utilization"] == 0.9
+
+    model = vllm_model(dtype="bfloat16", engine={
+        "max_num_seqs": 128, "seed": 7, "gpu_memory_utilization": 0.5, "enforce_eager": True,
+        "stream_interval": 4, "tensor_parallel_size": 2, "enable_prefix_caching": True,
+    })
+    kwargs = engine_kwargs(model, "/models/m", "cuda")
+    assert kwargs == {
+        "max_num_seqs": 128, "seed": 7, "gpu_memory_utilization": 0.5, "enforce_eager": True,
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        "stream_interval": 4, "tensor_parallel_size": 2, "enable_prefix_caching": True,
+        "model": "/models/m", "tokenizer": "/models/m", "dtype": "bfloat16", "max_model_len": 2048,
+        "distributed_executor_backend": "ray",  # its GPUs: the placement group's bundles
+    }
+    pooling = engine_kwargs(vllm_model(task="embed"), "/models/m", "cpu")
+    assert pooling["runner"] == "pooling"
+
+
+@dataclasses.dataclass
+class _FakeEngineArgs:
+    model: str
+    tokenizer: str
+    dtype: str
+    max_model_len: int
+    max_num_seqs: int | None = None
+    seed: int = 0
+    stream_interval: int = 1
+    enforce_eager: bool = False
+    structured_outputs_config: Any = None
+
+
+@dataclasses.dataclass
+class _FakeStructuredOutputsConfig:
+    backend: str = "auto"
+    disable_any_whitespace: bool = False
+
+
+class _FakeAsyncLLM:
+    started: ClassVar[list[_FakeEngineArgs]] = []
+
+    @classmethod
+    def from_engine_args(cls, args: _FakeEngineArgs) -> _FakeAsyncLLM:
+        cls.started.append(args)
+        return cls()
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[_FakeAsyncLLM]:
+    """vLLM's engine-argument and engine classes, nothing else: no engine starts."""
+    vllm = types.ModuleType("vllm")
+    vllm.AsyncEngineArgs = _FakeEngineArgs  # type: ignore[attr-defined]
+    vllm.__version__ = "0.0-fake"  # type: ignore[attr-defined]
+    async_llm = types.ModuleType("vllm.v1.engine.async_llm")
+    async_llm.AsyncLLM = _FakeAsyncLLM  # type: ignore[attr-defined]
+    config = types.ModuleType("vllm.config")
+    config.StructuredOutputsConfig = _FakeStructuredOutputsConfig  # type: ignore[attr-defined]
+    for name, module in [("vllm", vllm), ("vllm.config", config), ("vllm.v1", types.ModuleType("vllm.v1")),
+                         ("vllm.v1.engine", types.ModuleType("vllm.v1.engine")),
+                         ("vllm.v1.engine.async_llm", async_llm)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(_FakeAsyncLLM, "started", [])
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    return _FakeAsyncLLM
+
+
+def test_engine_args_pass_the_mapping_to_vllm(fake_vllm: type[_FakeAsyncLLM]) -> None:
+    from haif.runtimes.vllm import engine_args
+
+    args = engine_args(vllm_model(engine={"stream_interval": 8, "enforce_eager": True}), "/m", "cpu")
+    assert args == _FakeEngineArgs(
+        model="/m", tokenizer="/m", dtype="float32", max_model_len=2048, max_num_seqs=16,
+        seed=0, stream_interval=8, enforce_eager=True,
+        # constrained decoding as on the torch runtime: xgrammar, no free whitespace
+        structured_outputs_config=_FakeStructuredOutputsConfig("xgrammar", disable_any_whitespace=True),
+    )
+
+
+def test_an_unknown_engine_key_fails_the_load_naming_it(
+    fake_vllm: type[_FakeAsyncLLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from haif.runtimes import RuntimeContext, create_runtime
+
+    model = vllm_model(engine={"stream_intervall": 8, "enforce_eager": True}, vllm={"kv_cache_space_gib": 2})
+    ctx = RuntimeContext(model=model, model_dir="/m", device="cpu", max_prompt_tokens=64)
+    runtime = create_runtime(ctx)
+    with pytest.raises(ModelLoadFailed) as info:
+        asyncio.run(runtime.load())
+    assert info.value.message == (
+        "model 'llama': engine.stream_intervall: no such engine argument in vLLM 0.0-fake (AsyncEngineArgs)"
+    )
+    assert fake_vllm.started == []  # refused before the engine starts
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+
+
+def test_retired_server_keys_are_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """bridge_replicas and handle_transport belonged to the four-hop path: a config that
+    still sets them loads, and the log says which key to use instead."""
+    with caplog.at_level("WARNING", logger="haif.config"):
+        config = HaifConfig.model_validate({"server": {"bridge_replicas": 3, "handle_transport": "ray"}})
+    assert config.server.gateway_replicas == 1
+    assert "server.bridge_replicas is deprecated" in caplog.text and "gateway_replicas" in caplog.text
+    assert "server.handle_transport is deprecated" in caplog.text
+    with pytest.raises(ValueError, match="bridge_replica"):
+        HaifConfig.model_validate({"server": {"bridge_replica": 3}})  # a typo is still an error

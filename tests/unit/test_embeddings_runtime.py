@@ -45,7 +45,7 @@ def make_runtime(**overrides: object) -> EmbeddingsRuntime:
 @pytest.fixture(scope="module")
 def runtime() -> Iterator[EmbeddingsRuntime]:
     # A wide window so that calls started together by gather always share one batch.
-    rt = make_runtime(max_batch_size=16, max_wait_ms=50.0)
+    rt = make_runtime(torch={"max_batch_size": 16, "max_wait_ms": 50.0})
     yield rt
     asyncio.run(rt.unload())
 
@@ -124,7 +124,7 @@ def test_concurrent_calls_share_batches_and_match_sequential(runtime: Embeddings
 
 
 def test_large_call_runs_in_micro_batches(reference: object) -> None:
-    rt = make_runtime(max_batch_size=4, max_wait_ms=0.0)
+    rt = make_runtime(torch={"max_batch_size": 4, "max_wait_ms": 0.0})
     texts = [f"sentence number {i} " * (1 + i % 5) for i in range(10)]
     vectors = embed(rt, texts)
     assert rt.stats() == {"batches": 3, "inputs": 10, "max_batch_seen": 4}
@@ -198,3 +198,20 @@ def test_cancelled_call_is_skipped_and_does_not_block_others(runtime: Embeddings
     before = runtime.stats()["inputs"]
     assert asyncio.run(scenario()).shape == (1, DIM)
     assert runtime.stats()["inputs"] - before == 1  # the cancelled input never ran
+
+
+def test_token_ids_embed_like_their_text(runtime: EmbeddingsRuntime) -> None:
+    """Token ids are the model's input as they are (special tokens included, none added)."""
+    text = SENTENCES[0]
+    ids = runtime._tokenizer(text)["input_ids"]
+    by_text, mixed = embed(runtime, [text, SENTENCES[2]]), asyncio.run(runtime.embed([SENTENCES[2], ids, text]))
+    np.testing.assert_allclose(mixed.vectors[1], by_text[0], atol=1e-5)
+    np.testing.assert_allclose(mixed.vectors[0], by_text[1], atol=1e-5)  # order kept
+    assert mixed.prompt_tokens == 2 * len(ids) + len(runtime._tokenizer(SENTENCES[2])["input_ids"])
+
+
+def test_token_ids_outside_the_vocabulary_are_a_400(runtime: EmbeddingsRuntime) -> None:
+    from haif.exceptions import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="input 1: token id 1000000 is not in the vocabulary"):
+        asyncio.run(runtime.embed(["fine", [101, 1_000_000, 102]]))

@@ -64,7 +64,9 @@ def test_valid_request_id_is_kept(header: str) -> None:
     assert request_id_from(header) == header
 
 
-@pytest.mark.parametrize("header", [None, "", "a" * 129, "has space", "semi;colon", "naïve", "a\nb"])
+@pytest.mark.parametrize(
+    "header", [None, "", "a" * 129, "has space", "semi;colon", "naïve", "a\nb", "abc\n"]
+)
 def test_invalid_request_id_is_replaced(header: str | None) -> None:
     rid = request_id_from(header)
     assert rid != header

@@ -1,5 +1,5 @@
-"""The Gateway's stream: the answer's usage leaves with its last text, not once the end
-of the stream has come back from the worker; a consumer that stops after the last
+"""The Gateway's stream pipeline: the answer's usage leaves with its last text, not once the
+end of the stream has come back from the worker; a consumer that stops after the last
 chunk is billed for the whole answer; a stream that fails before it is settled as failed."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from haif.config import HaifConfig, ModelConfig
 from haif.envelope import Dispatched, RequestContext, build_work_item
 from haif.exceptions import WorkerUnavailable
 from haif.gateway.admission import Ticket
-from haif.gateway.deployment import Gateway
-from haif.protocol import CompletionRequest, StreamOptions
-from haif.runtimes.base import StreamEvent
+from haif.gateway.compose import GatewayParts
+from haif.gateway.pipeline import Pipeline
+from haif.protocol import ChatCompletionRequest, CompletionRequest, StreamOptions
+from haif.runtimes.base import GenerationOutput, StreamEvent
 
 pytestmark = pytest.mark.unit
 
@@ -31,27 +32,25 @@ class Admission:
     async def admit(self, item: Any) -> Ticket:
         return Ticket(item=item, job_id="cmpl-job1")
 
-    async def succeed(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> None:
+    async def succeed(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, *_: Any) -> None:
         self.settled.append(("succeeded", prompt_tokens, completion_tokens))
 
     async def fail(self, ticket: Ticket, exc: BaseException, prompt_tokens: int, completion_tokens: int) -> None:
         self.settled.append((type(exc).__name__, prompt_tokens, completion_tokens))
 
 
-class Orchestrator:
-    """``Orchestrator.stream`` as the Gateway's handle sees it: the events, then an end
-    that comes only when ``end`` is set (or ``error`` is raised instead)."""
+class Router:
+    """``Router.stream`` as the pipeline sees it: the events, then an end that comes only
+    when ``end`` is set (or ``error`` is raised instead)."""
+
+    version = "v1"
 
     def __init__(self, events: list[StreamEvent], error: Exception | None = None) -> None:
         self.events = events
         self.error = error
         self.end = asyncio.Event()
-        self.stream = self
 
-    def remote(self, item: Any) -> Any:
-        return self._run()
-
-    async def _run(self) -> Any:
+    async def stream(self, item: Any) -> Any:
         yield Dispatched("w-1", "local", 1, self.events[0])
         for event in self.events[1:]:
             yield event
@@ -60,19 +59,10 @@ class Orchestrator:
         await self.end.wait()
 
 
-class StreamOnly(Gateway):
-    """The Gateway without its Serve constructor (which opens databases) and shutdown."""
-
-    def __del__(self) -> None:
-        pass
-
-
-def gateway(orchestrator: Orchestrator) -> tuple[Gateway, Admission]:
-    gw = StreamOnly.__new__(StreamOnly)
+def gateway(router: Router) -> tuple[Pipeline, Admission]:
+    """A pipeline built as a test builds one: its collaborators passed in."""
     admission = Admission()
-    gw._config, gw._background, gw._tasks = CONFIG, [], []  # noqa: SLF001
-    gw._admission, gw._stream_handle = admission, orchestrator  # noqa: SLF001
-    return gw, admission
+    return Pipeline(CONFIG, GatewayParts(admission=admission, router=router)), admission  # type: ignore[arg-type]
 
 
 def item(include_usage: bool, n: int = 1) -> Any:
@@ -88,8 +78,8 @@ EVENTS = [StreamEvent("a", 1, 3), StreamEvent(" b", 2, 3, "stop")]
 
 def test_usage_leaves_with_the_last_text_and_the_answer_is_billed_in_full() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
-        orchestrator = Orchestrator(EVENTS)
-        gw, admission = gateway(orchestrator)
+        router = Router(EVENTS)
+        gw, admission = gateway(router)
         stream = gw.stream(item(include_usage=True))
         # The end of the stream never comes back: all three chunks must still arrive.
         chunks = [await asyncio.wait_for(anext(stream), 5) for _ in range(3)]
@@ -107,7 +97,7 @@ def test_usage_leaves_with_the_last_text_and_the_answer_is_billed_in_full() -> N
 
 def test_a_consumer_that_stops_at_the_finish_reason_without_usage_is_billed_in_full() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
-        gw, admission = gateway(Orchestrator(EVENTS))
+        gw, admission = gateway(Router(EVENTS))
         stream = gw.stream(item(include_usage=False))
         chunks = [await asyncio.wait_for(anext(stream), 5) for _ in range(2)]
         await stream.aclose()
@@ -120,7 +110,7 @@ def test_a_consumer_that_stops_at_the_finish_reason_without_usage_is_billed_in_f
 
 def test_a_consumer_that_stops_before_the_last_text_is_billed_for_what_it_got() -> None:
     async def run() -> list[tuple[str, int, int]]:
-        gw, admission = gateway(Orchestrator(EVENTS))
+        gw, admission = gateway(Router(EVENTS))
         stream = gw.stream(item(include_usage=True))
         await asyncio.wait_for(anext(stream), 5)
         await stream.aclose()
@@ -131,9 +121,9 @@ def test_a_consumer_that_stops_before_the_last_text_is_billed_for_what_it_got() 
 
 def test_a_stream_read_to_its_end_is_settled_once_as_a_success() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
-        orchestrator = Orchestrator(EVENTS)
-        orchestrator.end.set()
-        gw, admission = gateway(orchestrator)
+        router = Router(EVENTS)
+        router.end.set()
+        gw, admission = gateway(router)
         return [c async for c in gw.stream(item(include_usage=False))], admission.settled
 
     chunks, settled = asyncio.run(run())
@@ -143,7 +133,7 @@ def test_a_stream_read_to_its_end_is_settled_once_as_a_success() -> None:
 
 def test_an_error_after_the_last_text_does_not_fail_the_answer() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
-        gw, admission = gateway(Orchestrator(EVENTS, WorkerUnavailable("gone after the answer")))
+        gw, admission = gateway(Router(EVENTS, WorkerUnavailable("gone after the answer")))
         return [c async for c in gw.stream(item(include_usage=True))], admission.settled
 
     chunks, settled = asyncio.run(run())
@@ -153,7 +143,7 @@ def test_an_error_after_the_last_text_does_not_fail_the_answer() -> None:
 
 def test_a_stream_that_fails_before_its_last_text_is_settled_as_failed() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
-        gw, admission = gateway(Orchestrator(EVENTS[:1], WorkerUnavailable("worker died")))
+        gw, admission = gateway(Router(EVENTS[:1], WorkerUnavailable("worker died")))
         chunks: list[Any] = []
         with pytest.raises(WorkerUnavailable):
             async for c in gw.stream(item(include_usage=True)):
@@ -174,7 +164,7 @@ def test_with_several_choices_usage_and_success_wait_for_the_last_choice() -> No
     ]
 
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
-        gw, admission = gateway(Orchestrator(events))
+        gw, admission = gateway(Router(events))
         stream = gw.stream(item(include_usage=True, n=2))
         chunks = [await asyncio.wait_for(anext(stream), 5) for _ in range(5)]
         await stream.aclose()  # stops at the usage chunk; the end never came back
@@ -192,10 +182,69 @@ def test_with_several_choices_a_consumer_gone_after_the_first_finish_is_billed_f
     events = [StreamEvent("x", 1, 3, "stop", index=0), StreamEvent("a", 1, 3, index=1)]
 
     async def run() -> list[tuple[str, int, int]]:
-        gw, admission = gateway(Orchestrator(events))
+        gw, admission = gateway(Router(events))
         stream = gw.stream(item(include_usage=True, n=2))
         await asyncio.wait_for(anext(stream), 5)  # choice 0's whole answer, choice 1 still open
         await stream.aclose()
         return admission.settled
 
     assert asyncio.run(run()) == [("GeneratorExit", 3, 1)]
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+CALL = ['<tool_call>{"name": "get_time", "argu', 'ments": {}}</tool_call>']
+
+
+def chat_item(stream: bool) -> Any:
+    body = ChatCompletionRequest.model_validate({
+        "model": "echo", "messages": [{"role": "user", "content": "time?"}], "tools": TOOLS, "stream": stream,
+        "stream_options": {"include_usage": True} if stream else None,
+    })
+    return build_work_item("chat", body, RequestContext.new(timeout_s=30, api_key="k"), CONFIG.limits)
+
+
+def test_a_chat_with_tools_is_answered_with_tool_calls_plain_and_streamed() -> None:
+    class Unary(Router):
+        async def call(self, item: Any, method: str) -> Dispatched:
+            return Dispatched("w-1", "local", 1, [GenerationOutput("".join(CALL), 3, 9, "stop")])
+
+    async def run() -> tuple[Any, list[Any]]:
+        router = Unary([StreamEvent(CALL[0], 4, 3), StreamEvent(CALL[1], 9, 3, "stop")])
+        router.end.set()
+        gw, _ = gateway(router)
+        plain = await gw.generate(chat_item(stream=False))
+        return plain, [c async for c in gw.stream(chat_item(stream=True))]
+
+    plain, chunks = asyncio.run(run())
+    (call,) = plain.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_time", "{}")
+    assert plain.choices[0].finish_reason == "tool_calls" and plain.choices[0].message.content is None
+    assert chunks[0].choices[0].delta.role == "assistant"
+    (delta,) = chunks[1].choices[0].delta.tool_calls  # the call once it is whole
+    assert (delta.index, delta.function.name, delta.function.arguments) == (0, "get_time", "{}")
+    assert chunks[1].choices[0].finish_reason == "tool_calls"
+    assert chunks[2].usage.completion_tokens == 9
+
+
+def test_a_forced_call_streams_its_arguments_as_they_come() -> None:
+    """``tool_choice: required``: the call's id and name in its first delta, then its
+    arguments piece by piece at the same index, as OpenAI streams them."""
+    pieces = ['[{"name":"get_time","arguments":{"z', 'one":"U', 'TC"}}]']
+    body = ChatCompletionRequest.model_validate({
+        "model": "echo", "messages": [{"role": "user", "content": "time?"}], "tools": TOOLS,
+        "tool_choice": "required", "stream": True,
+    })
+    item = build_work_item("chat", body, RequestContext.new(timeout_s=30, api_key="k"), CONFIG.limits)
+
+    async def run() -> list[Any]:
+        router = Router([StreamEvent(p, i + 1, 3, "stop" if i == 2 else None) for i, p in enumerate(pieces)])
+        router.end.set()
+        gw, _ = gateway(router)
+        return [c async for c in gw.stream(item)]
+
+    deltas = [d for c in asyncio.run(run()) for ch in c.choices for d in ch.delta.tool_calls or ()]
+    assert [(d.index, d.id is not None, d.function.name) for d in deltas] == [
+        (0, True, "get_time"), (0, False, None), (0, False, None)
+    ]
+    assert "".join(d.function.arguments for d in deltas) == '{"zone":"UTC"}'
+    assert [d.function.arguments for d in deltas] == ['{"z', 'one":"U', 'TC"}']

@@ -40,7 +40,7 @@ from tests.unit.test_admission import admission, answer, item, make_tenant
 pytestmark = pytest.mark.unit
 
 REQUESTS = "haif_requests_total"
-OK = ("echo", "completion", "ok")
+OK = ("echo", "1", "completion", "ok")
 
 
 def aggregate(**kw: float) -> Aggregate:
@@ -98,15 +98,15 @@ def test_counters_sum_over_processes_and_never_go_backwards() -> None:
     agg = aggregate()
     agg.push("gw-1", "gateway", a.snapshot(), now=0)
     agg.push("gw-2", "gateway", b.snapshot(), now=0)
-    assert value(agg.render(1), REQUESTS, model="echo", kind="completion", status="ok") == 7
+    assert value(agg.render(1), REQUESTS, model="echo", version="1", kind="completion", status="ok") == 7
     # Pushing the same cumulative snapshot again counts nothing twice.
     agg.push("gw-1", "gateway", a.snapshot(), now=2)
-    assert value(agg.render(3), REQUESTS, model="echo", kind="completion", status="ok") == 7
+    assert value(agg.render(3), REQUESTS, model="echo", version="1", kind="completion", status="ok") == 7
     # gw-2 dies: long past staleness, its requests still count.
     a.inc(REQUESTS, OK, 1)
     agg.push("gw-1", "gateway", a.snapshot(), now=50)
     text = agg.render(50)
-    assert value(text, REQUESTS, model="echo", kind="completion", status="ok") == 8
+    assert value(text, REQUESTS, model="echo", version="1", kind="completion", status="ok") == 8
     assert value(text, "haif_metrics_processes", component="gateway") == 1
     assert agg.by_process(REQUESTS, 50, {"status": "ok"}) == {"gw-1": 4, "gw-2": 4}
 
@@ -139,9 +139,9 @@ def test_retired_processes_are_folded_in_and_their_late_pushes_ignored() -> None
     agg.push("gw-1", "gateway", a.snapshot(), now=0)
     agg.push("gw-2", "gateway", b.snapshot(), now=100)  # gw-1 silent 100 s: retired
     assert agg.by_process(REQUESTS, 100) == {"gw-2": 1}
-    assert value(agg.render(100), REQUESTS, model="echo", kind="completion", status="ok") == 6
+    assert value(agg.render(100), REQUESTS, model="echo", version="1", kind="completion", status="ok") == 6
     assert agg.push("gw-1", "gateway", a.snapshot(), now=101) is False  # not counted twice
-    assert value(agg.render(101), REQUESTS, model="echo", kind="completion", status="ok") == 6
+    assert value(agg.render(101), REQUESTS, model="echo", version="1", kind="completion", status="ok") == 6
 
 
 def test_process_count_is_bounded() -> None:
@@ -151,7 +151,7 @@ def test_process_count_is_bounded() -> None:
         r.inc(REQUESTS, OK, 1)
         agg.push(f"p{i}", "gateway", r.snapshot(), now=float(i))
     assert len(agg.by_process(REQUESTS, 10)) == 3
-    assert value(agg.render(10), REQUESTS, model="echo", kind="completion", status="ok") == 10
+    assert value(agg.render(10), REQUESTS, model="echo", version="1", kind="completion", status="ok") == 10
 
 
 def test_a_snapshot_from_another_catalog_is_dropped_not_misrendered() -> None:
@@ -163,7 +163,7 @@ def test_a_snapshot_from_another_catalog_is_dropped_not_misrendered() -> None:
     agg = aggregate()
     agg.push("p", "bridge", snap, now=0)
     parsed = samples(agg.render(0))
-    assert (REQUESTS, frozenset({"model": "echo", "kind": "completion", "status": "ok"}.items())) in parsed
+    assert (REQUESTS, frozenset({"model": "echo", "version": "1", "kind": "completion", "status": "ok"}.items())) in parsed
     assert not any(name.startswith(("haif_from", "haif_time_to_first")) for name, _ in parsed)
 
 
@@ -224,9 +224,9 @@ def test_gateway_counts_requests_tokens_and_quota_rejections(tmp_path: Path, sql
     snap = metrics.registry.snapshot()
     assert snap[REQUESTS] == {
         OK: 2,
-        ("echo", "completion", "rate_limit_exceeded"): 1,
-        ("echo", "completion", "invalid_api_key"): 1,
-        ("other", "completion", "model_not_found"): 1,  # a client's string never becomes a label
+        ("echo", "", "completion", "rate_limit_exceeded"): 1,  # refused before a version was given
+        ("echo", "", "completion", "invalid_api_key"): 1,
+        ("other", "", "completion", "model_not_found"): 1,  # a client's string never becomes a label
     }
     assert snap["haif_prompt_tokens_total"] == {("echo",): 6}
     assert snap["haif_completion_tokens_total"] == {("echo",): 4}
@@ -238,18 +238,21 @@ def test_gateway_counts_requests_tokens_and_quota_rejections(tmp_path: Path, sql
 def test_orchestrator_samples_workers_and_records_breakers_queues_dlq() -> None:
     process = ProcessMetrics("orchestrator")
     orch = OrchestratorMetrics(process)
-    workers = [("echo", "ready", 2), ("echo", "ready", 1), ("echo", "dead", 0), ("llm", "loading", 0)]
+    workers = [("echo", "1", "ready", 2), ("echo", "1", "ready", 1), ("echo", "1", "dead", 0),
+               ("llm", "1", "loading", 0), ("echo", "2", "draining", 1)]
     orch.watch_workers(lambda: workers)
     orch.queue_depth("echo", 4)
     orch.circuit_state("echo", "echo/r/0", "half_open")
     orch.circuit_state("echo", "echo/r/1", 2)
     orch.dlq_depth(9)
     snap = process.registry.snapshot()
-    assert snap["haif_workers"][("echo", "ready")] == 2
-    assert snap["haif_workers"][("echo", "dead")] == 1
-    assert snap["haif_workers"][("echo", "loading")] == 0  # zero, not missing
-    assert snap["haif_workers"][("llm", "loading")] == 1
-    assert snap["haif_in_flight_requests"] == {("echo",): 3, ("llm",): 0}
+    assert snap["haif_workers"][("echo", "1", "ready")] == 2
+    assert snap["haif_workers"][("echo", "1", "dead")] == 1
+    assert snap["haif_workers"][("echo", "1", "loading")] == 0  # zero, not missing
+    assert snap["haif_workers"][("echo", "2", "draining")] == 1  # a version being drained
+    assert snap["haif_workers"][("echo", "2", "ready")] == 0
+    assert snap["haif_workers"][("llm", "1", "loading")] == 1
+    assert snap["haif_in_flight_requests"] == {("echo",): 4, ("llm",): 0}
     assert snap["haif_queue_depth"] == {("echo",): 4}
     assert snap["haif_circuit_state"] == {("echo", "echo/r/0"): 1, ("echo", "echo/r/1"): 2}
     assert snap["haif_dlq_depth"] == {(): 9}
@@ -257,7 +260,7 @@ def test_orchestrator_samples_workers_and_records_breakers_queues_dlq() -> None:
     workers.pop(0)  # a worker went away: the next sample says so
     snap = process.registry.snapshot()
     assert snap["haif_circuit_state"] == {("echo", "echo/r/0"): 1}
-    assert snap["haif_workers"][("echo", "ready")] == 1
+    assert snap["haif_workers"][("echo", "1", "ready")] == 1
     with pytest.raises(ValueError, match="circuit state"):
         orch.circuit_state("echo", "w", "ajar")
 

@@ -28,7 +28,13 @@ HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
 async def echo_body(request: Request) -> JSONResponse:
     body = await request.body()
-    return JSONResponse({"received": len(body), "request_id": request.scope["state"]["request_id"]})
+    return JSONResponse(
+        {
+            "received": len(body),
+            "request_id": request.scope["state"]["request_id"],
+            "header": request.headers.get("x-request-id"),
+        }
+    )
 
 
 def starlette_app() -> Starlette:
@@ -161,12 +167,33 @@ def test_valid_request_id_is_used(plain: TestClient) -> None:
     assert resp.headers.get_list("x-request-id") in ([], ["client-id-123"])
 
 
-def test_invalid_request_id_replaced_internally(plain: TestClient) -> None:
-    resp = plain.post("/echo", content=b"{}", headers={"X-Request-ID": "bad id; drop table"})
-    assert resp.status_code == 200
+@pytest.mark.parametrize(
+    "sent",
+    ["x" * 5000, "a" * 129, "bad id; drop table", "a,b", 'q"uote', "caf\xe9", "tab\tbed", ""],
+    ids=["5000-chars", "129-chars", "space-semicolon", "comma", "quote", "latin-1", "tab", "empty"],
+)
+def test_bad_request_id_is_replaced_and_the_replacement_echoed(
+    plain: TestClient, sent: str
+) -> None:
+    resp = plain.post("/echo", content=b"{}", headers=[(b"x-request-id", sent.encode("latin-1"))])
+    assert resp.status_code == 200  # never refused for its id
     rid = resp.json()["request_id"]
-    assert rid != "bad id; drop table"
     assert HEX_ID.match(rid)
+    assert resp.headers.get_list("x-request-id") == [rid]
+    assert resp.json()["header"] == rid  # the app behind never sees the client's value
+
+
+def test_good_request_id_is_echoed_as_sent_behind_the_serve_proxy() -> None:
+    # Under Ray Serve the proxy's RequestIdMiddleware echoes the id; the Bridge must not
+    # add a second copy, and must use the same id.
+    from ray.serve._private.http_util import RequestIdMiddleware
+
+    good = "Client-7._:" + "z" * 117  # 128 characters of the whole safe set
+    client = TestClient(RequestIdMiddleware(starlette_app()))  # no lifespan: the proxy sends none
+    resp = client.post("/echo", content=b"{}", headers={"X-Request-ID": good})
+    assert resp.headers.get_list("x-request-id") == [good]
+    assert resp.json()["request_id"] == good
+    assert resp.json()["header"] == good
 
 
 def test_request_id_on_fastapi_request_state(api: TestClient) -> None:

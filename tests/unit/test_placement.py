@@ -105,7 +105,8 @@ def test_disabled_models_are_skipped_and_take_no_gpu() -> None:
 
 
 def test_tensor_parallel_vllm_worker_reserves_a_placement_group() -> None:
-    model = ModelConfig(name="big", runtime="vllm", path="/m", device="gpu", workers=2, tensor_parallel_size=2)
+    model = ModelConfig(name="big", runtime="vllm", path="/m", device="gpu", workers=2,
+                        engine={"tensor_parallel_size": 2})
     plans = plan_placements([model], cluster_gpus=4)
     plan = plans["big"]
     assert plan.gpus_per_worker == 2 and plan.needs_placement_group
@@ -115,14 +116,10 @@ def test_tensor_parallel_vllm_worker_reserves_a_placement_group() -> None:
 
 
 def test_tensor_parallel_counts_every_gpu_of_every_worker() -> None:
-    model = ModelConfig(name="big", runtime="vllm", path="/m", device="gpu", workers=2, tensor_parallel_size=2)
+    model = ModelConfig(name="big", runtime="vllm", path="/m", device="gpu", workers=2,
+                        engine={"tensor_parallel_size": 2})
     err = plan_placements([model], cluster_gpus=3)["big"]
     assert "2 GPU(s) each" in err.message
-
-
-def test_tensor_parallel_size_is_ignored_by_non_vllm_runtimes() -> None:
-    model = ModelConfig(name="t", runtime="torch", path="/m", device="gpu", tensor_parallel_size=4)
-    assert plan_placements([model], cluster_gpus=1)["t"].gpus_per_worker == 1
 
 
 def test_gpus_are_counted_for_every_region_and_dedicated_pool() -> None:

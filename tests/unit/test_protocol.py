@@ -50,9 +50,9 @@ def error_locs(exc: ValidationError) -> list[str]:
 @pytest.mark.parametrize(
     ("factory", "extra"),
     [
-        (completion, {"logprobs": 3}),
+        (completion, {"suffix": "x"}),
         (completion, {"best_of": 2}),
-        (chat, {"tools": []}),
+        (chat, {"functions": []}),
         (lambda **kw: EmbeddingRequest.model_validate({"model": "m", "input": "x", **kw}), {"foo": 1}),
     ],
 )
@@ -66,6 +66,8 @@ def test_unknown_fields_rejected(factory: Any, extra: dict[str, Any]) -> None:
 
 def test_unknown_field_in_message_rejected() -> None:
     with pytest.raises(ValidationError, match="extra_forbidden"):
+        chat(messages=[{"role": "user", "content": "hi", "audio_id": "x"}])
+    with pytest.raises(ValidationError, match="only 'assistant' messages carry 'tool_calls'"):
         chat(messages=[{"role": "user", "content": "hi", "tool_calls": []}])
 
 
@@ -150,10 +152,15 @@ def test_message_content_parts_concatenated() -> None:
 
 
 def test_message_role_and_part_type_checked() -> None:
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="tool_call_id"):
         chat(messages=[{"role": "tool", "content": "x"}])
     with pytest.raises(ValidationError):
-        chat(messages=[{"role": "user", "content": [{"type": "image_url", "text": "x"}]}])
+        chat(messages=[{"role": "narrator", "content": "x"}])
+    with pytest.raises(ValidationError):
+        chat(messages=[{"role": "user", "content": [{"type": "video", "text": "x"}]}])
+    # Image parts parse, to be refused by name at the edge (a 400, not a 422).
+    req = chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert req.unsupported() == ["messages[0].content[0] (type 'image_url')"]
 
 
 def test_include_usage() -> None:

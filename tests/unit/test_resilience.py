@@ -1,5 +1,6 @@
-"""Circuit breaker, backoff, pool routing (power of two choices, regions, tiers, bounded
-queue) and the client deadline header: the Orchestrator's logic without Ray."""
+"""Circuit breaker, backoff, the Gateway's router (power of two choices, regions, tiers,
+bounded queue, what is retried), the fleet's replacement backoff and the client deadline
+header: the routing policy without Ray."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from haif.exceptions import (
     WorkerUnavailable,
 )
 from haif.orchestrator.breaker import Backoff, BreakerState, CircuitBreaker
-from haif.orchestrator.placement import Placement
-from haif.orchestrator.pool import SHARED_TIER, ModelPool, Route, WorkerSlot, new_breaker
+from haif.orchestrator.fleet import Slot
+from haif.orchestrator.backends import ModelRouter, Route, new_breaker
+from haif.orchestrator.router import Router
+from haif.orchestrator.table import SHARED_TIER, ModelRoutes, RoutingTable, WorkerRoute
 
 
 class Clock:
@@ -82,122 +85,187 @@ def test_backoff_full_jitter_stays_under_exponential_cap() -> None:
         assert max(delays) > cap * 0.8, "full jitter spreads over the whole range"
 
 
-# --- pool routing ----------------------------------------------------------------------
+# --- routing in the Gateway -------------------------------------------------------------
 
 
-def _pool(slots: list[tuple[str, str, str]], *, capacity: int = 4, max_queued: int = 2) -> ModelPool:
-    model = ModelConfig(name="m", runtime="echo", max_concurrency=capacity, max_queued=max_queued)
-    pool = ModelPool(model, Placement("m", False, 1.0), rng=random.Random(1), overloaded_retry_after_s=2)
-    for worker_id, region, tier in slots:
-        pool.slots.append(
-            WorkerSlot(worker_id, actor=None, load_ref=None, breaker=new_breaker(ResilienceConfig()),
-                       region=region, tier=tier, capacity=capacity, state="ready")
-        )
-    return pool
+def _routes(workers: list[tuple[str, str, str]], *, capacity: int = 4, state: str = "ready",
+            **facts: object) -> ModelRoutes:
+    return ModelRoutes(
+        name="m", kind="generate",
+        workers=tuple(WorkerRoute(w, None, region, tier, state, capacity) for w, region, tier in workers),
+        **facts,
+    )
+
+
+def _router(workers: list[tuple[str, str, str]], *, capacity: int = 4, max_queued: int = 2,
+            **facts: object) -> ModelRouter:
+    router = ModelRouter(
+        _routes(workers, capacity=capacity, **facts), max_queued=max_queued, overloaded_retry_after_s=2,
+        new_breaker=lambda: new_breaker(ResilienceConfig()), rng=random.Random(1),
+    )
+    router.update(router.routes)
+    return router
 
 
 def _ctx(timeout_s: float = 5.0) -> RequestContext:
     return RequestContext.new(timeout_s=timeout_s, api_key=None)
 
 
-def _acquire(pool: ModelPool, route: Route, avoid: frozenset[str] = frozenset(), timeout_s: float = 5.0):  # noqa: ANN202
-    return asyncio.run(pool.acquire(route, _ctx(timeout_s), avoid))
+def _acquire(router: ModelRouter, route: Route, avoid: frozenset[str] = frozenset(), timeout_s: float = 5.0):  # noqa: ANN202
+    return asyncio.run(router.acquire(route, _ctx(timeout_s), avoid))
+
+
+def _backend(router: ModelRouter, worker_id: str):  # noqa: ANN202
+    return router.backends[worker_id]
 
 
 SHARED_A = Route(SHARED_TIER, ("a",))
 
 
 def test_power_of_two_choices_prefers_the_less_loaded() -> None:
-    pool = _pool([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
-    pool.slots[0].in_flight = 3
-    assert _acquire(pool, SHARED_A).worker_id == "w2"
+    router = _router([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
+    _backend(router, "w1").in_flight = 3
+    assert _acquire(router, SHARED_A).worker_id == "w2"
+
+
+def test_load_reported_through_the_table_counts_too() -> None:
+    """Another Gateway's requests on w1 (its reported load) steer this one to w2."""
+    router = _router([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
+    loaded = ModelRoutes(name="m", kind="generate", workers=(
+        WorkerRoute("w1", None, "a", SHARED_TIER, "ready", 4, load=3),
+        WorkerRoute("w2", None, "a", SHARED_TIER, "ready", 4, load=0),
+    ))
+    router.update(loaded)
+    for _ in range(10):
+        backend = _acquire(router, SHARED_A)
+        assert backend.worker_id == "w2"
+        router.release(backend)
+
+
+def test_a_table_update_keeps_what_this_replica_knows() -> None:
+    router = _router([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
+    w1 = _acquire(router, SHARED_A)
+    w1.breaker.trip()
+    router.update(_routes([(w1.worker_id, "a", SHARED_TIER), ("w3", "a", SHARED_TIER)]))
+    assert router.backends[w1.worker_id] is w1 and w1.in_flight == 1 and not w1.breaker.allows()
+    assert set(router.backends) == {w1.worker_id, "w3"}, "w2 left the table; w3 joined it"
 
 
 def test_home_region_first_then_failover() -> None:
-    pool = _pool([("a1", "a", SHARED_TIER), ("b1", "b", SHARED_TIER)])
-    assert _acquire(pool, Route(SHARED_TIER, ("b",))).worker_id == "b1"
-    assert _acquire(pool, SHARED_A).worker_id == "a1"
-    pool.mark_dead(pool.slots[0], "node removed", 30)
-    assert _acquire(pool, SHARED_A).worker_id == "b1", "region a has no live worker: fail over to b"
+    router = _router([("a1", "a", SHARED_TIER), ("b1", "b", SHARED_TIER)])
+    assert _acquire(router, Route(SHARED_TIER, ("b",))).worker_id == "b1"
+    assert _acquire(router, SHARED_A).worker_id == "a1"
+    router.saw_dead(_backend(router, "a1"))
+    assert _acquire(router, SHARED_A).worker_id == "b1", "region a has no live worker: fail over to b"
 
 
 def test_dedicated_tier_is_used_by_its_tenant_only() -> None:
-    pool = _pool([("s1", "a", SHARED_TIER), ("d1", "a", "acme")])
+    router = _router([("s1", "a", SHARED_TIER), ("d1", "a", "acme")])
     for _ in range(10):
-        slot = _acquire(pool, SHARED_A)
-        assert slot.worker_id == "s1"
-        pool.release(slot)
-    assert _acquire(pool, Route("acme", ("a",))).worker_id == "d1"
-    pool.slots[1].breaker.trip()
-    assert _acquire(pool, Route("acme", ("a",))).worker_id == "s1", "own pool down: served by shared"
+        backend = _acquire(router, SHARED_A)
+        assert backend.worker_id == "s1"
+        router.release(backend)
+    assert _acquire(router, Route("acme", ("a",))).worker_id == "d1"
+    _backend(router, "d1").breaker.trip()
+    assert _acquire(router, Route("acme", ("a",))).worker_id == "s1", "own pool down: served by shared"
 
 
 def test_open_breaker_is_skipped_and_avoided_worker_used_last() -> None:
-    pool = _pool([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
-    pool.slots[0].breaker.trip()
-    assert _acquire(pool, SHARED_A).worker_id == "w2"
+    router = _router([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
+    _backend(router, "w1").breaker.trip()
+    assert _acquire(router, SHARED_A).worker_id == "w2"
     # w2 already failed this request: it is still used when nothing else is live.
-    assert _acquire(pool, SHARED_A, frozenset({"w2"})).worker_id == "w2"
-    pool.slots[1].breaker.trip()
+    assert _acquire(router, SHARED_A, frozenset({"w2"})).worker_id == "w2"
+    _backend(router, "w2").breaker.trip()
     with pytest.raises(WorkerUnavailable, match="circuit open"):
-        _acquire(pool, SHARED_A)
+        _acquire(router, SHARED_A)
 
 
 def test_no_live_worker_errors_are_typed() -> None:
-    pool = _pool([("w1", "a", SHARED_TIER)])
-    pool.slots[0].state = "loading"
     with pytest.raises(ModelNotReady):
-        _acquire(pool, SHARED_A)
-    pool.mark_dead(pool.slots[0], "killed", 30)
+        _acquire(_router([("w1", "a", SHARED_TIER)], state="loading"), SHARED_A)
     with pytest.raises(ModelNotReady, match="replacing"):
-        _acquire(pool, SHARED_A)
-    pool.slots[0].state, pool.slots[0].error = "failed", "artifact rejected"
+        _acquire(_router([("w1", "a", SHARED_TIER)], state="dead", replacing=True), SHARED_A)
+    failed = _router([("w1", "a", SHARED_TIER)], state="failed", error="artifact rejected")
     with pytest.raises(ModelLoadFailed, match="artifact rejected"):
-        _acquire(pool, SHARED_A)
+        _acquire(failed, SHARED_A)
+    from haif.exceptions import GpuUnavailable
+
+    with pytest.raises(GpuUnavailable, match="no GPU"):
+        _acquire(_router([], unplaceable="no GPU"), SHARED_A)
 
 
 def test_full_queue_answers_overloaded_at_once_and_queue_is_fifo() -> None:
     async def scenario() -> None:
-        pool = _pool([("w1", "a", SHARED_TIER)], capacity=1, max_queued=2)
-        held = await pool.acquire(SHARED_A, _ctx(), frozenset())
-        waiting = [asyncio.create_task(pool.acquire(SHARED_A, _ctx(), frozenset())) for _ in range(2)]
+        router = _router([("w1", "a", SHARED_TIER)], capacity=1, max_queued=2)
+        held = await router.acquire(SHARED_A, _ctx(), frozenset())
+        waiting = [asyncio.create_task(router.acquire(SHARED_A, _ctx(), frozenset())) for _ in range(2)]
         await asyncio.sleep(0.01)
-        assert pool.status()["queued"] == 2
+        assert router.status()["queued"] == 2
         started = time.monotonic()
         with pytest.raises(Overloaded) as info:
-            await pool.acquire(SHARED_A, _ctx(), frozenset())
+            await router.acquire(SHARED_A, _ctx(), frozenset())
         assert time.monotonic() - started < 0.1
         assert info.value.retry_after_s == 2
-        pool.release(held)
+        router.release(held)
         first = await asyncio.wait_for(waiting[0], 1)
         assert not waiting[1].done(), "the second waiter keeps its place until a slot frees"
-        pool.release(first)
-        pool.release(await asyncio.wait_for(waiting[1], 1))
-        assert pool.slots[0].in_flight == 0
+        router.release(first)
+        router.release(await asyncio.wait_for(waiting[1], 1))
+        assert _backend(router, "w1").in_flight == 0
 
     asyncio.run(scenario())
 
 
 def test_waiting_past_the_deadline_is_a_504() -> None:
     async def scenario() -> None:
-        pool = _pool([("w1", "a", SHARED_TIER)], capacity=1, max_queued=5)
-        await pool.acquire(SHARED_A, _ctx(), frozenset())
+        router = _router([("w1", "a", SHARED_TIER)], capacity=1, max_queued=5)
+        await router.acquire(SHARED_A, _ctx(), frozenset())
         with pytest.raises(DeadlineExceeded):
-            await pool.acquire(SHARED_A, _ctx(0.05), frozenset())
-        assert pool.status()["queued"] == 0
+            await router.acquire(SHARED_A, _ctx(0.05), frozenset())
+        assert router.status()["queued"] == 0
 
     asyncio.run(scenario())
 
 
+def test_requests_wait_for_the_replacement_when_every_worker_died() -> None:
+    async def scenario() -> None:
+        router = _router([("w1", "a", SHARED_TIER)], ever_ready=True)
+        router.saw_dead(_backend(router, "w1"))
+        waiting = asyncio.create_task(router.acquire(SHARED_A, _ctx(), frozenset()))
+        await asyncio.sleep(0.02)
+        assert not waiting.done() and router.queued == 1
+        # The Orchestrator's table: w1 replaced by w1' (a new actor), ready.
+        router.update(_routes([("w1#new", "a", SHARED_TIER)], ever_ready=True))
+        assert (await asyncio.wait_for(waiting, 1)).worker_id == "w1#new"
+
+    asyncio.run(scenario())
+
+
+# --- the fleet's replacement backoff -----------------------------------------------------------
+
+
+def _slot() -> Slot:
+    return Slot(name="haif/m/a/0@x", model=ModelConfig(name="m", runtime="echo"), region="a",
+                tier=SHARED_TIER, index=0, state="ready")
+
+
 def test_replacement_backoff_doubles_per_death() -> None:
-    pool = _pool([("w1", "a", SHARED_TIER)])
-    slot = pool.slots[0]
+    slot = _slot()
     delays = []
     for _ in range(4):
-        pool.mark_dead(slot, "crash", replacement_backoff_max_s=1.0)
+        slot.mark_dead("crash", replacement_backoff_max_s=1.0)
         delays.append(round(slot.replace_at - slot.died_at, 3))
         slot.state = "ready"  # replaced
     assert delays == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_a_worker_that_ran_long_is_not_a_crash_loop() -> None:
+    slot = _slot()
+    for _ in range(3):
+        slot.mark_dead("crash", replacement_backoff_max_s=1.0)
+        slot.state, slot.ready_since = "ready", time.monotonic() - 5  # replaced, then up for 5 s
+    assert slot.deaths == 1 and slot.replace_at == slot.died_at
 
 
 # --- config and the deadline header -------------------------------------------------------
@@ -229,13 +297,7 @@ def test_regions_must_be_known() -> None:
 
 # --- retry classification ------------------------------------------------------------------
 
-
-def _orchestrator():  # noqa: ANN202
-    from haif.orchestrator.deployment import Orchestrator
-
-    orch = Orchestrator.__new__(Orchestrator)  # the routing logic alone: no Ray, no Serve
-    orch._res = ResilienceConfig()
-    return orch
+CONFIG = HaifConfig.model_validate({"models": [{"name": "m", "runtime": "echo"}]})
 
 
 def _item(key: str | None):  # noqa: ANN202
@@ -252,9 +314,10 @@ def test_what_is_retried() -> None:
 
     from haif.exceptions import InternalError, PromptTooLong
 
-    orch = _orchestrator()
-    pool = _pool([("w1", "a", SHARED_TIER)])
-    slot = pool.slots[0]
+    reported: list[str] = []
+    router = Router(CONFIG, on_dead=reported.append)
+    model = _router([("w1", "a", SHARED_TIER)])
+    backend = _backend(model, "w1")
     sent = time.monotonic()
     cases = [
         (ModelNotReady("loading"), None, True),  # raised before any work
@@ -266,107 +329,15 @@ def test_what_is_retried() -> None:
         (DeadlineExceeded("late"), "k1", False),
     ]
     for exc, key, retry in cases:
-        err, decided = orch._failure(pool, slot, slot.actor, exc, _item(key), sent)
+        err, decided = router._failure(model, backend, exc, _item(key), sent)
         assert (type(err), decided) == (type(exc), retry), exc
-    # A worker that died mid-request: retried only with a key...
-    err, decided = orch._failure(pool, slot, slot.actor, ActorDiedError(), _item(None), sent)
-    assert isinstance(err, WorkerUnavailable) and not decided and slot.state == "dead"
+    # A worker that died mid-request: retried only with a key; routed around, reported once...
+    err, decided = router._failure(model, backend, ActorDiedError(), _item(None), sent)
+    assert isinstance(err, WorkerUnavailable) and not decided and not backend.live()
+    assert reported == ["w1"]
     # ...unless it was known dead before the request was sent (it cannot have run).
-    err, decided = orch._failure(pool, slot, slot.actor, ActorDiedError(), _item(None), time.monotonic())
-    assert decided
-
-
-def test_late_failures_of_a_replaced_worker_leave_its_replacement_alone() -> None:
-    """Requests that were on a worker when it died can fail after its replacement started:
-    they must neither open the replacement's breaker nor mark it dead."""
-    from ray.exceptions import ActorDiedError
-
-    from haif.exceptions import InternalError
-
-    orch = _orchestrator()
-    pool = _pool([("w1", "a", SHARED_TIER)])
-    slot = pool.slots[0]
-    old, sent = object(), time.monotonic()
-    slot.actor = old
-    pool.mark_dead(slot, "SIGKILL", 30)
-    slot.actor, slot.generation, slot.state = object(), 1, "loading"  # the replacement
-    slot.breaker = new_breaker(ResilienceConfig())
-    for _ in range(ResilienceConfig().breaker_failure_threshold + 1):
-        err, retry = orch._failure(pool, slot, old, InternalError("lost"), _item("k"), sent)
-        assert isinstance(err, InternalError) and retry  # still the old request's answer
-    err, retry = orch._failure(pool, slot, old, ActorDiedError(), _item(None), sent)
-    assert isinstance(err, WorkerUnavailable) and not retry  # it may have run: no key, no retry
-    assert slot.state == "loading" and slot.breaker.allows()
-    # The same failures from the current worker do count.
-    for _ in range(ResilienceConfig().breaker_failure_threshold):
-        orch._failure(pool, slot, slot.actor, InternalError("lost"), _item("k"), sent)
-    assert not slot.breaker.allows()
-
-
-def test_requests_wait_for_the_replacement_when_every_worker_died() -> None:
-    async def scenario() -> None:
-        pool = _pool([("w1", "a", SHARED_TIER)])
-        pool.ever_ready = True
-        slot = pool.slots[0]
-        pool.mark_dead(slot, "SIGKILL", 30)
-        waiting = asyncio.create_task(pool.acquire(SHARED_A, _ctx(), frozenset()))
-        await asyncio.sleep(0.02)
-        assert not waiting.done() and pool.queued == 1
-        slot.generation, slot.state = 1, "ready"  # the replacement loaded (a fresh breaker)
-        slot.breaker.success()
-        pool._wake_all()
-        assert (await asyncio.wait_for(waiting, 1)) is slot
-
-    asyncio.run(scenario())
-
-
-def test_a_worker_that_ran_long_is_not_a_crash_loop() -> None:
-    pool = _pool([("w1", "a", SHARED_TIER)])
-    slot = pool.slots[0]
-    for _ in range(3):
-        pool.mark_dead(slot, "crash", replacement_backoff_max_s=1.0)
-        slot.state, slot.ready_since = "ready", time.monotonic() - 5  # replaced, then up for 5 s
-    assert slot.deaths == 1 and slot.replace_at == slot.died_at
-
-
-def test_a_replacement_is_routed_as_soon_as_its_load_returns(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not at the next health round: requests sent right after the load reach it."""
-    import types
-
-    from haif.orchestrator import pool as pool_module
-
-    # ray.wait / ray.get over plain futures: the pool's settling logic, without a cluster.
-    fake_ray = types.SimpleNamespace(
-        wait=lambda refs, num_returns, timeout: ([r for r in refs if r.done()], [r for r in refs if not r.done()]),
-        get=lambda ref: ref.result(),
-        kill=lambda actor: None,
-    )
-    monkeypatch.setattr(pool_module, "ray", fake_ray)
-
-    async def scenario() -> None:
-        orch = _orchestrator()
-        orch._settling = set()
-        pool = _pool([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
-        slot = pool.slots[1]
-        pool.mark_dead(slot, "SIGKILL", 30)
-        load = asyncio.get_running_loop().create_future()
-        slot.state, slot.generation, slot.load_ref = "loading", 1, load
-        slot.breaker = new_breaker(ResilienceConfig())
-        orch._settle_when_loaded(pool, load)
-        await asyncio.sleep(0.01)
-        assert slot.state == "loading"
-        load.set_result(None)
-        await asyncio.sleep(0.01)  # no health round runs in this test
-        assert slot.state == "ready" and slot.live() and not orch._settling
-        # A failed load is recorded the same way.
-        broken = asyncio.get_running_loop().create_future()
-        slot.state, slot.load_ref = "loading", broken
-        orch._settle_when_loaded(pool, broken)
-        broken.set_exception(RuntimeError("weights missing"))
-        await asyncio.sleep(0.01)
-        assert slot.state == "failed" and "weights missing" in (slot.error or "")
-
-    asyncio.run(scenario())
+    err, decided = router._failure(model, backend, ActorDiedError(), _item(None), time.monotonic())
+    assert decided and reported == ["w1"]
 
 
 def test_a_call_that_cannot_be_sent_gives_its_worker_slot_back() -> None:
@@ -380,18 +351,19 @@ def test_a_call_that_cannot_be_sent_gives_its_worker_slot_back() -> None:
         raise InternalError("cannot serialize the request")
 
     method = types.SimpleNamespace(remote=refuse, options=lambda **_: types.SimpleNamespace(remote=refuse))
-    orch = _orchestrator()
-    orch._config = HaifConfig.model_validate({"models": [{"name": "m", "runtime": "echo"}]})
-    pool = _pool([("w1", "a", SHARED_TIER)])
-    pool.slots[0].actor = types.SimpleNamespace(generate=method, generate_stream=method)
-    orch._pools, orch._health_task = {"m": pool}, None
+    actor = types.SimpleNamespace(generate=method, generate_stream=method,
+                                  ping=types.SimpleNamespace(remote=lambda: None))
+    router = Router(CONFIG)
+    router.update(RoutingTable.of({"m": ModelRoutes(
+        name="m", kind="generate", workers=(WorkerRoute("w1", actor, "local", SHARED_TIER, "ready", 4),)
+    )}))
 
     async def scenario() -> None:
         with pytest.raises(InternalError):
-            await orch._unary_attempts(_item(None), "generate", "generate")
+            await router.call(_item(None), "generate")
         with pytest.raises(InternalError):
-            async for _ in orch._stream_attempts(_item(None)):
+            async for _ in router.stream(_item(None)):
                 pass
 
     asyncio.run(scenario())
-    assert pool.slots[0].in_flight == 0
+    assert router.models["m"].backends["w1"].in_flight == 0

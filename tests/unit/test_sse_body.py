@@ -1,6 +1,7 @@
 """The Bridge's SSE body: the end of an answer reaches the client as soon as the answer is
-whole, in one write, without waiting for the end of the stream to come back through the
-hops; a client that leaves mid-stream stops the generation."""
+whole, in one write, without waiting for the end of the worker's stream (read after it,
+so that the call ends rather than being cancelled); a client that leaves mid-stream stops
+the generation."""
 
 from __future__ import annotations
 
@@ -10,18 +11,17 @@ from typing import Any
 
 import pytest
 
-from haif.bridge import serving
 from haif.bridge.serving import SSE_DONE, _sse_body, _StreamTimer, sse
 from haif.exceptions import WorkerUnavailable
 from haif.protocol import CompletionChoice, CompletionChunk, Usage
 
 pytestmark = pytest.mark.unit
 
-END = object()  # the end of the stream, as the Gateway's call reports it
+END = object()  # the end of the stream, as the Gateway's pipeline reports it
 
 
 class Stream:
-    """The Bridge's view of ``Gateway.stream``: items as the test releases them."""
+    """The Bridge's view of ``Pipeline.stream``: items as the test releases them."""
 
     def __init__(self) -> None:
         self.items: asyncio.Queue[Any] = asyncio.Queue()
@@ -40,8 +40,9 @@ class Stream:
             raise item
         return item
 
-    def cancel(self) -> None:
-        self.cancelled = True
+    async def aclose(self) -> None:
+        if not self.ended:
+            self.cancelled = True
 
 
 class Timings:
@@ -73,12 +74,30 @@ def event(c: CompletionChunk) -> bytes:
     return sse(c.model_dump_json().encode())
 
 
-async def writes(
-    stream: Stream, first: Any, include_usage: bool, timings: Timings | None = None, n_choices: int = 1
-) -> list[bytes]:
+def body_of(stream: Stream, first: Any, include_usage: bool, timings: Timings | None = None,
+            n_choices: int = 1) -> Any:
     timer = _StreamTimer(timings or Timings(), "m", 0.0)  # type: ignore[arg-type]
-    body = _sse_body(stream, first, "req-1", timer, include_usage, n_choices)
-    return [w async for w in body]
+    return _sse_body(stream, first, "req-1", timer, include_usage, n_choices)
+
+
+async def until_done(body: Any) -> list[bytes]:
+    """The writes up to the one that ends with [DONE] (the client has its answer then)."""
+    out: list[bytes] = []
+    while not out or not out[-1].endswith(SSE_DONE):
+        out.append(await anext(body))
+    return out
+
+
+async def writes(stream: Stream, first: Any, include_usage: bool, timings: Timings | None = None,
+                 n_choices: int = 1) -> list[bytes]:
+    return [w async for w in body_of(stream, first, include_usage, timings, n_choices)]
+
+
+async def ended(stream: Stream, body: Any) -> None:
+    """Release the end of ``stream``: the body reads it and ends, the call not cancelled."""
+    stream.items.put_nowait(END)
+    assert await asyncio.wait_for(anext(body, None), 5) is None
+    assert stream.ended and not stream.cancelled
 
 
 def test_the_last_text_its_usage_and_done_leave_in_one_write_before_the_stream_ends() -> None:
@@ -91,16 +110,15 @@ async def _the_last_text_its_usage_and_done_leave_in_one_write_before_the_stream
         stream.items.put_nowait(item)
     timings = Timings()
     # The end of the stream has not come back: the body must not wait for it.
-    out = await asyncio.wait_for(writes(stream, chunk("a"), include_usage=True, timings=timings), 5)
+    body = body_of(stream, chunk("a"), include_usage=True, timings=timings)
+    out = await asyncio.wait_for(until_done(body), 5)
     assert out == [
         event(chunk("a")),
         event(chunk(" b")),
         event(chunk(" c", "length")) + event(usage()) + SSE_DONE,
     ]
     assert timings.chunks == 4
-    assert not stream.cancelled  # the answer is whole: the call is read to its end, not cancelled
-    stream.items.put_nowait(END)
-    await ended(stream)  # read in the background, and the reader is gone once it ends
+    await ended(stream, body)  # the answer is whole: the call is read to its end, not cancelled
 
 
 def test_without_usage_the_chunk_with_the_finish_reason_is_the_last() -> None:
@@ -110,10 +128,10 @@ def test_without_usage_the_chunk_with_the_finish_reason_is_the_last() -> None:
 async def _without_usage_the_chunk_with_the_finish_reason_is_the_last() -> None:
     stream = Stream()
     stream.items.put_nowait(chunk(" b", "stop"))
-    out = await asyncio.wait_for(writes(stream, chunk("a"), include_usage=False), 5)
+    body = body_of(stream, chunk("a"), include_usage=False)
+    out = await asyncio.wait_for(until_done(body), 5)
     assert out == [event(chunk("a")), event(chunk(" b", "stop")) + SSE_DONE]
-    stream.items.put_nowait(END)
-    await ended(stream)
+    await ended(stream, body)
 
 
 def test_with_several_choices_the_answer_ends_with_the_last_choice_to_finish() -> None:
@@ -127,20 +145,11 @@ async def _with_several_choices_the_answer_ends_with_the_last_choice_to_finish()
         rest = [chunk(" b", "stop", 0), chunk("y", None, 1), chunk("", "stop", 0), chunk(" z", "length", 1)]
         for item in rest + ([usage()] if include_usage else []):
             stream.items.put_nowait(item)
-        out = await asyncio.wait_for(writes(stream, chunk("x", None, 1), include_usage, n_choices=2), 5)
+        body = body_of(stream, chunk("x", None, 1), include_usage, n_choices=2)
+        out = await asyncio.wait_for(until_done(body), 5)
         last = event(chunk(" z", "length", 1)) + (event(usage()) if include_usage else b"") + SSE_DONE
         assert out == [event(c) for c in [chunk("x", None, 1), *rest[:3]]] + [last]
-        stream.items.put_nowait(END)
-        await ended(stream)
-
-
-async def ended(stream: Stream) -> None:
-    """Wait for the background reader to take the end of ``stream``."""
-    for _ in range(200):
-        if stream.ended and not serving._draining:  # noqa: SLF001
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the end of the stream was never read")
+        await ended(stream, body)
 
 
 def test_a_stream_that_ends_without_a_finish_reason_still_ends_with_done() -> None:

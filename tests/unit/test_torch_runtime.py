@@ -53,7 +53,7 @@ def make_runtime(model_dir: Path, *, max_prompt_tokens: int = 1024, **model: Any
 
 @pytest.fixture(scope="module")
 def runtime(model_dir: Path) -> Iterator[TorchRuntime]:
-    rt = make_runtime(model_dir, max_batch_size=16, max_wait_ms=20)
+    rt = make_runtime(model_dir, torch={"max_batch_size": 16, "max_wait_ms": 20})
     yield rt
     asyncio.run(rt.unload())
 
@@ -160,7 +160,7 @@ def test_seeded_sampling_is_the_same_inside_a_batch(runtime: TorchRuntime) -> No
 
 
 def test_greedy_alone_equals_greedy_in_a_batch(fresh: Callable[..., TorchRuntime]) -> None:
-    rt = fresh(max_batch_size=16, max_wait_ms=50)
+    rt = fresh(torch={"max_batch_size": 16, "max_wait_ms": 50})
     params = greedy(16)
 
     async def alone() -> list[str]:
@@ -177,7 +177,7 @@ def test_greedy_alone_equals_greedy_in_a_batch(fresh: Callable[..., TorchRuntime
 
 
 def test_concurrent_requests_form_batches(fresh: Callable[..., TorchRuntime]) -> None:
-    rt = fresh(max_batch_size=16, max_wait_ms=20)
+    rt = fresh(torch={"max_batch_size": 16, "max_wait_ms": 20})
 
     async def burst() -> list[Any]:
         return await asyncio.gather(
@@ -193,7 +193,7 @@ def test_concurrent_requests_form_batches(fresh: Callable[..., TorchRuntime]) ->
 
 
 def test_batches_never_exceed_max_batch_size(fresh: Callable[..., TorchRuntime]) -> None:
-    rt = fresh(max_batch_size=3, max_wait_ms=20)
+    rt = fresh(torch={"max_batch_size": 3, "max_wait_ms": 20})
 
     async def burst() -> None:
         await asyncio.gather(*(rt.generate(p, greedy(4)) for p in PROMPTS))
@@ -206,7 +206,7 @@ def test_batches_never_exceed_max_batch_size(fresh: Callable[..., TorchRuntime])
 def test_cancelled_stream_stops_generating(
     fresh: Callable[..., TorchRuntime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rt = fresh(max_batch_size=4, max_wait_ms=20)
+    rt = fresh(torch={"max_batch_size": 4, "max_wait_ms": 20})
     real_forward = rt._forward
     steps: list[int] = []
 
@@ -328,7 +328,7 @@ def test_unloaded_runtime_is_not_ready(fresh: Callable[..., TorchRuntime]) -> No
 
 
 def test_unload_fails_running_and_queued_requests(fresh: Callable[..., TorchRuntime]) -> None:
-    rt = fresh(max_batch_size=1, max_wait_ms=0)
+    rt = fresh(torch={"max_batch_size": 1, "max_wait_ms": 0})
 
     async def scenario() -> list[Any]:
         running = asyncio.create_task(collect(rt, PROMPTS[0], greedy(1000)))

@@ -124,7 +124,7 @@ def test_cancellation_is_an_event_not_an_error(spans: InMemorySpanExporter) -> N
 
 
 def test_add_event_lands_on_the_current_span(spans: InMemorySpanExporter) -> None:
-    with tracing.span("orchestrator.route", ctx()):
+    with tracing.span("gateway.route", ctx()):
         tracing.add_event("retry", {"attempt": 1, "reason": "WorkerUnavailable"})
     (done,) = spans.get_finished_spans()
     assert [(e.name, dict(e.attributes)) for e in done.events] == [
@@ -323,33 +323,35 @@ def test_record_span_under_a_span(spans: InMemorySpanExporter) -> None:
 
 
 def test_a_retry_is_an_event_on_the_route_span(spans: InMemorySpanExporter) -> None:
-    from haif.config import LimitsConfig, ModelConfig, ResilienceConfig
+    from haif.config import HaifConfig, LimitsConfig
     from haif.envelope import build_work_item
     from haif.exceptions import WorkerUnavailable
     from haif.orchestrator.breaker import Backoff
-    from haif.orchestrator.deployment import Orchestrator
-    from haif.orchestrator.placement import Placement
-    from haif.orchestrator.pool import ModelPool, WorkerSlot, new_breaker
+    from haif.orchestrator.router import Router
+    from haif.orchestrator.table import ModelRoutes, RoutingTable, WorkerRoute
     from haif.protocol import CompletionRequest
 
-    orch = Orchestrator.__new__(Orchestrator)  # the retry path alone: no Ray, no Serve
-    orch._res, orch._backoff, orch.retries = ResilienceConfig(), Backoff(0.0, 0.0), 0
-    pool = ModelPool(ModelConfig(name="m", runtime="echo"), Placement("m", False, 1.0))
-    slot = WorkerSlot("m/local/r/0", None, None, new_breaker(orch._res), state="ready")
+    config = HaifConfig.model_validate({"models": [{"name": "m", "runtime": "echo"}]})
+    router = Router(config)  # the retry path alone: no Ray, no Serve
+    router._backoff = Backoff(0.0, 0.0)
+    worker = WorkerRoute("m/local/0#ab", None, "local", "shared", "ready", 4)
+    router.update(RoutingTable.of({"m": ModelRoutes(name="m", kind="generate", workers=(worker,))}))
+    model = router.models["m"]
+    backend = model.backends[worker.worker_id]
     item = build_work_item("completion", CompletionRequest(model="m", prompt="hi"), ctx(), LimitsConfig())
 
     async def attempt() -> None:
-        with tracing.span("orchestrator.route", item.ctx):
-            await orch._attempt_failed(pool, slot, slot.actor, WorkerUnavailable("draining"), item, 0.0, 1)
+        with tracing.span("gateway.route", item.ctx):
+            await router._attempt_failed(model, backend, WorkerUnavailable("draining"), item, 0.0, 1)
 
     asyncio.run(attempt())
-    (route,) = [s for s in spans.get_finished_spans() if s.name == "orchestrator.route"]
+    (route,) = [s for s in spans.get_finished_spans() if s.name == "gateway.route"]
     (event,) = route.events
     assert event.name == "retry"
     assert event.attributes["haif.attempt"] == 1
     assert event.attributes["haif.reason"] == "worker_unavailable"
-    assert event.attributes["haif.worker"] == "m/local/r/0"
-    assert orch.retries == 1
+    assert event.attributes["haif.worker"] == "m/local/0#ab"
+    assert router.retries == 1
 
 
 def test_the_benchmarks_receiver_process_counts_the_exports_it_answers() -> None:
