@@ -2,11 +2,13 @@
 
 Writes ``bench/results/latest.json``: a list of rows
 ``{"bench", "metric", "haif", "baseline", "baseline_name", "ratio", "higher_is_better", "target"}``,
-both sides of each row measured in the same run.
+both sides of each row measured in the same run. ``--merge`` runs nothing: it merges the
+results each bench last wrote (after one bench was run alone, e.g. ``python -m bench.engine``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -20,14 +22,21 @@ SUITE = [
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--merge", action="store_true", help="merge the last results; run nothing")
+    merge_only = parser.parse_args().merge
     rows: list[dict] = []
     failed: list[str] = []
     for bench in SUITE:
-        print(f"\n=== bench.{bench} ===", flush=True)
         result = RESULTS_DIR / f"{bench}.json"
-        result.unlink(missing_ok=True)
-        proc = subprocess.run([sys.executable, "-m", f"bench.{bench}"], check=False)
-        if proc.returncode != 0 or not result.exists():
+        if not merge_only:
+            print(f"\n=== bench.{bench} ===", flush=True)
+            result.unlink(missing_ok=True)
+            proc = subprocess.run([sys.executable, "-m", f"bench.{bench}"], check=False)
+            if proc.returncode != 0:
+                failed.append(bench)
+                continue
+        if not result.exists():
             failed.append(bench)
             continue
         rows.extend(json.loads(result.read_text()))
