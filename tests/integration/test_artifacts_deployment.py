@@ -83,12 +83,16 @@ def test_workers_run_the_verified_bytes_from_the_node_cache(
 
 
 def test_workers_on_one_node_share_one_cache(orchestrator, artifact_setup: ArtifactSetup) -> None:  # noqa: ANN001
-    infos = orchestrator.workers_info.remote("signed-echo").result()
-    assert len(infos) == 2
+    # Two models run signed-echo:1 (signed-echo, and rollout-echo before any rollout), two
+    # workers each, all loaded at once: each blob crossed from a replica once, to whichever
+    # worker came first; the three others hit the cache.
+    infos = [i for m in ("signed-echo", "rollout-echo") for i in orchestrator.workers_info.remote(m).result()]
+    assert len(infos) == 4
     summaries = [i["artifact"] for i in infos]
-    # Both loaded at once: each blob crossed from a replica once; the other worker hit the cache.
-    assert sum(s["blobs_fetched"] for s in summaries) == artifact_setup.signed_echo_blobs
-    assert sum(s["blobs_hit"] for s in summaries) == artifact_setup.signed_echo_blobs
+    assert {s["name"] for s in summaries} == {"signed-echo:1"}
+    blobs = artifact_setup.signed_echo_blobs
+    assert sum(s["blobs_fetched"] for s in summaries) == blobs, summaries
+    assert sum(s["blobs_hit"] for s in summaries) == 3 * blobs, summaries
     assert len({s["path"] for s in summaries}) == 1
 
 
