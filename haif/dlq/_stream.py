@@ -97,7 +97,7 @@ class RedisStream:
         while len(out) < limit:
             count = limit - len(out) if tenant is None else _PAGE
             page = self._client.xrevrange(self.stream, upper, "-", count=count)
-            for sid, fields in page:
+            for _sid, fields in page:
                 if tenant is None or fields.get(b"tenant", b"").decode() == tenant:
                     out.append(_entry(fields))
                     if len(out) == limit:
