@@ -582,6 +582,11 @@ class Orchestrator:
         slot.adapters = frozenset(reply[2]) if len(reply) > 2 else frozenset()
         if reply[0] == "draining":  # the leader drains it: a stand-by learns it here
             slot.state = "draining"
+        elif reply[0] == "dead" and slot.state != "draining":  # its engine died: replace it
+            if self.leader:
+                ray.kill(actor, no_restart=True)
+            logger.warning("worker %s: its engine died; it is replaced", slot.worker_id)
+            slot.mark_dead("its engine died", self._res.replacement_backoff_max_s)
 
     async def _probe_remote(self, slot: RemoteSlot) -> None:
         """``haif.worker.health`` of a remote P2P worker, through the shim. It is dead after

@@ -224,6 +224,11 @@ class Runtime(abc.ABC):
         """Free what ``load`` took. Default: nothing to free."""
         return None
 
+    def dead(self) -> str | None:
+        """Why this loaded model can serve nothing more (its engine died), or None. The
+        worker's health probe reports it, and the Orchestrator replaces the worker."""
+        return None
+
     # --- generation ---------------------------------------------------------------
 
     def render_chat(

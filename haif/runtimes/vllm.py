@@ -203,6 +203,15 @@ def start_engine(model: ModelConfig, model_dir: str, device: str) -> Any:
     if device == "cpu":
         # Read by the CPU backend when the engine starts; bounds its KV cache.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(model.vllm.kv_cache_space_gib)
+        if getattr(args, "enforce_eager", False):
+            # Eager means eager: without this, vLLM still torch.compiles helpers of its
+            # sampler (the logprob ranks), and torch 2.13's inductor on CPU now and then
+            # builds that kernel's vectorized C++ without its ISA flags ("'at::vec' has not
+            # been declared"), which kills the engine core. Read by the engine's processes.
+            os.environ["TORCH_COMPILE_DISABLE"] = "1"
+            import torch._dynamo
+
+            torch._dynamo.config.disable = True
     # Returned, never held in a local: something in vLLM's start-up keeps this frame
     # alive, and a local would keep the engine alive until the interpreter exits.
     with _new_processes_at(model.vllm.cpu_engine_nice if device == "cpu" else 0, model.name):
@@ -274,6 +283,12 @@ class VllmRuntime(Runtime):
         self._bos_id = getattr(self._tokenizer, "bos_token_id", None)
         self._vocab_size = int(self._engine.model_config.get_vocab_size())
         self._texts = hf.TokenTexts(self._tokenizer)
+
+    def dead(self) -> str | None:
+        engine = self._engine
+        if engine is not None and engine.errored:
+            return "vLLM's engine core died (EngineDeadError): every request on this worker fails"
+        return None
 
     async def unload(self) -> None:
         engine, self._engine = self._engine, None
