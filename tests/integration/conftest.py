@@ -61,9 +61,6 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.1, what: str = "
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value: {last!r}")
 
 
-_CLUSTER: list = []  # the session's ray.cluster_utils.Cluster, for tests that add nodes
-
-
 @pytest.fixture(scope="session")
 def ray_cluster() -> str:
     import ray
@@ -88,7 +85,6 @@ def ray_cluster() -> str:
         },
     )
     ray.init(address=cluster.address, namespace="haif-test", log_to_driver=False)
-    _CLUSTER.append(cluster)
     url = f"http://127.0.0.1:{dashboard_port}"
     wait_for(lambda: _up(f"{url}/api/version"), 60, 0.5, "the Ray dashboard")
     yield url
@@ -97,13 +93,6 @@ def ray_cluster() -> str:
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
-
-
-@pytest.fixture(scope="session")
-def ray_nodes(ray_cluster: str):  # noqa: ANN201
-    """The session cluster's ``ray.cluster_utils.Cluster``: ``add_node`` / ``remove_node``
-    bring room into the cluster and take it away, as Ray's autoscaler would."""
-    return _CLUSTER[0]
 
 
 def _up(url: str) -> bool:

@@ -4,16 +4,13 @@
   requests at most on one worker; load above the target grows it to 3, and once the
   load stops it shrinks back to 1, draining, with no failed request;
 - ``zero-echo``: ``min_workers: 0``; it starts with no worker, the first request waits
-  for one and is served, and after ``downscale_delay_s`` idle the worker stops again;
-- ``roomy-echo``: a worker bigger than any node is ``pending`` (reported, the request
-  waiting) until a node with room joins the cluster.
+  for one and is served, and after ``downscale_delay_s`` idle the worker stops again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -115,40 +112,3 @@ def test_a_model_scaled_to_zero_serves_its_first_request_and_scales_to_zero_agai
         again = http.post("/v1/completions", json=body)
         assert again.status_code == 200, again.text
     assert cold_s < 60, cold_s
-
-
-def test_a_worker_without_room_is_pending_and_placed_when_a_node_joins(
-    haif: Deployment, orchestrator, ray_nodes  # noqa: ANN001
-) -> None:
-    # roomy-echo's worker asks for 12 CPUs; the head node has 8. Scaled to zero, a request
-    # asks for a worker, which Ray cannot place: pending, reported, and the request waits
-    # (within its deadline) until a node with room joins, as Ray's autoscaler would add one.
-    model = "roomy-echo"
-    wait_for(lambda: workers(orchestrator, model) == 0, 60, 0.5, f"{model} at zero workers")
-    body = {"model": model, "prompt": "room at last", "max_tokens": 3}
-    headers = {**haif.headers(), "X-Request-Timeout": "150"}
-    node = None
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        try:
-            with httpx.Client(base_url=haif.url, headers=headers, timeout=170) as http:
-                waiting = pool.submit(http.post, "/v1/completions", json=body)
-                wait_for(
-                    lambda: model_status(orchestrator, model)["workers_by_state"].get("pending") == 1,
-                    60, 0.25, f"{model}'s worker reported pending",
-                )
-                ready = httpx.get(f"{haif.url}/readyz", timeout=10).json()["models"][model]
-                time.sleep(2)  # pending stays pending: the request keeps waiting
-                assert not waiting.done(), waiting.result().text
-                assert model_status(orchestrator, model)["workers_by_state"] == {"pending": 1}
-                node = ray_nodes.add_node(num_cpus=12)
-                served = waiting.result(timeout=160)
-                assert served.status_code == 200, served.text
-                assert served.json()["choices"][0]["text"] == "room at last"
-                assert ready_workers(orchestrator, model) == 1
-                # Idle for downscale_delay_s (2 s): the worker drains and stops, and the node
-                # leaves empty.
-                wait_for(lambda: workers(orchestrator, model) == 0, 60, 0.5, f"{model} back to zero")
-        finally:
-            if node is not None:
-                ray_nodes.remove_node(node)
-    assert ready["state"] == "ready", ready  # scaled to zero, waiting for room: not a failure

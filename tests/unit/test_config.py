@@ -80,7 +80,6 @@ def test_integration_config_validates() -> None:
         "gpu-hungry",
         "signed-echo", "tampered-blob", "tampered-manifest", "untrusted",
         "tiny-llama-lora", "tiny-llama-lora-solo", "rollout-echo", "elastic-echo", "zero-echo",
-        "roomy-echo",
     ]
     assert config.model("echo-slow").echo.token_delay_ms == 50
     assert Path(config.base_dir).is_dir()
