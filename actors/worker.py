@@ -325,7 +325,7 @@ class ModelWorker:
         in-flight count is the load the routing table reports to every Gateway, the loaded
         LoRA adapters where it sends their requests first."""
         state = "draining" if self._draining else self._state
-        if self._current is not None and self._current.runtime.dead() is not None:
+        if state == "ready" and self._current is not None and self._current.runtime.dead() is not None:
             state = "dead"  # loaded, but its engine died: the Orchestrator replaces it
         return state, self._in_flight, self._adapter_names()
 

@@ -40,6 +40,8 @@ def test_a_worker_whose_engine_died_answers_its_probe_dead() -> None:
     assert worker.ping()[:2] == ("ready", 3)
     engine.reason = "the engine core died"
     assert worker.ping()[:2] == ("dead", 3)
+    worker._draining = True  # a worker being drained or unloaded stops its engine on purpose
+    assert worker.ping()[0] == "draining"
 
 
 def test_a_runtime_is_alive_unless_it_says_otherwise() -> None:
