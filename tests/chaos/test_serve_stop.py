@@ -8,18 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
-from tests.integration.conftest import ROOT, _free_port, wait_for
+from tests.integration.conftest import ROOT, _free_port, read_until_served, wait_for
 
 pytestmark = pytest.mark.chaos
 
-START_TIMEOUT_S = 420
 
 
 def _workers_of(pid: int) -> list[psutil.Process]:
@@ -52,16 +50,7 @@ def test_haif_serve_leaves_no_worker_after_sigterm(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        lines: list[str] = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if line.startswith("API key:"):
-                break
-        assert lines and lines[-1].startswith("API key:"), "".join(lines[-40:])
+        read_until_served(proc)
         workers = wait_for(lambda: len(w := _workers_of(proc.pid)) == 2 and w, 60, 0.5, "two worker processes")
         pids = [w.pid for w in workers]
         proc.send_signal(signal.SIGTERM)

@@ -49,6 +49,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+HAIF_SERVE_START_TIMEOUT_S = 420
+
+
+def read_until_served(proc: subprocess.Popen, timeout_s: float = HAIF_SERVE_START_TIMEOUT_S) -> list[str]:
+    """Read a `haif serve` process's output until it prints its API key (it is serving);
+    fail with the last of its output if it exits or the time runs out first."""
+    deadline = time.monotonic() + timeout_s
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if line.startswith("API key:"):
+            break
+    assert lines and lines[-1].startswith("API key:"), "".join(lines[-40:])
+    return lines
+
+
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.1, what: str = "condition"):  # noqa: ANN001, ANN201
     """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout_s

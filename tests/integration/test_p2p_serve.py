@@ -15,19 +15,17 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from tests.integration.conftest import ROOT, _free_port, wait_for
+from tests.integration.conftest import ROOT, _free_port, read_until_served, wait_for
 from tests.p2p import node_public_key, run_peer
 
 pytestmark = pytest.mark.integration
 
-START_TIMEOUT_S = 420
 HAIF = str(Path(sys.executable).parent / "haif")
 
 
@@ -59,16 +57,7 @@ def test_haif_serve_with_the_p2p_variables_serves_a_peer_on_a_local_testnet(
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sidecar_pid = None
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        lines: list[str] = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if line.startswith("API key:"):
-                break
-        assert lines and lines[-1].startswith("API key:"), "".join(lines[-40:])
+        read_until_served(proc)
         url = f"http://127.0.0.1:{port}"
 
         def shim_up() -> dict | None:
