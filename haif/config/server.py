@@ -1,0 +1,137 @@
+"""The HTTP ingress and its Serve deployments, request limits, authentication."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from haif.config._base import ConfigModel
+from haif.protocol import MAX_CHOICES, MAX_TOP_LOGPROBS
+
+logger = logging.getLogger(__name__)
+
+# Server keys of the four-hop design, accepted with a warning and ignored.
+_RETIRED_SERVER_KEYS = {
+    "bridge_replicas": "the HTTP Bridge is the Gateway's ingress now: set server.gateway_replicas",
+    "handle_transport": "no request crosses a Serve handle between HAIF's deployments any more",
+}
+
+
+class ServerConfig(ConfigModel):
+    host: str = Field("127.0.0.1", description="Address the HTTP ingress listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP ingress.")
+    app_name: str = Field("haif", description="Name of the Ray Serve application.")
+    gateway_replicas: int = Field(
+        1, ge=1, le=64, description="Replicas of the Gateway (each one serves HTTP and routes to workers)."
+    )
+    orchestrator_replicas: int = Field(
+        1, ge=1, le=16, description="Replicas of the Orchestrator (one leads the fleet, the others stand by)."
+    )
+    max_ongoing_requests: int = Field(
+        256, ge=1, le=100_000, description="Concurrent requests one Gateway replica accepts."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="End-to-end deadline of one request (default)."
+    )
+    min_request_timeout_s: float = Field(
+        0.05, gt=0, le=3600, description="Smallest deadline a client may ask for (X-Request-Timeout)."
+    )
+    max_request_timeout_s: float = Field(
+        600.0, gt=0, le=86_400, description="Largest deadline a client may ask for (X-Request-Timeout)."
+    )
+    state_dir: str = Field(".haif", description="Directory for local state (dev key, caches).")
+    access_log: bool = Field(
+        False, description="Ray Serve per-call access logs in every replica (costly on the hot path)."
+    )
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Where Ray Serve runs HTTP proxies: every node, or the head node only."
+    )
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy",
+        description="How HTTP reaches the Gateway: Serve's HTTP proxy actor, or HAProxy on host:port "
+        "in front of the Gateway replicas' own HTTP servers (Ray Serve's direct ingress; the Ray "
+        "cluster must run with RAY_SERVE_ENABLE_HA_PROXY=1, which `haif serve` sets for a cluster "
+        "it starts).",
+    )
+    control_resource: str | None = Field(
+        None,
+        description="Ray custom resource of the nodes that run the Gateway and Orchestrator "
+        "replicas (unset: any node).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key, why in _RETIRED_SERVER_KEYS.items():
+            if key in data:
+                data.pop(key)
+                logger.warning("server.%s is deprecated and ignored: %s", key, why)
+        return data
+
+
+class LimitsConfig(ConfigModel):
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest accepted HTTP body (413 above)."
+    )
+    max_prompt_tokens: int = Field(
+        4096, ge=1, le=1_048_576, description="Largest prompt, in the model's tokens (422 above)."
+    )
+    max_tokens: int = Field(
+        2048, ge=1, le=1_048_576, description="Largest `max_tokens` a request may ask for."
+    )
+    default_max_tokens: int = Field(
+        128, ge=1, le=1_048_576, description="`max_tokens` when a request gives none."
+    )
+    max_embedding_inputs: int = Field(
+        256, ge=1, le=100_000, description="Most inputs in one embeddings request."
+    )
+    max_prompts_per_request: int = Field(
+        16, ge=1, le=1024, description="Most prompts in one /v1/completions request."
+    )
+    max_stop_sequences: int = Field(4, ge=0, le=64, description="Most `stop` strings.")
+    max_choices: int = Field(
+        8, ge=1, le=MAX_CHOICES, description="Most choices per prompt (`n`); each is a generation of its own."
+    )
+    max_logprobs: int = Field(
+        MAX_TOP_LOGPROBS, ge=0, le=MAX_TOP_LOGPROBS,
+        description="Most alternatives per token (chat `top_logprobs`, completions `logprobs`).",
+    )
+    object_ref_threshold_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        le=1024**3,
+        description="Payloads at least this large cross Ray hops as object references.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> LimitsConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("limits.default_max_tokens must not exceed limits.max_tokens")
+        return self
+
+
+class AuthConfig(ConfigModel):
+    backend: Literal["database", "static"] = Field(
+        "database",
+        description="database: tenants and API tokens in the metadata store; "
+        "static: only dev_api_key, no quotas, jobs or usage (benchmark baseline).",
+    )
+    dev_api_key: str | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        description="Development API key of the `default` tenant; generated into state_dir when unset.",
+    )
+    dev_tenant: str = Field("default", description="Tenant the development key belongs to.")
+    token_cache_ttl_s: float = Field(
+        5.0, ge=0, le=3600,
+        description="How long a token lookup is cached: a revoked token stops working within this time.",
+    )
+    token_cache_max_entries: int = Field(
+        10_000, ge=1, le=10_000_000, description="Token lookups (good and bad) kept per Gateway replica."
+    )
