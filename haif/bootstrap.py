@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from haif.exceptions import ConfigError
+
 if TYPE_CHECKING:
     from haif.config import HaifConfig
 
@@ -65,7 +67,7 @@ def ensure_tenancy(config: HaifConfig) -> None:
 
     key = config.auth.dev_api_key
     if key is None:
-        raise ValueError("ensure_tenancy needs the development key (ensure_dev_key first)")
+        raise ConfigError("auth.dev_api_key is unset: ensure_tenancy registers it (ensure_dev_key first)")
     db = open_database(config, pool_size=1)
     try:
         with db.session() as session:

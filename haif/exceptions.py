@@ -3,7 +3,7 @@
 ::
 
     HaifError
-    ├── ConfigError                      operator error at start-up (fatal)
+    ├── ConfigError             500  config_error (the operator's config: fatal, never a 4xx)
     ├── RequestError                     the client's fault, never retried
     │   ├── InvalidRequest          400  invalid_request_error
     │   │   └── UnsupportedParameter 400 unsupported_parameter (named, with the model)
@@ -24,6 +24,7 @@
         ├── RetryableError               safe to retry (nothing ran, or it is idempotent)
         │   ├── ModelNotReady       503  model_not_ready
         │   ├── WorkerUnavailable   503  worker_unavailable
+        │   ├── WorkerDraining      503  worker_draining (takes no new request: sent elsewhere)
         │   └── Overloaded          429  overloaded (Retry-After)
         ├── DeadlineExceeded        504  timeout
         ├── GpuUnavailable          503  gpu_unavailable (placement failed, fatal for the model)
@@ -83,7 +84,18 @@ class HaifError(Exception):
 
 
 class ConfigError(HaifError):
+    """The configuration is wrong or incomplete (a key missing, a value unusable, a file the
+    config names unreadable): the operator's to fix, never the client's fault. Fatal for what
+    needed the setting; raised at start-up (or when a component is built), logged once as an
+    ERROR. Should one reach a client it is a 500, never a 4xx."""
+
+    status_code = 500
+    error_type = "internal_error"
     code = "config_error"
+
+    @property
+    def log_level(self) -> int:
+        return logging.ERROR
 
 
 class RequestError(HaifError):

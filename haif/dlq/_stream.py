@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from haif.dlq.entry import DeadLetter
+from haif.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from haif.config import DlqConfig, RedisConfig
@@ -55,7 +56,7 @@ class RedisStream:
         import redis
 
         if not redis_config.url:
-            raise ValueError("the Redis DLQ needs redis.url")
+            raise ConfigError("the Redis DLQ needs redis.url")
         self._client = redis.Redis.from_url(
             redis_config.url,
             socket_timeout=redis_config.socket_timeout_s,

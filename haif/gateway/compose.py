@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from haif.exceptions import AuthenticationFailed
+from haif.exceptions import ConfigError
 from haif.gateway.admission import Admission
 from haif.gateway.auth import Authenticator, DatabaseAuthenticator, PeerAuthenticator, StaticKeyAuthenticator
 from haif.gateway.metrics import GatewayMetrics
@@ -56,8 +56,13 @@ class GatewayParts:
 
 
 def default_authenticator(config: HaifConfig) -> Authenticator:
+    """The static backend's authenticator: the development key only.
+
+    Raises:
+        ConfigError: ``auth.dev_api_key`` is unset (``haif serve`` generates it before deploying).
+    """
     if not config.auth.dev_api_key:
-        raise AuthenticationFailed("no API key is configured (auth.dev_api_key)")
+        raise ConfigError("auth.backend is static but auth.dev_api_key is unset: it is the only key served")
     return StaticKeyAuthenticator(config.auth.dev_api_key, config.auth.dev_tenant)
 
 

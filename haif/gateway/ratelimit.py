@@ -22,7 +22,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from haif.exceptions import RateLimited, StoreUnavailable
+from haif.exceptions import ConfigError, RateLimited, StoreUnavailable
 
 if TYPE_CHECKING:
     from haif.config import RedisConfig
@@ -55,7 +55,7 @@ class RedisRateLimiter:
         import redis.asyncio as redis
 
         if not config.url:
-            raise ValueError("RedisRateLimiter needs redis.url")
+            raise ConfigError("RedisRateLimiter needs redis.url")
         self._client = redis.Redis.from_url(
             config.url,
             socket_timeout=config.socket_timeout_s,

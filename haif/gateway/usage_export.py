@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from haif.exceptions import HaifError
+from haif.exceptions import ConfigError, HaifError
 from haif.store import usage
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class UsageExporter:
         rng: random.Random | None = None,
     ) -> None:
         if not config.webhook_url:
-            raise ValueError("UsageExporter needs usage.webhook_url")
+            raise ConfigError("UsageExporter needs usage.webhook_url")
         self._db = db
         self._config = config
         self._client = client

@@ -12,9 +12,10 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from haif.config import HaifConfig, ModelConfig, load_config
-from haif.exceptions import ConfigError, ModelLoadFailed
+from haif.config import HaifConfig, ModelConfig, RedisConfig, UsageConfig, load_config
+from haif.exceptions import AuthenticationFailed, ConfigError, ModelLoadFailed, RequestError
 
 pytestmark = pytest.mark.unit
 
@@ -138,10 +139,36 @@ def test_env_unknown_sections_and_other_vars_ignored() -> None:
 
 
 def test_env_override_is_validated() -> None:
-    with pytest.raises(ConfigError, match="server.port"):
+    with pytest.raises(ConfigError, match=r"server\.port: Input should be greater than or equal to 1 \(given: 0\)"):
         load_config(LOCAL, environ={"HAIF_SERVER__PORT": "0"})
-    with pytest.raises(ConfigError, match="server.unknown_key"):
+    with pytest.raises(ConfigError, match=r"server\.unknown_key: Extra inputs are not permitted"):
         load_config(LOCAL, environ={"HAIF_SERVER__UNKNOWN_KEY": "1"})
+
+
+def test_validation_errors_name_each_key_on_a_line_of_its_own(tmp_path: Path) -> None:
+    """The CLI prints the message as it is: one line per error, the key's path first, no
+    pydantic URLs, a model-level check's own words without pydantic's 'Value error,'."""
+    message = config_error(
+        tmp_path,
+        {
+            "server": {"port": 70000, "bogus": True},
+            "limits": {"max_tokens": 8, "default_max_tokens": 9},
+            "models": [{"name": "m", "runtime": "torch"}],
+        },
+    )
+    head, *lines = message.splitlines()
+    assert head == f"config {tmp_path / 'haif.yaml'} is invalid:"
+    assert lines == [
+        "  server.port: Input should be less than or equal to 65535 (given: 70000)",
+        "  server.bogus: Extra inputs are not permitted (given: True)",
+        "  limits: limits.default_max_tokens must not exceed limits.max_tokens",
+        "  models.0: model 'm': runtime 'torch' needs `artifact` (or `path` in development)",
+    ]
+    # A missing key names its path; a long value is cut.
+    message = config_error(tmp_path, {"models": [{"runtime": "echo"}], "server": {"port": "x" * 500}})
+    lines = message.splitlines()
+    assert "  models.0.name: Field required" in lines
+    assert f"(given: '{'x' * 79}...)" in message and "x" * 100 not in message
 
 
 # --- guard rails ----------------------------------------------------------------------------
@@ -213,8 +240,53 @@ def test_runtime_torch_without_path_rejected(tmp_path: Path) -> None:
 
 def test_config_is_frozen() -> None:
     config = load_config(LOCAL, environ={})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="Instance is frozen"):
         config.server.port = 1  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="Instance is frozen"):
+        config.models = []  # type: ignore[misc]
+    assert config.server.port == 8000
+
+
+# --- a setting missing where it is needed: ConfigError, never a client's error -------------
+
+
+def test_static_auth_without_a_key_is_a_config_error() -> None:
+    """auth.backend static serves auth.dev_api_key alone: without one the Gateway cannot be
+    built, and that is the operator's config, not a caller's credential (it once raised
+    AuthenticationFailed, a 401)."""
+    from haif.gateway.compose import default_authenticator
+
+    config = HaifConfig(auth={"backend": "static"})
+    assert config.auth.dev_api_key is None
+    with pytest.raises(ConfigError, match=r"auth\.dev_api_key is unset") as info:
+        default_authenticator(config)
+    assert not isinstance(info.value, (RequestError, AuthenticationFailed))
+    assert info.value.status_code == 500
+
+
+def test_tenancy_without_the_dev_key_is_a_config_error() -> None:
+    from haif.bootstrap import ensure_tenancy
+
+    with pytest.raises(ConfigError, match=r"auth\.dev_api_key is unset"):
+        ensure_tenancy(HaifConfig())
+
+
+def test_redis_users_without_redis_url_are_config_errors() -> None:
+    from haif.config import DlqConfig
+    from haif.dlq._stream import RedisStream
+    from haif.gateway.ratelimit import RedisRateLimiter
+
+    with pytest.raises(ConfigError, match=r"redis\.url"):
+        RedisRateLimiter(RedisConfig())
+    with pytest.raises(ConfigError, match=r"redis\.url"):
+        RedisStream(RedisConfig(), DlqConfig())
+
+
+def test_usage_export_without_webhook_url_is_a_config_error() -> None:
+    from haif.gateway.usage_export import UsageExporter
+
+    with pytest.raises(ConfigError, match=r"usage\.webhook_url"):
+        UsageExporter(None, UsageConfig())  # type: ignore[arg-type]
 
 
 def test_defaults_without_file_content(tmp_path: Path) -> None:
@@ -346,7 +418,7 @@ def test_deprecated_flat_keys_merge_with_the_section(caplog: pytest.LogCaptureFi
     assert model.tensor_parallel_size == 2
     assert len(caplog.messages) == 2
     # Still validated where they land.
-    with pytest.raises(ValueError, match="torch.max_wait_ms"):
+    with pytest.raises(ValidationError, match="torch.max_wait_ms"):
         ModelConfig(name="t", runtime="torch", path="/m", max_wait_ms=-1)
 
 
@@ -419,7 +491,7 @@ def test_typo_in_a_typed_section_is_rejected(tmp_path: Path) -> None:
     ],
 )
 def test_engine_keys_haif_reads_or_sets_are_checked(engine: dict[str, Any], fragment: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(fragment)):
+    with pytest.raises(ValidationError, match=re.escape(fragment)):
         vllm_model(engine=engine)
 
 
@@ -539,5 +611,5 @@ def test_retired_server_keys_are_accepted_with_a_warning(caplog: pytest.LogCaptu
     assert config.server.gateway_replicas == 1
     assert "server.bridge_replicas is deprecated" in caplog.text and "gateway_replicas" in caplog.text
     assert "server.handle_transport is deprecated" in caplog.text
-    with pytest.raises(ValueError, match="bridge_replica"):
+    with pytest.raises(ValidationError, match="bridge_replica"):
         HaifConfig.model_validate({"server": {"bridge_replica": 3}})  # a typo is still an error
