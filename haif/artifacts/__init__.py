@@ -22,7 +22,8 @@ from haif.artifacts.keys import (
 from haif.artifacts.loader import ArtifactLoader, PulledArtifact, pull
 from haif.artifacts.manifest import ArtifactRef, FileEntry, Manifest, SignedManifest
 from haif.artifacts.replicas import Replica
-from haif.artifacts.store import ArtifactStore, PublishReport, RepairReport, VerifyReport
+from haif.artifacts.reports import PublishReport, RepairReport, VerifyReport
+from haif.artifacts.store import ArtifactStore
 
 __all__ = [
     "ArtifactLoader",

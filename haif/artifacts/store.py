@@ -6,28 +6,31 @@ manifest to all replicas in parallel; it succeeds when ``write_quorum`` replicas
 everything. A blob that a replica already has is not written again. Reads try the
 replicas in order and fall back on a missing, unreadable or wrong copy; ``repair``
 re-copies bad or missing blobs and manifests from a good replica.
+
+This module holds the store and its read side (manifests, blobs, list, verify); the
+steps of publishing are in ``publish`` and those of repairing in ``repair``, which
+depend on the store only through its public surface.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from haif.artifacts._io import TooManyBytes, TransferStats, copy_hashed, group_reasons, hash_file
+from haif.artifacts._io import TooManyBytes, TransferStats, copy_hashed, group_reasons
 from haif.artifacts.manifest import (
     MAX_MANIFEST_BYTES,
     AdapterOf,
     ArtifactRef,
     FileEntry,
-    Manifest,
     SignedManifest,
-    sign_manifest,
 )
+from haif.artifacts.publish import publish_dir
+from haif.artifacts.repair import repair_artifact
 from haif.artifacts.replicas import Replica
 from haif.artifacts.reports import (
     MISSING,
@@ -36,16 +39,12 @@ from haif.artifacts.reports import (
     ListedArtifact,
     PublishReport,
     RepairReport,
-    ReplicaOutcome,
     VerifyReport,
 )
 from haif.exceptions import (
-    ArtifactConflict,
-    ArtifactCorrupt,
     ArtifactError,
     ArtifactNotFound,
     ManifestInvalid,
-    QuorumNotReached,
     UntrustedSigner,
 )
 
@@ -75,24 +74,6 @@ class BlobSource:
 
     def record(self, n: int) -> None:
         self.stats.add_read(self.label, n)
-
-
-def _stamp(path: Path) -> tuple[int, ...]:
-    """What changes when a file's bytes change (inode, size, mtime, ctime)."""
-    st = path.stat()
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def scan_dir(source: Path) -> list[tuple[str, Path]]:
-    """Every regular file under ``source`` as ``(posix relative path, path)``, sorted."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(source):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if path.is_file():
-                out.append((path.relative_to(source).as_posix(), path))
-    return out
 
 
 class ArtifactStore:
@@ -141,7 +122,12 @@ class ArtifactStore:
 
     # --- manifests ----------------------------------------------------------------
 
-    def _manifest_at(self, replica: Replica, ref: ArtifactRef) -> SignedManifest | None:
+    def manifest_at(self, replica: Replica, ref: ArtifactRef) -> SignedManifest | None:
+        """One replica's manifest of ``ref``, parsed and matched to it, not trust-checked.
+
+        Returns None where the replica has none; raises ``ManifestInvalid`` on a bad one
+        and whatever the replica's filesystem raises when it is unreachable.
+        """
         path = (
             replica.digest_path(ref.digest)
             if ref.digest
@@ -163,7 +149,7 @@ class ArtifactStore:
         errors: list[ArtifactError] = []
         for replica in self.replicas:
             try:
-                signed = self._manifest_at(replica, ref)
+                signed = self.manifest_at(replica, ref)
                 if signed is None:
                     statuses[replica.label] = MISSING
                     errors.append(ArtifactNotFound(f"{replica.label}: missing"))
@@ -196,7 +182,7 @@ class ArtifactStore:
         errors: list[ArtifactError] = []
         for replica in self.replicas:
             try:
-                signed = self._manifest_at(replica, ref)
+                signed = self.manifest_at(replica, ref)
                 if signed is None:
                     errors.append(ArtifactNotFound(f"{replica.label}: missing"))
                     continue
@@ -265,22 +251,6 @@ class ArtifactStore:
             return f"corrupt: sha256 {digest[:12]}…"
         return OK
 
-    def _copy_blob(
-        self, src: Replica, dst: Replica, entry: FileEntry, on_bytes: Callable[[int], None] | None
-    ) -> None:
-        """Stream one blob between replicas, verified on the way: a bad copy is never committed."""
-        with src.open_read(src.blob_path(entry.digest), self.chunk_bytes) as fin:
-            with dst.writer(dst.blob_path(entry.digest)) as fout:
-                digest, size = copy_hashed(
-                    fin, fout, self.chunk_bytes, on_bytes=on_bytes, limit=entry.size
-                )
-                if (digest, size) != (entry.digest, entry.size):
-                    raise ArtifactCorrupt(
-                        f"{src.label} served a bad copy of sha256:{entry.digest[:12]}"
-                    )
-        self.stats.add_read(src.label, entry.size)
-        self.stats.add_written(dst.label, entry.size)
-
     # --- publish --------------------------------------------------------------------
 
     def publish(
@@ -306,176 +276,17 @@ class ArtifactStore:
                 trusted key or by ``key``.
             QuorumNotReached: fewer than ``write_quorum`` replicas hold the artifact.
         """
-        ref = ArtifactRef.parse(f"{name}:{version}")
-        files = scan_dir(source)
-        if not files:
-            raise ArtifactNotFound(f"nothing to publish: {source} holds no file")
-        staged: dict[str, dict[str, Path]] = {r.label: {} for r in self.replicas if r.local}
-        try:
-            entries, local = self._hash_and_stage(files, staged, progress, ref)
-            manifest = Manifest(
-                name=name,
-                version=version,
-                files=tuple(entries),
-                signer=key.key_id,
-                runtime=dict(runtime or {}),
-                adapter=adapter,
-            )
-            signed = self._reuse_or_sign(ref, manifest, key, trust)
-            with ThreadPoolExecutor(
-                max_workers=len(self.replicas), thread_name_prefix="haif-publish"
-            ) as pool:
-                outcomes = list(
-                    pool.map(
-                        lambda r: self._publish_to(
-                            r, signed, local, staged.get(r.label, {}), progress
-                        ),
-                        self.replicas,
-                    )
-                )
-        finally:
-            for copies in staged.values():
-                for tmp in copies.values():
-                    tmp.unlink(missing_ok=True)
-        report = PublishReport(
-            ref=str(ref),
-            manifest_digest=signed.digest,
-            files=len(entries),
-            total_bytes=manifest.total_bytes,
-            signer=signed.key_id,
-            outcomes=outcomes,
+        return publish_dir(
+            self,
+            source,
+            name,
+            version,
+            key,
+            runtime=runtime,
+            trust=trust,
+            progress=progress,
+            adapter=adapter,
         )
-        if report.ok_replicas < self.write_quorum:
-            failed = "; ".join(f"{o.replica}: {o.error}" for o in outcomes if not o.ok)
-            raise QuorumNotReached(
-                f"artifact {ref}: written to {report.ok_replicas} of {len(outcomes)} replicas, "
-                f"write quorum is {self.write_quorum} ({failed})"
-            )
-        return report
-
-    def _hash_and_stage(
-        self,
-        files: list[tuple[str, Path]],
-        staged: dict[str, dict[str, Path]],
-        progress: Progress | None,
-        ref: ArtifactRef,
-    ) -> tuple[list[FileEntry], dict[str, tuple[Path, tuple[int, ...]]]]:
-        """Hash every file; meanwhile copy it into each local replica's staging area.
-
-        The copies run in the kernel on other cores, so a local publish costs about one
-        pass instead of two. A staged copy of a blob the replica already has is dropped.
-        """
-        local_replicas = [r for r in self.replicas if r.label in staged]
-        total = sum(p.stat().st_size for _, p in files)
-        advance = progress.task(f"hash {ref}", total) if progress else None
-        entries: list[FileEntry] = []
-        local: dict[str, tuple[Path, tuple[int, ...]]] = {}
-        with ThreadPoolExecutor(
-            max_workers=max(1, len(local_replicas)), thread_name_prefix="haif-stage"
-        ) as pool:
-            for rel, path in files:
-                stamp = _stamp(path)
-                copies = {
-                    r.label: pool.submit(r.stage_file, path, self.chunk_bytes)
-                    for r in local_replicas
-                }
-                digest, size = hash_file(path, self.chunk_bytes, on_bytes=advance)
-                for label, copy in copies.items():
-                    try:
-                        tmp = copy.result()
-                    except (
-                        OSError
-                    ) as exc:  # that replica's own write reports it, without a staged copy
-                        logger.warning("cannot stage %s in %s: %s", path, label, exc)
-                        continue
-                    if digest in staged[label]:
-                        tmp.unlink()  # the same bytes under another path: one blob
-                    else:
-                        staged[label][digest] = tmp
-                if _stamp(path) != stamp:
-                    raise ArtifactCorrupt(f"{path} changed while it was being hashed")
-                entries.append(FileEntry(path=rel, digest=digest, size=size))
-                local.setdefault(digest, (path, stamp))
-        return entries, local
-
-    def _reuse_or_sign(
-        self, ref: ArtifactRef, manifest: Manifest, key: SigningKey, trust: TrustPolicy | None
-    ) -> SignedManifest:
-        from haif.artifacts.keys import TrustPolicy
-
-        # What counts as "already published": a manifest that verifies under the trust
-        # policy or the publishing key. Anything else at that path is garbage to overwrite.
-        policy = TrustPolicy(
-            global_keys=(*(trust.keys_for(ref.name).values() if trust else ()), key.public_key)
-        )
-        for replica in self.replicas:
-            try:
-                existing = self._manifest_at(replica, ref)
-                if existing is None:
-                    continue
-                existing.verify(policy, where=replica.label)
-            except ArtifactError:
-                continue
-            except Exception as exc:  # an unreachable replica is reported by the write below
-                logger.warning("cannot read %s from %s: %s", ref, replica.label, exc)
-                continue
-            if not existing.manifest.same_content(manifest):
-                raise ArtifactConflict(
-                    f"artifact {ref} is already published with other content "
-                    f"(manifest sha256:{existing.digest}); publish a new version"
-                )
-            if existing.key_id == key.key_id:
-                return existing  # the very same manifest: nothing to re-sign
-        return sign_manifest(manifest, key)
-
-    def _publish_to(
-        self,
-        replica: Replica,
-        signed: SignedManifest,
-        local: dict[str, tuple[Path, tuple[int, ...]]],
-        staged: dict[str, Path],
-        progress: Progress | None,
-    ) -> ReplicaOutcome:
-        outcome = ReplicaOutcome(replica=replica.label, ok=False)
-        manifest = signed.manifest
-        missing = {}
-        try:
-            for digest, size in manifest.blobs().items():
-                if replica.size(replica.blob_path(digest)) != size:
-                    missing[digest] = size
-            advance = (
-                progress.task(f"publish → {replica.label}", sum(missing.values()))
-                if progress
-                else None
-            )
-            for digest, size in missing.items():
-                path, stamp = local[digest]
-                target = replica.blob_path(digest)
-                tmp = staged.pop(digest, None)
-                if tmp is not None:
-                    replica.commit_staged(tmp, target)
-                    if advance is not None:
-                        advance(size)
-                else:
-                    replica.put_file(path, target, self.chunk_bytes, advance)
-                if _stamp(path) != stamp:  # the hash pass saw other bytes: take it back
-                    replica.remove(target)
-                    raise ArtifactCorrupt(f"{path} changed while it was being published")
-                outcome.blobs_written += 1
-                outcome.bytes_written += size
-                self.stats.add_written(replica.label, size)
-            data = signed.to_bytes()
-            replica.write_bytes(replica.digest_path(signed.digest), data)
-            # The name is written last: a reader never finds a manifest whose blobs are missing.
-            replica.write_bytes(replica.manifest_path(manifest.name, manifest.version), data)
-        except Exception as exc:  # one replica failing is what the quorum is for: report it
-            outcome.error = f"{type(exc).__name__}: {exc}"
-            logger.warning(
-                "publish of %s to %s failed: %s", manifest.ref, replica.label, outcome.error
-            )
-            return outcome
-        outcome.ok = True
-        return outcome
 
     # --- list, verify, repair ----------------------------------------------------
 
@@ -490,7 +301,7 @@ class ArtifactStore:
                 continue
             for name, version in pairs:
                 try:
-                    signed = self._manifest_at(replica, ArtifactRef(name=name, version=version))
+                    signed = self.manifest_at(replica, ArtifactRef(name=name, version=version))
                 except ArtifactError as exc:
                     logger.warning("%s", exc.message)
                     continue
@@ -551,66 +362,7 @@ class ArtifactStore:
             UntrustedSigner / ManifestInvalid / ArtifactNotFound: no replica has a trusted
                 manifest, so there is nothing to repair from.
         """
-        before = self.verify(ref, trust, progress)
-        if before.manifest is None:
-            raise before.error or ArtifactNotFound(f"artifact {ref} not found")
-        by_label = {r.label: r for r in self.replicas}
-        fixed: list[str] = []
-        unrepairable: list[str] = []
-        for check in before.blobs:
-            good = check.good
-            bad = [label for label, s in check.status.items() if s != OK]
-            if not bad:
-                continue
-            if not good:
-                unrepairable.append(
-                    f"{check.path} (sha256:{check.digest[:12]}): no good copy in any replica"
-                )
-                continue
-            entry = FileEntry(check.path, check.digest, check.size)
-            advance = (
-                progress.task(f"repair {check.path}", check.size * len(bad)) if progress else None
-            )
-            for label in bad:
-                if self._copy_from_any(
-                    [by_label[g] for g in good], by_label[label], entry, advance
-                ):
-                    fixed.append(f"{check.path} → {label} (was {check.status[label]})")
-                else:
-                    unrepairable.append(f"{check.path} → {label}: every copy attempt failed")
-        signed = self.read_manifest(ref, trust)
-        data = signed.to_bytes()
-        m = signed.manifest
-        for replica in self.replicas:
-            for path in (
-                replica.manifest_path(m.name, m.version),
-                replica.digest_path(signed.digest),
-            ):
-                try:
-                    if replica.read_bytes(path, MAX_MANIFEST_BYTES) != data:
-                        replica.write_bytes(path, data)
-                        fixed.append(f"manifest {path.rsplit('/', 1)[-1]} → {replica.label}")
-                except Exception as exc:  # reported as unrepairable, the others still get fixed
-                    unrepairable.append(f"manifest → {replica.label}: {type(exc).__name__}: {exc}")
-        return RepairReport(str(ref), fixed, unrepairable, self.verify(ref, trust))
-
-    def _copy_from_any(
-        self,
-        sources: list[Replica],
-        dst: Replica,
-        entry: FileEntry,
-        on_bytes: Callable[[int], None] | None,
-    ) -> bool:
-        for src in sources:
-            try:
-                self._copy_blob(src, dst, entry, on_bytes)
-                return True
-            except Exception as exc:  # try the next good copy; the caller reports total failure
-                logger.warning(
-                    "copy of %s from %s to %s failed: %s", entry.path, src.label, dst.label, exc
-                )
-        return False
-
+        return repair_artifact(self, ref, trust, progress)
 
 def manifest_failure(ref: ArtifactRef, errors: list[ArtifactError]) -> ArtifactError:
     """The most telling error among the replicas' (untrusted > invalid > missing), listing all."""
