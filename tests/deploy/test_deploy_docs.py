@@ -219,7 +219,7 @@ def test_sdk_from_a_job(cluster: Cluster, deployed: Deployed) -> None:
 def test_serve_run(cluster: Cluster, deployed: Deployed) -> None:
     block = doc_blocks()["serve-run"]
     proc = subprocess.Popen(
-        ["bash", "-euo", "pipefail", "-c", cluster.auth_prelude + "exec " + block.strip()],
+        ["bash", "-euo", "pipefail", "-c", cluster.auth_prelude + block],
         cwd=cluster.repo, env=cluster.env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
