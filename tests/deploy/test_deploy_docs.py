@@ -1,0 +1,252 @@
+"""The ways to deploy in docs/deploy.md work as written: the doc's marked blocks are run.
+
+Each block after a ``<!-- deploy-test: NAME -->`` comment is run by bash, in a copy of
+the repository in a temporary directory, on a Ray cluster of this test's own (its own
+ports, temp dir and ``HOME``, so its auth token and its processes are its own). What the
+test adds, and nothing more:
+
+* to ``ray start --head``: the cluster's ports, its temp dir, ``--num-cpus`` and
+  ``--block`` (the test owns the cluster through that process, and stops only it: ``ray
+  stop`` would stop every Ray cluster of the machine);
+* to every block's environment: ``RAY_ADDRESS`` (this cluster), ``HAIF_SERVER__PORT`` (a
+  free port) and the models, as ``HAIF_*`` overrides (the echo runtime under
+  ``configs/local.yaml``'s model name, so that the test spends its time on the deploy,
+  not on loading weights; real models are served in the integration tier);
+* ``HAIF_URL`` and ``HAIF_KEY`` from the lines the deployment printed, where the doc
+  says to take them from there.
+
+``make serve`` is ``haif serve --config configs/local.yaml``, which the integration and
+chaos tiers run (tests/integration/test_p2p_serve.py, tests/chaos/test_serve_stop.py):
+here only that the doc, the Makefile and those tests agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "deploy.md"
+BIN = Path(sys.executable).parent
+MODEL = "tiny-llama"
+START_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 300
+AGENT_WAIT_S = 60
+_BLOCK = re.compile(r"<!-- deploy-test: (?P<name>[\w-]+) -->\n```bash\n(?P<body>.*?)```", re.DOTALL)
+
+
+def doc_blocks(text: str | None = None) -> dict[str, str]:
+    """The doc's marked blocks, by name."""
+    text = DOC.read_text(encoding="utf-8") if text is None else text
+    return {m["name"]: m["body"] for m in _BLOCK.finditer(text)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _copy_repo(dest: Path) -> None:
+    """The repository's files as a checkout has them (tracked, and untracked unless ignored)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+
+
+@dataclass
+class Cluster:
+    repo: Path
+    env: dict[str, str]
+    proc: subprocess.Popen
+    auth_prelude: str  # the ray-start block's lines other than `ray start`: "every shell"
+
+    def run(self, script: str, timeout_s: float = JOB_TIMEOUT_S, env: dict[str, str] | None = None,
+            prelude: bool = True) -> subprocess.CompletedProcess:
+        body = (self.auth_prelude if prelude else "") + script
+        return subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", body], cwd=self.repo, env={**self.env, **(env or {})},
+            capture_output=True, text=True, timeout=timeout_s,
+        )
+
+    def submit(self, script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run a block that submits a job; the dashboard answers before its job agent is up,
+        and until then a submission is refused: try again, as an operator would."""
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            proc = self.run(script, env=env)
+            if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr:
+                return proc
+            if time.monotonic() > deadline:
+                return proc
+            time.sleep(1.0)
+
+
+def _stop_group(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"no {marker!r} within {timeout_s}s:\n{''.join(lines[-60:])}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("deploy")
+    repo, home, temp_dir = tmp / "repo", tmp / "home", Path(f"/tmp/haif-deploy-{os.getpid()}")
+    _copy_repo(repo)
+    home.mkdir()
+    gcs_port, dashboard_port, http_port = _free_port(), _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HAIF_"))}
+    env.update({
+        "HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+        "HAIF_SERVER__PORT": str(http_port),
+        "HAIF_MODELS": json.dumps([{"name": MODEL, "runtime": "echo"}]),
+        "HAIF_ARTIFACTS__DEV_PUBLISH": "[]",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    })
+    block = doc_blocks()["ray-start"]
+    assert re.search(r"^ray start --head$", block, re.MULTILINE), block
+    flags = (
+        f" --port {gcs_port} --dashboard-host 127.0.0.1 --dashboard-port {dashboard_port}"
+        f" --dashboard-agent-listen-port {_free_port()} --ray-client-server-port {_free_port()}"
+        f" --temp-dir {temp_dir} --num-cpus 4 --block"
+    )
+    script = block.replace("ray start --head", "ray start --head" + flags)
+    prelude = "".join(line + "\n" for line in block.splitlines() if not line.startswith("ray start"))
+    proc = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=repo, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        _read_until(proc, "Ray runtime started", START_TIMEOUT_S)
+        yield Cluster(repo, env, proc, prelude)
+    finally:
+        _stop_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Deployed:
+    url: str
+    key: str
+    output: str
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster: Cluster) -> Deployed:
+    proc = cluster.submit(doc_blocks()["job-submit"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    url = re.search(r"^URL: (\S+)$", out, re.MULTILINE)
+    key = re.search(r"^API key: (\S+)$", out, re.MULTILINE)
+    assert url and key, out[-6000:]
+    return Deployed(url[1], key[1], out)
+
+
+def test_job_submit_deploys_and_answers(cluster: Cluster, deployed: Deployed) -> None:
+    assert deployed.url == f"http://127.0.0.1:{cluster.env['HAIF_SERVER__PORT']}"
+    # HAIF_BASE_DIR kept the state out of Ray's copy of the working directory: no warning,
+    # and the development key is in the checkout's own state dir.
+    assert "temporary copy of the job's working directory" not in deployed.output
+    assert (cluster.repo / ".haif" / "dev_api_key").read_text().strip() == deployed.key
+    script = "\n".join(
+        line for line in doc_blocks()["requests"].splitlines() if not line.startswith("export HAIF_URL=")
+    )
+    proc = cluster.run(script, env={"HAIF_URL": deployed.url, "HAIF_KEY": deployed.key}, timeout_s=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    models, chat = (json.loads(part) for part in proc.stdout.replace("}{", "}\n{").splitlines()[:2])
+    assert MODEL in [m["id"] for m in models["data"]]
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"]
+
+
+def test_without_ray_auth_mode_a_submission_is_refused(cluster: Cluster, deployed: Deployed) -> None:
+    """What docs/deploy.md says happens without `export RAY_AUTH_MODE=token`."""
+    proc = cluster.run("ray job submit -- python -c pass\n", prelude=False, timeout_s=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "RAY_AUTH_MODE is currently 'disabled'" in out, out[-3000:]
+
+
+def test_sdk_from_a_job(cluster: Cluster, deployed: Deployed) -> None:
+    proc = cluster.submit(doc_blocks()["sdk-job"], env={"HAIF_KEY": deployed.key})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    result = re.search(r"^RESULT (\{.*\})$", out, re.MULTILINE)
+    assert result, out[-6000:]
+    reply = json.loads(result[1])
+    assert reply["text"] and reply["usage"]["completion_tokens"] > 0
+
+
+def test_serve_run(cluster: Cluster, deployed: Deployed) -> None:
+    block = doc_blocks()["serve-run"]
+    proc = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", cluster.auth_prelude + block],
+        cwd=cluster.repo, env=cluster.env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        _read_until(proc, "Application 'haif' is ready", JOB_TIMEOUT_S)
+        headers = {"Authorization": f"Bearer {deployed.key}"}
+        resp = httpx.get(f"{deployed.url}/v1/models", headers=headers, timeout=30)
+        assert resp.status_code == 200, resp.text
+        resp = httpx.post(
+            f"{deployed.url}/v1/completions", headers=headers, timeout=60,
+            json={"model": MODEL, "prompt": "Hi", "max_tokens": 4},
+        )
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"], resp.text
+    finally:
+        # Ctrl-C, as the doc says: serve run deletes the application.
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                _stop_group(proc)
+
+
+def test_make_serve_is_what_the_serve_tests_run() -> None:
+    assert doc_blocks()["make-serve"].strip() == "make serve"
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = re.search(r"^serve:.*\n\t(?P<cmd>.+)$", makefile, re.MULTILINE)
+    assert recipe and recipe["cmd"] == "exec $(BIN)/haif serve --config configs/local.yaml", recipe
+    test = (ROOT / "tests" / "integration" / "test_p2p_serve.py").read_text(encoding="utf-8")
+    assert '"serve", "--config", "configs/local.yaml"' in test
