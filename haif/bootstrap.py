@@ -144,4 +144,5 @@ def prepare(config: HaifConfig) -> HaifConfig:
     ensure_dev_models(config)
     from haif.artifacts.dev import ensure_dev_artifacts  # lazy: fsspec, cryptography
 
-    return ensure_dev_artifacts(config)
+    ensure_dev_artifacts(config)
+    return config

@@ -177,6 +177,30 @@ class Adapter:
 
 
 @dataclass(frozen=True)
+class ResolvedModel:
+    """What a request's ``model`` names, resolved once, at admission (``ModelCatalog.resolve``),
+    and carried with the request from then on: the Gateway's answers, its job and usage
+    records, the router and the worker all read it, none resolves the name again.
+
+    ``served`` is the name every answer carries in ``model`` (plain, streamed, SDK, P2P):
+    the base, or ``BASE:ADAPTER`` however the adapter was named in the request.
+    """
+
+    requested: str  # as the client sent it: a model, `BASE:ADAPTER`, an adapter's own name
+    base: str  # the configured model that runs it
+    adapter: Adapter | None = None
+    version: str | None = None  # of the base: the traffic split's pick once admitted
+
+    @property
+    def served(self) -> str:
+        return self.base if self.adapter is None else f"{self.base}:{self.adapter.name}"
+
+    def at(self, version: str) -> ResolvedModel:
+        """The same resolution, on ``version`` of the base (the traffic split's pick)."""
+        return replace(self, version=version)
+
+
+@dataclass(frozen=True)
 class WorkItem:
     kind: Kind
     model: str
@@ -190,15 +214,29 @@ class WorkItem:
     n_choices: int = 1  # `n`: choices per prompt of a generation
     shaping: Shaping = field(default_factory=Shaping)
     user: str | None = None  # the request's `user`, recorded on its job
-    adapter: Adapter | None = None  # set by admission: `model` is then the base model
-    # Set by admission: the model version the traffic split gave it (a rollout's canary or
-    # the stable version); the router sends it to that version's workers.
-    version: str | None = None
+    # Set by admission, once: what `model` names (the base, the adapter, the version the
+    # traffic split gave it). Before admission, or outside a Gateway (a P2P worker's item),
+    # None: `model` is then the model itself.
+    resolved: ResolvedModel | None = None
+
+    @property
+    def base(self) -> str:
+        """The model that runs it: the resolved base, else ``model`` as sent."""
+        return self.model if self.resolved is None else self.resolved.base
+
+    @property
+    def adapter(self) -> Adapter | None:
+        return None if self.resolved is None else self.resolved.adapter
+
+    @property
+    def version(self) -> str | None:
+        """The model version the router sends it to (a rollout's canary or the stable one)."""
+        return None if self.resolved is None else self.resolved.version
 
     @property
     def served_model(self) -> str:
-        """What the client is served: the model, or ``BASE:ADAPTER`` (responses, usage)."""
-        return self.model if self.adapter is None else f"{self.model}:{self.adapter.name}"
+        """What the client is served, as every answer names it: the model, or ``BASE:ADAPTER``."""
+        return self.model if self.resolved is None else self.resolved.served
 
     @property
     def by_reference(self) -> bool:

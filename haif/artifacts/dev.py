@@ -1,9 +1,10 @@
 """First start of a development deployment: a trusted signing key, the bundled models published.
 
 ``make serve`` serves MiniLM and the tiny test LLM from the artifact store like any other
-model. On first start this generates ``artifacts.dev_signing_key`` (when missing), trusts
-its public key, builds what ``dev_publish`` asks to build and publishes it, signed by that
-key. Later starts find the artifacts on every replica and publish nothing.
+model. On first start this generates ``artifacts.dev_signing_key`` (when missing), builds
+what ``dev_publish`` asks to build and publishes it, signed by that key. Later starts find
+the artifacts on every replica and publish nothing. That key is trusted wherever the config
+is (``haif.artifacts.trust``): by the workers, and by ``haif models verify`` on the same config.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from haif.artifacts.keys import SigningKey, TrustPolicy, load_signing_key
+from haif.artifacts.keys import SigningKey, load_signing_key
 from haif.artifacts.manifest import ArtifactRef
 from haif.artifacts.store import OK, ArtifactStore
+from haif.artifacts.trust import dev_key_path, trusted_keys
 from haif.config import resolve_source
 
 if TYPE_CHECKING:
+    from haif.artifacts.keys import TrustPolicy
     from haif.config import DevArtifactConfig, HaifConfig
 
 logger = logging.getLogger("haif.artifacts")
@@ -36,25 +39,22 @@ def ensure_signing_key(path: Path) -> SigningKey:
     return key
 
 
-def ensure_dev_artifacts(config: HaifConfig) -> HaifConfig:
-    """Return ``config`` trusting the dev key, with every ``dev_publish`` artifact published."""
+def ensure_dev_artifacts(config: HaifConfig) -> None:
+    """Generate the development signing key when missing and publish every ``dev_publish``
+    artifact with it. Its public key is trusted by ``haif.artifacts.trust.trusted_keys``,
+    which the CLI, this and every worker use: the config itself is not changed."""
     artifacts = config.artifacts
-    if artifacts.dev_signing_key is None:
-        return config
     base = config.base_path()
-    key_path = Path(artifacts.dev_signing_key).expanduser()
-    key = ensure_signing_key(key_path if key_path.is_absolute() else base / key_path)
-    public = key.public_key.text()
-    if public not in artifacts.trusted_keys:
-        artifacts = artifacts.model_copy(update={"trusted_keys": [*artifacts.trusted_keys, public]})
-        config = config.model_copy(update={"artifacts": artifacts})
+    key_path = dev_key_path(artifacts, base)
+    if key_path is None:
+        return
+    key = ensure_signing_key(key_path)
     if not artifacts.dev_publish:
-        return config
+        return
     store = ArtifactStore.from_config(artifacts, base)
-    trust = TrustPolicy.from_config(artifacts, base)
+    trust = trusted_keys(artifacts, base)
     for item in artifacts.dev_publish:
         _publish(store, trust, key, item, base)
-    return config
 
 
 def _publish(

@@ -26,6 +26,7 @@ from haif.artifacts.cache import NodeCache, new_owner
 from haif.artifacts.keys import TrustPolicy
 from haif.artifacts.manifest import ArtifactRef, SignedManifest
 from haif.artifacts.store import ArtifactStore
+from haif.artifacts.trust import trusted_keys
 from haif.exceptions import (
     AdapterNotFound,
     AdapterRejected,
@@ -263,7 +264,7 @@ class ArtifactLoader:
             self._parts = (
                 ArtifactStore.from_config(self._config, self._base),
                 NodeCache.from_config(self._config, self._base),
-                TrustPolicy.from_config(self._config, self._base),
+                trusted_keys(self._config, self._base),
             )
         return self._parts
 

@@ -14,8 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from haif.bridge.errors import as_haif_error
 from haif.envelope import TIMEOUT_HEADER, RequestContext, build_work_item, timeout_from
 from haif.exceptions import HaifError, InvalidRequest, MetricsUnavailable
-from haif.gateway.serving import embedding_response
-from haif.protocol import JobList, JobRecord, UsageList
+from haif.protocol import JobList, JobRecord, UsageList, embedding_response
 from haif.telemetry.metrics import CONTENT_TYPE
 from haif.telemetry.tracing import traceparent_of
 

@@ -121,11 +121,13 @@ def _ref(text: str) -> ArtifactRef:
 def _store_and_trust(
     cfg: HaifConfig, trusted_key: str | None = None
 ) -> tuple[ArtifactStore, TrustPolicy]:
-    from haif.artifacts import ArtifactStore, TrustPolicy, load_public_key
+    from haif.artifacts import ArtifactStore, load_public_key
+    from haif.artifacts.trust import trusted_keys
 
     base = cfg.base_path()
     try:
-        trust = TrustPolicy.from_config(cfg.artifacts, base)
+        # The policy the server and its workers load with (the development key included).
+        trust = trusted_keys(cfg.artifacts, base)
         if trusted_key is not None:
             trust = trust.with_keys([load_public_key(trusted_key, Path.cwd())])
         return ArtifactStore.from_config(cfg.artifacts, base), trust

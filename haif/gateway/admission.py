@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from haif.config import HaifConfig, ModelConfig
     from haif.dlq import DeadLetter
-    from haif.envelope import Dispatched, Principal, RequestContext, WorkItem
+    from haif.envelope import Dispatched, Principal, RequestContext, ResolvedModel, WorkItem
     from haif.gateway.auth import Authenticator, PeerAuthenticator
     from haif.gateway.quota import QuotaGate
     from haif.gateway.settlement import Settlements
@@ -182,7 +182,16 @@ class Admission:
             raise
 
     async def _admit(self, item: WorkItem, principal: Principal) -> Ticket:
-        if not self.catalog.permits(principal.allowed_models, item.model):
+        # The one resolution of the request's `model`: it travels in `item.resolved` from here.
+        resolved = self.catalog.resolve(item.model)
+        if resolved is not None:
+            tracing.set_attributes(_span_attributes(resolved))
+        allowed = principal.allowed_models
+        if resolved is None:  # unknown: a 404 for a token that may name it, else a 403
+            permitted = allowed is None or item.model in allowed
+        else:
+            permitted = self.catalog.permits(allowed, resolved)
+        if not permitted:
             raise PermissionDenied(f"this API key may not use model {item.model!r}")
         limits = self._config.limits
         if item.max_tokens > limits.max_tokens:
@@ -193,21 +202,17 @@ class Admission:
             raise UnprocessableRequest(
                 f"'input' has {item.n_inputs} items; the limit is {limits.max_embedding_inputs}"
             )
-        served = self.catalog.resolve(item.model)
-        if served is None:
+        if resolved is None:
             raise ModelNotFound(f"the model {item.model!r} does not exist")
-        model = served.model
+        model = self.catalog.model(resolved)
         if model.kind != ("embed" if item.kind == "embedding" else "generate"):
             use = "/v1/embeddings" if model.kind == "embed" else "/v1/completions or /v1/chat/completions"
             raise UnprocessableRequest(f"model {item.model!r} does not support this endpoint; use {use}")
         ctx = item.ctx
         ctx.remaining_s()
         key, digest = await self._idempotency(item)
-        # From here on `model` is the base that runs it; the adapter travels beside it.
-        item = replace(
-            item, ctx=ctx.authenticated(principal), model=model.name, adapter=served.adapter,
-            version=self._version_of(model, item, ctx.idempotency_key),
-        )
+        resolved = resolved.at(self._version_of(model, item, ctx.idempotency_key))
+        item = replace(item, ctx=ctx.authenticated(principal), resolved=resolved)
         if self._quotas is None or principal.tenant_id is None:
             self.metrics.outcome("admitted")
             return Ticket(item)  # no metadata store: nothing to reserve or record
@@ -216,8 +221,8 @@ class Admission:
             tenant_id=principal.tenant_id,
             token_id=principal.token_id,
             kind=item.kind,
-            model=item.served_model,  # BASE:ADAPTER: usage records carry the adapter
-            version=item.version or model.version,
+            model=resolved.served,  # BASE:ADAPTER: usage records carry the adapter
+            version=resolved.version or model.version,
             tokens=reservation_tokens(item, self._config.quotas.prompt_bytes_per_token),
             limits=principal.limits or QuotaLimits(),
             count_requests=self._quotas.counts_requests_in_db,
@@ -238,7 +243,7 @@ class Admission:
             replay = await self._replay(item, principal.tenant_id, key, result)
             if replay is not None:
                 self.metrics.outcome("replayed")
-                self.metrics.finished(item.model, item.kind, None)
+                self.metrics.finished(item.base, item.kind, None)
                 return Ticket(item, job_id=result.job_id, replay=replay)
             # The first execution failed: take its job over (one duplicate wins, the others wait).
 
@@ -300,7 +305,8 @@ class Admission:
         vectors: Any = None,
     ) -> None:
         self.metrics.finished(
-            ticket.item.model, ticket.item.kind, None, prompt_tokens, completion_tokens, ticket.served_version
+            ticket.item.base, ticket.item.kind, None, prompt_tokens, completion_tokens,
+            ticket.served_version,
         )
         stored = None
         if ticket.key is not None and response is not None:
@@ -334,7 +340,8 @@ class Admission:
         the job is dead-lettered. Client errors and a client that went away are not.
         """
         self.metrics.finished(
-            ticket.item.model, ticket.item.kind, exc, prompt_tokens, completion_tokens, ticket.served_version
+            ticket.item.base, ticket.item.kind, exc, prompt_tokens, completion_tokens,
+            ticket.served_version,
         )
         cause = unwrap(exc)
         attempts = int(getattr(cause, "attempts", getattr(exc, "attempts", ticket.attempts)))
@@ -466,6 +473,15 @@ class Admission:
         return await self._db.run(
             _read, self._db, usage.tenant_usage, principal.tenant_id, since, limit
         )
+
+
+def _span_attributes(resolved: ResolvedModel) -> dict[str, Any]:
+    """The request span's model attributes: the base (its version) and the adapter."""
+    return {
+        tracing.MODEL: resolved.base,
+        tracing.MODEL_VERSION: resolved.version,
+        tracing.ADAPTER: resolved.adapter.name if resolved.adapter is not None else None,
+    }
 
 
 def _read(db: Database, fn: Any, *args: Any) -> Any:

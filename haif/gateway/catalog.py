@@ -14,11 +14,10 @@ every adapter of a base (``BASE:*``); naming the base alone does not grant its a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from haif.config import ARTIFACT_REF_PATTERN
-from haif.envelope import Adapter
+from haif.envelope import Adapter, ResolvedModel
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -26,32 +25,32 @@ if TYPE_CHECKING:
     from haif.config import HaifConfig, ModelConfig
 
 
-@dataclass(frozen=True)
-class Served:
-    """A name a client sent, resolved: the model that runs it and the adapter, if any."""
-
-    model: ModelConfig
-    adapter: Adapter | None = None
-
-    @property
-    def id(self) -> str:
-        return self.model.name if self.adapter is None else f"{self.model.name}:{self.adapter.name}"
-
-
 class ModelCatalog:
-    """The served names of one config (every Gateway replica builds its own)."""
+    """The served names of one config: one per Gateway replica, owned by its admission,
+    the one place a request's ``model`` is resolved (``resolve``)."""
 
     def __init__(self, config: HaifConfig) -> None:
         self._models = {m.name: m for m in config.models if m.enabled}
-        self._names: dict[str, Served] = {}
+        self._names: dict[str, tuple[ModelConfig, Adapter | None]] = {}
         for model in self._models.values():
-            self._names[model.name] = Served(model)
+            self._names[model.name] = (model, None)
             for adapter in model.adapters:
-                served = Served(model, Adapter(adapter.name, adapter.artifact))
-                self._names[served.id] = self._names[adapter.name] = served
+                served = (model, Adapter(adapter.name, adapter.artifact))
+                self._names[f"{model.name}:{adapter.name}"] = self._names[adapter.name] = served
 
-    def resolve(self, name: str) -> Served | None:
-        """What ``name`` serves, or None when nothing does."""
+    def resolve(self, name: str) -> ResolvedModel | None:
+        """What ``name`` serves (on the base's configured version), or None when nothing does."""
+        found = self._lookup(name)
+        if found is None:
+            return None
+        model, adapter = found
+        return ResolvedModel(name, model.name, adapter, model.version)
+
+    def model(self, resolved: ResolvedModel) -> ModelConfig:
+        """The configured base of ``resolved`` (one of this catalog's answers)."""
+        return self._models[resolved.base]
+
+    def _lookup(self, name: str) -> tuple[ModelConfig, Adapter | None] | None:
         found = self._names.get(name)
         if found is not None:
             return found
@@ -65,26 +64,32 @@ class ModelCatalog:
         return None
 
     @staticmethod
-    def _on_demand(model: ModelConfig, ref: str) -> Served | None:
+    def _on_demand(model: ModelConfig, ref: str) -> tuple[ModelConfig, Adapter | None] | None:
         if re.fullmatch(ARTIFACT_REF_PATTERN, ref) is None:
             return None
         for adapter in model.adapters:  # a configured one, named by its artifact: the same one
             if adapter.artifact == ref:
-                return Served(model, Adapter(adapter.name, adapter.artifact))
-        return Served(model, Adapter(ref, ref))
+                return model, Adapter(adapter.name, adapter.artifact)
+        return model, Adapter(ref, ref)
 
-    def permits(self, allowed: Collection[str] | None, name: str) -> bool:
-        """Whether a token limited to ``allowed`` (None: every model) may use ``name``."""
-        if allowed is None or name in allowed:
+    def permits(self, allowed: Collection[str] | None, name: str | ResolvedModel | None) -> bool:
+        """Whether a token limited to ``allowed`` (None: every model) may use ``name``: a
+        name, or what ``resolve`` made of one (None: a name that serves nothing)."""
+        if allowed is None:
             return True
-        served = self.resolve(name)
-        if served is None:
+        if isinstance(name, str):
+            if name in allowed:
+                return True
+            name = self.resolve(name)
+        if name is None:
             return False
-        if served.adapter is None:
-            return served.model.name in allowed
-        names = {served.id, f"{served.model.name}:*"}
-        if served.model.adapter(served.adapter.name) is not None:
-            names.add(served.adapter.name)
+        if name.requested in allowed:
+            return True
+        if name.adapter is None:
+            return name.base in allowed
+        names = {name.served, f"{name.base}:*"}
+        if self._models[name.base].adapter(name.adapter.name) is not None:
+            names.add(name.adapter.name)
         return not names.isdisjoint(allowed)
 
     def listed(self, allowed: Collection[str] | None) -> list[tuple[str, str | None]]:

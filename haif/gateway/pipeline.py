@@ -29,7 +29,6 @@ import ray
 
 from haif.envelope import Dispatched
 from haif.exceptions import HaifError, ModelNotFound, ModelNotReady
-from haif.gateway.catalog import ModelCatalog
 from haif.gateway.serving import StreamFormatter, chat_response, completion_response
 from haif.protocol import ModelCard, ModelList, now
 from haif.telemetry import tracing
@@ -66,7 +65,6 @@ class Pipeline:
         self.parts = parts
         self.admission = parts.admission
         self.router = parts.router
-        self.catalog = ModelCatalog(config)  # what `model` may name: models and their adapters
         self._created = now()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -96,7 +94,7 @@ class Pipeline:
         if table is None or self.router.version is not None:
             return
         if await table.first(item.ctx.remaining_s()) is None:
-            raise ModelNotReady(f"model {item.model!r}: this Gateway has no routing table yet")
+            raise ModelNotReady(f"model {item.base!r}: this Gateway has no routing table yet")
 
     # --- models ------------------------------------------------------------------------
 
@@ -104,7 +102,7 @@ class Pipeline:
         self.start()
         with tracing.span("gateway.models", ctx):
             principal = await self.admission.authenticate(ctx)
-        listed = self.catalog.listed(principal.allowed_models)
+        listed = self.admission.catalog.listed(principal.allowed_models)
         return ModelList(
             data=[ModelCard(id=name, created=self._created, parent=parent) for name, parent in listed]
         )
@@ -154,8 +152,10 @@ class Pipeline:
         with tracing.span("gateway.stream", item.ctx, attributes=self._attributes(item)) as span:
             ticket = await self.admission.admit(item)
             _admitted(span, ticket)
+            admitted = ticket.item  # named as admission resolved it, as a plain answer is
             fmt = StreamFormatter(
-                item.kind, item.model, item.include_usage, ticket.job_id, item.n_choices, item.shaping
+                admitted.kind, admitted.served_model, admitted.include_usage, ticket.job_id,
+                admitted.n_choices, admitted.shaping,
             )
             delivered = False  # every choice's last event has been passed on
             try:
@@ -224,16 +224,11 @@ class Pipeline:
         await self.admission.succeed(ticket, result.prompt_tokens, 0, result, vectors)
         return result
 
-    def _attributes(self, item: WorkItem) -> dict[str, Any]:
-        served = self.catalog.resolve(item.model)
-        if served is None:
-            return {tracing.MODEL: item.model, tracing.MODEL_VERSION: None}
-        # An adapter's request: the base model (and its version) and the adapter.
-        return {
-            tracing.MODEL: served.model.name,
-            tracing.MODEL_VERSION: served.model.version,
-            tracing.ADAPTER: served.adapter.name if served.adapter is not None else None,
-        }
+    @staticmethod
+    def _attributes(item: WorkItem) -> dict[str, Any]:
+        # The name as sent: admission resolves it and names the base, its version and the
+        # adapter on this span.
+        return {tracing.MODEL: item.model}
 
     # --- the DLQ ---------------------------------------------------------------------------
 
@@ -419,7 +414,7 @@ def _served_version(span: Span | None, ticket: Ticket) -> str:
     version = ticket.served_version or "1"
     if span is not None:
         tracing.set_attributes({tracing.MODEL_VERSION: version}, span)
-    return f"{ticket.item.model}:{version}"
+    return f"{ticket.item.base}:{version}"
 
 
 def _served(

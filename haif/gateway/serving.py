@@ -1,18 +1,16 @@
 """Response shaping, in one place: worker outputs into OpenAI responses and stream chunks.
 
-Every entry point (HTTP, the in-cluster SDK, P2P) gets its bodies from here: the choices,
-their logprobs (chat's ``logprobs.content``, the legacy completions shape), tool calls read
-from the generated text (``haif.gateway.toolcalls``) and, streamed, OpenAI's deltas, whose
-pieces join to what the whole answer gives.
+Every entry point (HTTP, the in-cluster SDK, P2P) gets its generations' bodies from here:
+the choices, their logprobs (chat's ``logprobs.content``, the legacy completions shape), tool
+calls read from the generated text (``haif.gateway.toolcalls``) and, streamed, OpenAI's
+deltas, whose pieces join to what the whole answer gives. Embeddings are shaped by
+``haif.protocol.embedding_response``.
 """
 
 from __future__ import annotations
 
-import base64
 import uuid
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from haif.envelope import Shaping
 from haif.gateway import toolcalls
@@ -28,9 +26,6 @@ from haif.protocol import (
     CompletionChunk,
     CompletionLogprobs,
     CompletionResponse,
-    Embedding,
-    EmbeddingResponse,
-    EmbeddingUsage,
     FunctionCall,
     FunctionCallDelta,
     TokenLogprob,
@@ -46,7 +41,6 @@ from haif.runtimes.base import StreamTally, usage_of
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from haif.envelope import EmbeddingResult
     from haif.protocol import FinishReason
     from haif.runtimes import base
     from haif.runtimes.base import GenerationOutput, StreamEvent
@@ -317,21 +311,3 @@ class StreamFormatter:
             choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)],
         )
 
-
-def embedding_response(
-    result: EmbeddingResult, vectors: np.ndarray, encoding_format: str
-) -> EmbeddingResponse:
-    """The OpenAI embeddings body; ``base64`` is little-endian float32, as OpenAI sends it."""
-    data: list[Embedding] = []
-    for i, row in enumerate(np.asarray(vectors, dtype="<f4")):
-        value: list[float] | str = (
-            base64.b64encode(row.tobytes()).decode("ascii")
-            if encoding_format == "base64"
-            else row.tolist()
-        )
-        data.append(Embedding(index=i, embedding=value))
-    return EmbeddingResponse(
-        data=data,
-        model=result.model,
-        usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
-    )

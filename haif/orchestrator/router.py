@@ -123,7 +123,7 @@ class Router:
     def route(self, item: WorkItem) -> Route:
         principal = item.ctx.principal
         tenant = principal.tenant if principal is not None else None
-        model = self._config.model(item.model)
+        model = self._config.model(item.base)
         dedicated = model.dedicated_tenants if model is not None else []
         tier = tenant if tenant is not None and tenant in dedicated else SHARED_TIER
         return Route(tier=tier, regions=(self._config.home_region(tenant),))
@@ -131,14 +131,14 @@ class Router:
     # --- unary calls ----------------------------------------------------------------
 
     async def call(self, item: WorkItem, method: str) -> Dispatched:
-        """Run ``method`` (``generate`` or ``embed``) of a worker of ``item.model``."""
+        """Run ``method`` (``generate`` or ``embed``) of a worker of ``item.base``."""
         with tracing.span("gateway.route", item.ctx, attributes=_route_attributes(item)) as span:
             dispatched = await self._call_attempts(item, method)
             _routed(span, dispatched)
             return dispatched
 
     async def _call_attempts(self, item: WorkItem, method: str) -> Dispatched:
-        router = self.model(item.model)
+        router = self.model(item.base)
         route = self.route(item)
         avoid: set[str] = set()
         attempts = 0
@@ -192,7 +192,7 @@ class Router:
                 yield event
 
     async def _stream_attempts(self, item: WorkItem) -> AsyncIterator[Dispatched | StreamEvent]:
-        router = self.model(item.model)
+        router = self.model(item.base)
         route = self.route(item)
         avoid: set[str] = set()
         attempts = 0
@@ -307,7 +307,7 @@ class Router:
         tracing.add_event("retry", event)
         logger.warning(
             "request %s: attempt %d on %s failed (%s); retrying in %.0f ms",
-            item.ctx.request_id, attempts, worker or item.model, err.code, delay * 1000,
+            item.ctx.request_id, attempts, worker or item.base, err.code, delay * 1000,
         )
         await asyncio.sleep(delay)
 
@@ -328,7 +328,7 @@ class Router:
                 logger.warning("worker %s died under a request; routing around it", backend.worker_id)
                 self._on_dead(backend.worker_id)
             return WorkerUnavailable(
-                f"the worker serving {item.model!r} died; retry (send an Idempotency-Key to let HAIF retry)"
+                f"the worker serving {item.base!r} died; retry (send an Idempotency-Key to let HAIF retry)"
             ), idempotent or known_dead_before
         cause = unwrap(exc)
         if not isinstance(cause, HaifError):  # a Ray system error: the task may have run
@@ -381,7 +381,7 @@ def _cancel(call: Any) -> None:
 
 
 def _route_attributes(item: WorkItem) -> dict[str, Any]:
-    return {tracing.MODEL: item.model, tracing.ADAPTER: item.adapter.name if item.adapter else None}
+    return {tracing.MODEL: item.base, tracing.ADAPTER: item.adapter.name if item.adapter else None}
 
 
 async def _resolve(ref: Any) -> Any:
@@ -396,4 +396,4 @@ def _routed(span: Any, dispatched: Dispatched) -> None:
 
 
 def _deadline(item: WorkItem) -> DeadlineExceeded:
-    return DeadlineExceeded(f"request {item.ctx.request_id} exceeded its deadline on model {item.model!r}")
+    return DeadlineExceeded(f"request {item.ctx.request_id} exceeded its deadline on model {item.base!r}")

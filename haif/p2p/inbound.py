@@ -22,9 +22,14 @@ from pydantic import ValidationError
 
 from haif.envelope import RequestContext, build_work_item
 from haif.exceptions import InvalidRequest, PayloadTooLarge, UnprocessableRequest
-from haif.gateway.serving import embedding_response
 from haif.handles import answer, typed
-from haif.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, validation_message
+from haif.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    embedding_response,
+    validation_message,
+)
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle

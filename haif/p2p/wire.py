@@ -39,7 +39,7 @@ def encode_item(item: WorkItem, body: Any) -> dict[str, Any]:
     ctx = item.ctx
     return {
         "kind": item.kind,
-        "model": item.model,
+        "model": item.base,  # the model the peer runs (adapters do not travel)
         "stream": item.stream,
         "max_tokens": item.max_tokens,
         "n_inputs": item.n_inputs,

@@ -62,6 +62,7 @@ from haif.protocol.responses import (
     ToolCallDelta,
     TopLogprob,
     Usage,
+    embedding_response,
     validation_message,
 )
 
@@ -121,6 +122,7 @@ __all__ = [
     "Usage",
     "UsageList",
     "UsageRecord",
+    "embedding_response",
     "new_id",
     "now",
     "validation_message",

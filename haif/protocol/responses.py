@@ -1,12 +1,19 @@
-"""OpenAI response bodies and stream chunks (shaped by ``haif.gateway.serving``)."""
+"""OpenAI response bodies and stream chunks (generations are shaped by
+``haif.gateway.serving``; embeddings, which need no Gateway state, by ``embedding_response``)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import base64
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
 from haif.protocol._base import _Response
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from haif.envelope import EmbeddingResult
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -176,6 +183,27 @@ class EmbeddingResponse(_Response):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
+
+
+def embedding_response(
+    result: EmbeddingResult, vectors: np.ndarray, encoding_format: str
+) -> EmbeddingResponse:
+    """The OpenAI embeddings body; ``base64`` is little-endian float32, as OpenAI sends it."""
+    import numpy as np  # lazy: importing the protocol stays light
+
+    data: list[Embedding] = []
+    for i, row in enumerate(np.asarray(vectors, dtype="<f4")):
+        value: list[float] | str = (
+            base64.b64encode(row.tobytes()).decode("ascii")
+            if encoding_format == "base64"
+            else row.tolist()
+        )
+        data.append(Embedding(index=i, embedding=value))
+    return EmbeddingResponse(
+        data=data,
+        model=result.model,
+        usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+    )
 
 
 class ModelCard(_Response):

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 from haif.envelope import RequestContext, build_work_item
 from haif.handles import answer, typed
-from haif.gateway.serving import embedding_response
 from haif.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -18,6 +17,7 @@ from haif.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     ModelList,
+    embedding_response,
 )
 from haif.telemetry.tracing import traceparent_of
 

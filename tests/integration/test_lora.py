@@ -81,6 +81,21 @@ def test_an_adapter_changes_greedy_output_the_same_way_every_call(client: openai
         assert greedy(client, f"{MODEL}:lora-a:1", prompt) == through
 
 
+def test_plain_and_streamed_answers_name_the_adapter_alike(client: openai.OpenAI) -> None:
+    # However the adapter is named, the plain answer and every streamed chunk carry
+    # BASE:ADAPTER, and the same system_fingerprint (its base's version).
+    messages = [{"role": "user", "content": "Hello"}]
+    for name in ("lora-a", f"{MODEL}:lora-a", f"{MODEL}:lora-a:1"):
+        plain = client.chat.completions.create(model=name, messages=messages, max_tokens=4, temperature=0)
+        chunks = list(client.chat.completions.create(
+            model=name, messages=messages, max_tokens=4, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        ))
+        assert plain.model == f"{MODEL}:lora-a", (name, plain.model)
+        assert len(chunks) >= 2 and {c.model for c in chunks} == {plain.model}, (name, [c.model for c in chunks])
+        assert {c.system_fingerprint for c in chunks} == {plain.system_fingerprint}, name
+
+
 def test_on_vllm_too_and_vllm_agrees_with_the_torch_runtime(client: openai.OpenAI) -> None:
     for prompt in PROMPTS:
         base = greedy(client, VLLM, prompt)

@@ -89,6 +89,25 @@ def test_each_method_answers_as_http_does(
     assert streamed["value"]["object"] == "haif.stream.end"
 
 
+def test_a_peer_gets_an_adapter_named_as_http_names_it(
+    testnet: list[str], shim: dict, peer: dict, http: httpx.Client, auth: dict
+) -> None:
+    """An adapter requested by its own served name: BASE:ADAPTER in the plain answer and in
+    every streamed chunk, as over HTTP."""
+    served = "tiny-llama-lora:lora-a"
+    wait_for(lambda: http.get("/readyz").json()["models"]["tiny-llama-lora"]["state"] == "ready",
+             600, 1.0, "tiny-llama-lora ready")
+    chat = {"model": "lora-a", "messages": [{"role": "user", "content": "hello there"}], **GREEDY}
+    plain, streamed = _call(
+        testnet, shim, peer,
+        {"method": "haif.chat", "value": chat},
+        {"method": "haif.chat", "value": {**chat, "stream": True}},
+    )
+    assert plain["value"]["model"] == served, plain
+    assert streamed["chunks"] and {c["model"] for c in streamed["chunks"]} == {served}, streamed
+    assert http.post("/v1/chat/completions", headers=auth, json=chat).json()["model"] == served
+
+
 def test_an_unmapped_key_is_unauthorized(testnet: list[str], shim: dict) -> None:
     (result,) = run_peer(testnet, shim["public_key"], [{"method": "haif.models", "value": {}}])["results"]
     assert result["error"]["cause"]["code"] == "UNAUTHORIZED", result

@@ -16,10 +16,10 @@ from haif.artifacts import (
     ArtifactRef,
     ArtifactStore,
     SigningKey,
-    TrustPolicy,
     load_signing_key,
 )
 from haif.artifacts.dev import ensure_dev_artifacts
+from haif.artifacts.trust import trusted_keys
 from haif.config import ArtifactsConfig, HaifConfig, ModelConfig, load_config
 from haif.exceptions import ArtifactRejected, ConfigError
 
@@ -104,17 +104,16 @@ def test_first_start_generates_trusts_and_publishes_once(tmp_path: Path) -> None
     source = tmp_path / "bundled"
     source.mkdir()
     (source / "weights.bin").write_bytes(b"w" * 1000)
-    config = ensure_dev_artifacts(_dev_config(tmp_path, source))
+    config = _dev_config(tmp_path, source)
+    ensure_dev_artifacts(config)
     key = load_signing_key(tmp_path / "keys" / "dev.key")
-    assert config.artifacts.trusted_keys == [key.public_key.text()]
+    trust = trusted_keys(config.artifacts, tmp_path)  # what the CLI and the workers trust
+    assert list(trust.keys_for("bundled")) == [key.key_id]
     store = ArtifactStore.from_config(config.artifacts, tmp_path)
-    trust = TrustPolicy.from_config(config.artifacts, tmp_path)
     assert store.verify(ArtifactRef.parse("bundled:1"), trust).clean
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file())
-    again = ensure_dev_artifacts(
-        _dev_config(tmp_path, source)
-    )  # a restart: same key, nothing written
-    assert again.artifacts.trusted_keys == config.artifacts.trusted_keys
+    ensure_dev_artifacts(_dev_config(tmp_path, source))  # a restart: same key, nothing written
+    assert load_signing_key(tmp_path / "keys" / "dev.key").key_id == key.key_id
     assert (
         sorted(p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file())
         == before

@@ -7,17 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from haif.config import HaifConfig, ResilienceConfig
-from haif.envelope import Adapter, RequestContext
+from haif.envelope import (
+    Adapter,
+    Dispatched,
+    RequestContext,
+    ResolvedModel,
+    WorkItem,
+    build_work_item,
+)
 from haif.exceptions import ModelNotFound, PermissionDenied
 from haif.gateway.catalog import ModelCatalog
 from haif.orchestrator.backends import ModelRouter, Route, new_breaker
 from haif.orchestrator.table import SHARED_TIER, ModelRoutes, RoutingTable, WorkerRoute
+from haif.protocol import ChatCompletionRequest, StreamOptions
+from haif.runtimes.base import GenerationOutput, StreamEvent
 from haif.store import Database
 from haif.store.models import Job, UsageRecord
 from tests.unit.conftest import sqlite_config
@@ -43,7 +54,7 @@ def test_what_each_name_serves(config: HaifConfig) -> None:
 
     def served(name: str) -> tuple[str, Adapter | None] | None:
         found = catalog.resolve(name)
-        return None if found is None else (found.model.name, found.adapter)
+        return None if found is None else (found.base, found.adapter)
 
     assert served("tiny") == ("tiny", None)
     assert served("tiny:sql") == served("sql") == ("tiny", Adapter("sql", "sql-lora:1"))
@@ -99,7 +110,8 @@ def test_admission_hands_the_worker_the_base_and_the_adapter_and_bills_the_adapt
 
     async def scenario() -> None:
         ticket = await gate.admit(item(config, key, model="sql"))
-        assert (ticket.item.model, ticket.item.adapter) == ("tiny", Adapter("sql", "sql-lora:1"))
+        assert (ticket.item.base, ticket.item.adapter) == ("tiny", Adapter("sql", "sql-lora:1"))
+        assert (ticket.item.model, ticket.item.resolved.requested) == ("sql", "sql"), "as sent"
         assert ticket.item.served_model == "tiny:sql"
         await gate.succeed(ticket, 3, 2, answer(ticket.item.served_model, ticket.job_id))
         dynamic = await gate.admit(item(config, key, model="tiny:legal-lora:3"))
@@ -193,3 +205,66 @@ def test_metrics_count_an_adapter_request_with_its_base() -> None:
     assert model_label("tiny:legal-lora:3", known) == "tiny"
     assert model_label("a:b:lora", known) == "a:b"
     assert model_label("sql", known) == model_label("nope:x", known) == OTHER
+
+
+# --- one name in every answer ---------------------------------------------------------------
+
+
+class _Worker:
+    """The router as the pipeline sees it: one worker that answers every request alike, and
+    records the items it is handed."""
+
+    version = "v1"
+
+    def __init__(self) -> None:
+        self.items: list[WorkItem] = []
+
+    async def call(self, item: WorkItem, method: str) -> Dispatched:
+        self.items.append(item)
+        return Dispatched("w-1", "local", 1, [GenerationOutput("one two", 3, 2, "stop")], "1")
+
+    async def stream(self, item: WorkItem) -> AsyncIterator[Any]:
+        self.items.append(item)
+        yield Dispatched("w-1", "local", 1, StreamEvent("one", 3, 1), "1")
+        yield StreamEvent(" two", 3, 2, "stop")
+
+
+def _chat(config: HaifConfig, key: str, model: str, *, stream: bool) -> WorkItem:
+    body = ChatCompletionRequest(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=stream,
+        stream_options=StreamOptions(include_usage=True) if stream else None,
+    )
+    ctx = RequestContext.new(timeout_s=10, api_key=key)
+    return build_work_item("chat", body, ctx, config.limits)
+
+
+@pytest.mark.parametrize("name", ["sql", "tiny:sql", "tiny:sql-lora:1"])
+def test_a_streamed_and_a_plain_answer_name_an_adapter_alike(
+    config: HaifConfig, sqlite_db: Database, name: str
+) -> None:
+    """However the adapter is named, plain and streamed answers (every chunk) carry the served
+    name BASE:ADAPTER, and the worker gets the base and the adapter, resolved once."""
+    from haif.gateway.compose import GatewayParts
+    from haif.gateway.pipeline import Pipeline
+
+    _, key = make_tenant(sqlite_db, "acme")
+    worker = _Worker()
+    parts = GatewayParts(admission(config, sqlite_db), worker)  # type: ignore[arg-type]
+    pipeline = Pipeline(config, parts)
+
+    async def scenario() -> tuple[Any, list[Any]]:
+        plain = await pipeline.generate(_chat(config, key, name, stream=False))
+        chunks = [c async for c in pipeline.stream(_chat(config, key, name, stream=True))]
+        await asyncio.gather(*pipeline.admission._settling)
+        return plain, chunks
+
+    plain, chunks = asyncio.run(scenario())
+    assert plain.model == "tiny:sql"
+    names = [c.model for c in chunks]
+    assert len(chunks) >= 3 and set(names) == {plain.model}, names
+    assert {c.system_fingerprint for c in chunks} == {plain.system_fingerprint} == {"tiny:1"}
+    assert [(i.base, i.adapter, i.model) for i in worker.items] == [
+        ("tiny", Adapter("sql", "sql-lora:1"), name)
+    ] * 2
+    resolved = ResolvedModel(name, "tiny", Adapter("sql", "sql-lora:1"), "1")
+    assert {i.resolved for i in worker.items} == {resolved}

@@ -15,7 +15,6 @@ from haif.gateway.serving import (
     StreamFormatter,
     chat_response,
     completion_response,
-    embedding_response,
 )
 from haif.protocol import (
     ChatCompletionChunk,
@@ -24,6 +23,7 @@ from haif.protocol import (
     CompletionRequest,
     EmbeddingRequest,
     ErrorResponse,
+    embedding_response,
 )
 from haif.runtimes.base import GenerationOutput, StreamEvent
 
