@@ -18,6 +18,8 @@ from haif.orchestrator.control.store import ControlStore
 from haif.orchestrator.fleet_state import FleetState, plan_fleets
 from haif.orchestrator.health import HealthMonitor
 from haif.orchestrator.rollout import CanaryJudge
+from haif.telemetry import tracing
+from haif.telemetry.logs import install_json_logs
 from haif.telemetry.metrics import MetricsTarget, OrchestratorMetrics, ProcessMetrics
 
 if TYPE_CHECKING:
@@ -58,25 +60,21 @@ class OrchestratorParts:
         )
 
 
-def replica_id() -> str | None:
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # outside a Serve replica (tests, tools): no id to record
-        return None
-
-
 def compose(config: HaifConfig, p2p: DeploymentHandle | None = None) -> OrchestratorParts:
     """The collaborators of a Serve replica of the Orchestrator: the fleet planned on the
     cluster's GPUs, the store's rollouts applied to it, the running workers adopted (on
-    the leader, the missing ones started), and the policies over it."""
+    the leader, the missing ones started), and the policies over it. First, the
+    replica's tracing and JSON logs."""
     import ray
     from ray import serve
 
     from actors.worker import ModelWorker
 
     context = serve.get_replica_context()
+    tracing.setup_tracing(
+        config.telemetry, "orchestrator", region=config.regions[0].name, instance=context.replica_id.unique_id
+    )
+    install_json_logs(config.telemetry, "orchestrator")
     leader = getattr(context.rank, "rank", 0) == 0
     target = MetricsTarget.from_config(config)
     store = ControlStore.open(config)

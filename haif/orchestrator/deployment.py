@@ -29,10 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
-from haif.orchestrator.compose import compose, replica_id
+from haif.orchestrator.compose import compose
 from haif.orchestrator.fleet import resolve
-from haif.telemetry import tracing
-from haif.telemetry.logs import install_json_logs
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -54,7 +52,8 @@ class Orchestrator:
     Args:
         config: HAIF's config (prepared).
         p2p: the P2P shim's handle (remote P2P workers are probed through it), if it runs.
-        parts: the collaborators, when a test builds them; else ``compose`` builds them.
+        parts: the collaborators, when a test builds them; else ``compose`` builds them
+            (and sets up the replica's tracing and logs).
     """
 
     def __init__(
@@ -64,8 +63,6 @@ class Orchestrator:
         *,
         parts: OrchestratorParts | None = None,
     ) -> None:
-        tracing.setup_tracing(config.telemetry, "orchestrator", region=config.regions[0].name, instance=replica_id())
-        install_json_logs(config.telemetry, "orchestrator")
         self._config = config
         self._parts = parts if parts is not None else compose(config, p2p)
         self._fleet = self._parts.fleet
