@@ -104,8 +104,9 @@ class Orchestrator:
         next_health, next_control = time.monotonic() + health_s, time.monotonic() + control_s
         last_poll = float("-inf")
         while True:
+            due_in = max(0.0, min(next_health, next_control) - time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, min(next_health, next_control) - time.monotonic()))
+                await asyncio.wait_for(self._wake.wait(), due_in)
             if self._wake.is_set() or time.monotonic() >= next_health:
                 self._wake.clear()
                 try:
