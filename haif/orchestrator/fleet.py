@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from haif.orchestrator.table import SHARED_TIER, WorkerRoute
 
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from haif.config import HaifConfig, ModelConfig
 
 logger = logging.getLogger("haif.orchestrator")
+
+# What a call to a worker that is gone (died, or cannot be reached) raises.
+ACTOR_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
 # Fields of a model that say how many workers it has, not what a worker is.
@@ -239,3 +243,8 @@ class RemoteSlot:
             state=self.state, capacity=self.model.max_concurrency, load=self.load, peer=self.peer,
             version=version,
         )
+
+
+async def resolve(ref: Any) -> Any:
+    """Await an ObjectRef as a coroutine (what ``asyncio.wait_for`` and ``gather`` take)."""
+    return await ref
