@@ -22,7 +22,6 @@ Gateways and the operator's tools.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -99,30 +98,41 @@ class Orchestrator:
     async def _run(self) -> None:
         """One loop, two cadences: a health round every ``health_check_period_s`` (at once
         when a Gateway reports a worker dead), a control round every ``rollouts.poll_s``
-        and autoscaler's ``metrics_interval_s``. A round that fails is logged; the next runs."""
+        and autoscaler's ``metrics_interval_s``. The loop only schedules: each round runs
+        as a task of its own, so a slow one (a hung worker's probe, a store read during an
+        outage) never delays the other kind; a kind never overlaps itself. A round that
+        fails is logged; the next runs."""
         health_s, control_s = self._config.resilience.health_check_period_s, self._control_period_s()
         next_health, next_control = time.monotonic() + health_s, time.monotonic() + control_s
         last_poll = float("-inf")
+        health: asyncio.Task[None] | None = None
+        control: asyncio.Task[None] | None = None
         while True:
-            due_in = max(0.0, min(next_health, next_control) - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), due_in)
-            if self._wake.is_set() or time.monotonic() >= next_health:
+            now = time.monotonic()
+            if self._wake.is_set():
                 self._wake.clear()
-                try:
-                    await self.probe_workers()
-                except Exception:  # one bad round must not stop health checking for good
-                    logger.exception("worker health check failed")
-                next_health = time.monotonic() + health_s
-            if time.monotonic() >= next_control:
-                poll = time.monotonic() - last_poll >= self._config.rollouts.poll_s
+                next_health = now
+            if now >= next_health and _idle(health):
+                health = asyncio.create_task(_logged(self.probe_workers(), "worker health check failed"))
+                next_health = now + health_s
+            if now >= next_control and _idle(control):
+                poll = now - last_poll >= self._config.rollouts.poll_s
                 if poll:
-                    last_poll = time.monotonic()
-                try:
-                    await self._control_round(poll)
-                except Exception:  # one bad round must not stop the control plane for good
-                    logger.exception("control round failed")
-                next_control = time.monotonic() + control_s
+                    last_poll = now
+                control = asyncio.create_task(_logged(self._control_round(poll), "control round failed"))
+                next_control = now + control_s
+            # Sleep until a wake, a round's end, or the next round due of a kind not running.
+            due = [at for at, task in ((next_health, health), (next_control, control)) if _idle(task)]
+            running = [task for task in (health, control) if not _idle(task)]
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait(
+                    [waker, *running],
+                    timeout=max(0.0, min(due) - time.monotonic()) if due else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                waker.cancel()
 
     async def probe_workers(self) -> None:
         """One health round (``HealthMonitor.probe_workers``)."""
@@ -217,6 +227,18 @@ class Orchestrator:
             return
         stopped = self._fleet.stop_all()
         logger.info("application %s is deleted: stopped %d worker(s)", self._fleet.app, len(stopped))
+
+
+def _idle(task: asyncio.Task[None] | None) -> bool:
+    return task is None or task.done()
+
+
+async def _logged(round_: Any, what: str) -> None:
+    """Run one round; a failure is logged (one bad round must not stop the loop for good)."""
+    try:
+        await round_
+    except Exception:
+        logger.exception(what)
 
 
 def _app_deleting(app: str) -> bool:
