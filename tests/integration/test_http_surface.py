@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.integration.conftest import Deployment
+from tests.support.deployment import Deployment
 
 
 def _assert_error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
