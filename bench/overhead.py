@@ -277,7 +277,7 @@ def main() -> None:
     from haif.bootstrap import prepare
     from haif.ingress import wait_ready
     from serve_app import build_app, deploy
-    from tests.otlp import ReceiverProcess
+    from tests.support.otlp import ReceiverProcess
 
     base = f"http://127.0.0.1:{PORT}"
     # A cluster of our own ("local"), never one that happens to run on this machine.

@@ -1,5 +1,18 @@
-"""Test tiers follow the folders: tests/unit, tests/integration, tests/chaos, tests/deploy
-(markers, not skips)."""
+"""Test tiers follow the folders (markers, not skips: `-m unit`, `integration`, `chaos`, `deploy`).
+
+- tests/unit: fast and in process. No Ray, no PostgreSQL/Redis/Node servers, nothing off
+  the machine; at most an in-process loopback stub (a fake /readyz) or a short Python
+  child process (process-tree tests).
+- tests/integration: real processes and sockets. The session's Ray cluster and HAIF
+  deployment start once, for the first test that requests them; the others start only
+  what they request (PostgreSQL, Redis, moto S3, the Node P2P sidecar and testnet).
+- tests/chaos: a three-node Ray cluster and deployment of their own that the tests break;
+  run in a pytest process of their own (`make test` runs them after the others).
+- tests/deploy: the documented ways to deploy (docs/deploy.md) run as written, on a
+  `ray start` cluster of their own; a pytest process of their own, after chaos.
+
+Helpers live in tests/support; conftest files hold fixtures only.
+"""
 
 from __future__ import annotations
 

@@ -233,6 +233,7 @@ class VllmRuntime(Runtime):
         super().__init__(ctx)
         self._loras: dict[str, Any] = {}  # adapter name -> its LoRARequest
         self._lora_ids = 0
+        self._aborted = 0  # requests aborted in the engine before they finished
 
     def adapters(self) -> list[str]:
         return list(self._loras)
@@ -297,10 +298,14 @@ class VllmRuntime(Runtime):
             engine.shutdown()
 
     def stats(self) -> dict[str, int]:
-        """Requests the engine still holds (0 once every stream ended or was aborted)."""
+        """Requests the engine still holds (0 once every stream ended or was aborted), and
+        how many requests were aborted in the engine before they finished."""
         if self._engine is None:
-            return {"unfinished": 0}
-        return {"unfinished": self._engine.output_processor.get_num_unfinished_requests()}
+            return {"unfinished": 0, "aborted": self._aborted}
+        return {
+            "unfinished": self._engine.output_processor.get_num_unfinished_requests(),
+            "aborted": self._aborted,
+        }
 
     def _require_engine(self) -> Any:
         if self._engine is None:
@@ -437,6 +442,7 @@ class VllmRuntime(Runtime):
         finally:
             if not finished:
                 # Client gone or deadline: free the sequence's KV blocks now.
+                self._aborted += 1
                 await engine.abort(request_id)
 
 

@@ -14,24 +14,23 @@ import json
 import os
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests import services
-from tests.integration.conftest import ROOT, Deployment, _free_port, _up, submit_job, wait_for
+from tests.support import services
+from tests.support.deployment import (
+    CHAOS_CONFIG,
+    ROOT,
+    ChaosCluster,
+    Deployment,
+    deployment_from_output,
+    submit_job,
+)
+from tests.support.net import free_port, http_up
+from tests.support.waiting import wait_for
 
-CONFIG = "tests/configs/chaos.yaml"
 AGENT_WAIT_S = 300  # a loaded 2-core machine can take minutes to start the job agent
-
-
-@dataclass
-class ChaosCluster:
-    cluster: Any  # ray.cluster_utils.Cluster
-    dashboard_url: str
-    nodes: dict[str, Any]  # region name → its node
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +39,7 @@ def chaos_cluster() -> ChaosCluster:
     from ray.cluster_utils import Cluster
 
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -49,7 +48,7 @@ def chaos_cluster() -> ChaosCluster:
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
             "dashboard_port": dashboard_port,
-            "dashboard_agent_listen_port": _free_port(),
+            "dashboard_agent_listen_port": free_port(),
             "object_store_memory": 512 * 1024**2,
         },
     )
@@ -62,7 +61,7 @@ def chaos_cluster() -> ChaosCluster:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="haif-chaos", log_to_driver=False)
     url = f"http://127.0.0.1:{dashboard_port}"
-    wait_for(lambda: _up(f"{url}/api/version"), 60, 0.5, "the Ray dashboard")
+    wait_for(lambda: http_up(f"{url}/api/version"), 60, 0.5, "the Ray dashboard")
     yield ChaosCluster(cluster, url, nodes)
     from ray import serve
 
@@ -92,7 +91,7 @@ def chaos_store_env(chaos_pg_url: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def chaos_testnet() -> list[str]:
     """A local hyperdht testnet (127.0.0.1) the deployment's P2P shim joins: its bootstrap."""
-    from tests.p2p import Testnet
+    from tests.support.p2p import Testnet
 
     with Testnet() as net:
         yield net.bootstrap
@@ -106,7 +105,7 @@ def chaos_haif(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Deployment:
     env = {
-        "HAIF_SERVER__PORT": str(_free_port()),
+        "HAIF_SERVER__PORT": str(free_port()),
         "HAIF_BASE_DIR": str(tmp_path_factory.mktemp("haif-chaos")),
         # The P2P shim (chaos.yaml's p2p section) on the local testnet.
         "HAIF_P2P__BOOTSTRAP": json.dumps(chaos_testnet),
@@ -116,12 +115,10 @@ def chaos_haif(
     # working-dir package into one shared session directory and race. HAIF is installed
     # in the venv every node uses, so `python -m serve_app` needs no package.
     out = submit_job(
-        chaos_cluster.dashboard_url, "python", "-m", "serve_app", "--config", str(ROOT / CONFIG),
+        chaos_cluster.dashboard_url, "python", "-m", "serve_app", "--config", str(ROOT / CHAOS_CONFIG),
         env=env, working_dir=None, agent_wait_s=AGENT_WAIT_S,
     )
-    url = next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("URL: "))
-    key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("API key: "))
-    return Deployment(url=url.strip(), api_key=key.strip(), dashboard_url=chaos_cluster.dashboard_url)
+    return deployment_from_output(out, chaos_cluster.dashboard_url)
 
 
 @pytest.fixture(scope="session")

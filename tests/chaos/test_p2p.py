@@ -18,20 +18,18 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from tests.chaos.conftest import CONFIG
-from tests.integration.conftest import ROOT, Deployment, wait_for
-from tests.p2p import NODE, TOOLS, node_public_key
+from tests.support.deployment import CHAOS_CONFIG, Deployment, haif_cli
+from tests.support.p2p import NODE, TOOLS, node_public_key
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.chaos
 
@@ -47,14 +45,6 @@ IDLE = 400  # past chaos.yaml's p2p.max_connections (128)
 # a lane of its own.
 SLOWDOWN_FACTOR = 10.0
 SLOWDOWN_FLOOR_MS = 250.0
-
-
-def _cli(store_env: dict[str, str], *args: str) -> str:
-    cmd = [str(Path(sys.executable).parent / "haif"), *args, "--config", CONFIG]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **store_env}, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
 
 
 def _readyz(haif: Deployment) -> dict[str, Any]:
@@ -91,8 +81,8 @@ def served(chaos_store_env: dict[str, str], chaos_testnet: list[str], shim: dict
     """A peer mapped to a tenant of its own, and how to run its calls."""
     seed = secrets.token_bytes(32)
     tenant = f"p2p-chaos-{uuid.uuid4().hex[:8]}"
-    _cli(chaos_store_env, "tenants", "create", tenant)
-    _cli(chaos_store_env, "p2p", "peers", "add", node_public_key(seed), "--tenant", tenant)
+    haif_cli(chaos_store_env, "tenants", "create", tenant, config=CHAOS_CONFIG)
+    haif_cli(chaos_store_env, "p2p", "peers", "add", node_public_key(seed), "--tenant", tenant, config=CHAOS_CONFIG)
     base = {"bootstrap": chaos_testnet, "server": shim["public_key"], "seed": seed.hex(), "mode": "request"}
     return {"seed": seed, "tenant": tenant, "spec": base}
 

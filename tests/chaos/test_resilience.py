@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import httpx
 import psycopg
 
-from tests.chaos.conftest import ChaosCluster
-from tests.integration.conftest import Deployment, wait_for
+from tests.support.cluster import model_workers, orchestrator_replicas
+from tests.support.deployment import ChaosCluster, Deployment
+from tests.support.waiting import wait_for
 
 DEADLINE_S = 10.0
 PROMPT = " ".join(f"w{i}" for i in range(12))  # 12 tokens: 2.4 s on pool2, 1.2 s on tight
@@ -75,10 +76,6 @@ def _routing(gateway, model: str) -> dict:  # noqa: ANN001
     return gateway.stats.remote().result()["routing"][model]
 
 
-def _workers(orchestrator, model: str) -> list[dict]:  # noqa: ANN001
-    return orchestrator.workers_info.remote(model).result()
-
-
 def test_a_full_queue_answers_429_at_once(chaos_haif: Deployment, chaos_gateway) -> None:  # noqa: ANN001
     """`tight` runs one request at a time and queues two: the next ones are refused at once."""
 
@@ -122,7 +119,7 @@ def test_b_worker_killed_under_load(
                 tasks.append(asyncio.create_task(_call(client, "pool2", stream=stream, key=key)))
             # In flight by the workers' own count: running there, not only sent.
             workers = await asyncio.to_thread(
-                wait_for, lambda: (ws := _workers(chaos_orchestrator, "pool2"))
+                wait_for, lambda: (ws := model_workers(chaos_orchestrator, "pool2"))
                 and sum(w["in_flight"] for w in ws) >= 20 and ws, 20, 0.05,
                 "requests in flight on the pool2 workers",
             )
@@ -163,7 +160,7 @@ def test_b_worker_killed_under_load(
     # A replacement worker (a new actor in the dead one's slot) takes its place and serves:
     # ready by its own report and in the routing table.
     def replaced() -> bool:
-        workers = _workers(chaos_orchestrator, "pool2")
+        workers = model_workers(chaos_orchestrator, "pool2")
         return sum(w["state"] == "ready" and w["routed"] for w in workers) == 2 and all(
             w["worker_id"] != victim["worker_id"] for w in workers
         )
@@ -175,19 +172,11 @@ def test_b_worker_killed_under_load(
             return list(await asyncio.gather(*(_call(client, "pool2") for _ in range(6))))
 
     assert [o.status for o in asyncio.run(after())] == [200] * 6
-    workers = _workers(chaos_orchestrator, "pool2")
+    workers = model_workers(chaos_orchestrator, "pool2")
     shown = ("worker_id", "served", "routed", "in_flight")
     assert any(w["name"] == victim["name"] and w["served"] > 0 for w in workers), [
         {k: w.get(k) for k in shown} for w in workers
     ]
-
-
-def _orchestrator_replicas() -> list:
-    from ray.util.state import list_actors
-
-    return list_actors(
-        filters=[("class_name", "=", "ServeReplica:haif:Orchestrator"), ("state", "=", "ALIVE")]
-    )
 
 
 def test_c_orchestrator_killed_under_load(chaos_haif: Deployment, chaos_orchestrator, chaos_gateway) -> None:  # noqa: ANN001
@@ -195,17 +184,17 @@ def test_c_orchestrator_killed_under_load(chaos_haif: Deployment, chaos_orchestr
     streamed), every request is served; the replica Serve starts in its place adopts the
     running workers (the same actors and processes), and requests go on being served."""
     wait_for(
-        lambda: sum(w["state"] == "ready" for w in _workers(chaos_orchestrator, "pool2")) == 2,
+        lambda: sum(w["state"] == "ready" for w in model_workers(chaos_orchestrator, "pool2")) == 2,
         60, 0.2, "two ready pool2 workers",
     )
-    fleet = {w["worker_id"]: w["pid"] for w in _workers(chaos_orchestrator, "pool2")}
-    (replica,) = _orchestrator_replicas()
+    fleet = {w["worker_id"]: w["pid"] for w in model_workers(chaos_orchestrator, "pool2")}
+    (replica,) = orchestrator_replicas()
 
     async def scenario() -> list[Outcome]:
         async with _client(chaos_haif) as client:
             tasks = [asyncio.create_task(_call(client, "pool2", stream=i % 2 == 1)) for i in range(50)]
             await asyncio.to_thread(
-                wait_for, lambda: sum(w["in_flight"] for w in _workers(chaos_orchestrator, "pool2")) >= 20,
+                wait_for, lambda: sum(w["in_flight"] for w in model_workers(chaos_orchestrator, "pool2")) >= 20,
                 20, 0.05, "requests in flight on the pool2 workers",
             )
             os.kill(replica.pid, signal.SIGKILL)
@@ -216,12 +205,12 @@ def test_c_orchestrator_killed_under_load(chaos_haif: Deployment, chaos_orchestr
     assert not failed, f"{len(failed)}/50 failed: {failed[:10]}"
 
     def restarted() -> bool:
-        replicas = _orchestrator_replicas()
+        replicas = orchestrator_replicas()
         return len(replicas) == 1 and replicas[0].pid != replica.pid
 
     wait_for(restarted, 120, 0.5, "Serve to start a new Orchestrator replica")
     adopted = wait_for(
-        lambda: (ws := _workers(chaos_orchestrator, "pool2")) and len(ws) == 2
+        lambda: (ws := model_workers(chaos_orchestrator, "pool2")) and len(ws) == 2
         and all(w["state"] == "ready" and w["routed"] for w in ws) and ws,
         60, 0.5, "the new Orchestrator replica to adopt the pool2 workers",
     )
@@ -239,7 +228,7 @@ def test_d_region_removed_under_load(
 ) -> None:
     """Region a's node goes away under load: traffic moves to region b."""
     wait_for(
-        lambda: sorted(w["region"] for w in _workers(chaos_orchestrator, "regional")
+        lambda: sorted(w["region"] for w in model_workers(chaos_orchestrator, "regional")
                        if w["state"] == "ready") == ["a", "b"],
         60, 0.2, "a ready `regional` worker in each region",
     )
@@ -260,7 +249,7 @@ def test_d_region_removed_under_load(
             while sum(o.status == 200 for o in outcomes) < 30:
                 assert time.monotonic() < warmup_until, [(o.status, o.code) for o in outcomes[-10:]]
                 await asyncio.sleep(0.05)
-            workers = await asyncio.to_thread(_workers, chaos_orchestrator, "regional")
+            workers = await asyncio.to_thread(model_workers, chaos_orchestrator, "regional")
             before = {w["region"]: w["served"] for w in workers}
             assert before["a"] > 0 and before.get("b", 0) == 0, f"home region a serves first: {before}"
             await asyncio.to_thread(chaos_cluster.cluster.remove_node, chaos_cluster.nodes["a"])
@@ -279,5 +268,5 @@ def test_d_region_removed_under_load(
     assert ok / len(after) >= 0.99, f"{ok}/{len(after)} succeeded; failures: " + str(
         [(o.status, o.code) for o in after if o.status != 200][:10]
     )
-    served_b = {w["region"]: w["served"] for w in _workers(chaos_orchestrator, "regional")}
+    served_b = {w["region"]: w["served"] for w in model_workers(chaos_orchestrator, "regional")}
     assert served_b.get("b", 0) >= ok * 0.9, served_b

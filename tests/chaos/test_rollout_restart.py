@@ -10,8 +10,9 @@ import signal
 import httpx
 import pytest
 
-from tests.chaos.test_resilience import _orchestrator_replicas, _workers
-from tests.integration.conftest import Deployment, wait_for
+from tests.support.cluster import model_workers, orchestrator_replicas
+from tests.support.deployment import Deployment
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.chaos
 
@@ -38,14 +39,14 @@ def test_a_rollout_survives_an_orchestrator_restart(
     finally:
         db.engine.dispose()
     wait_for(lambda: _weights(chaos_haif) == {"1": 60, "2": 40}, 60, 0.2, "the 60/40 split")
-    before = {w["worker_id"]: (w["version"], w["pid"]) for w in _workers(chaos_orchestrator, MODEL)}
+    before = {w["worker_id"]: (w["version"], w["pid"]) for w in model_workers(chaos_orchestrator, MODEL)}
     assert sorted(v for v, _ in before.values()) == ["1", "2"], before
-    (replica,) = _orchestrator_replicas()
+    (replica,) = orchestrator_replicas()
     os.kill(replica.pid, signal.SIGKILL)
-    wait_for(lambda: (r := _orchestrator_replicas()) and r[0].pid != replica.pid, 120, 0.5,
+    wait_for(lambda: (r := orchestrator_replicas()) and r[0].pid != replica.pid, 120, 0.5,
              "Serve to start a new Orchestrator replica")
     after = wait_for(
-        lambda: (ws := _workers(chaos_orchestrator, MODEL)) and len(ws) == 2
+        lambda: (ws := model_workers(chaos_orchestrator, MODEL)) and len(ws) == 2
         and all(w["state"] == "ready" for w in ws) and ws,
         60, 0.5, "the new replica to adopt both versions' workers",
     )

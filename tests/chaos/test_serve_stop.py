@@ -14,7 +14,9 @@ import psutil
 import pytest
 import yaml
 
-from tests.integration.conftest import ROOT, _free_port, read_until_served, wait_for
+from tests.support.deployment import ROOT, read_until_served
+from tests.support.net import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.chaos
 
@@ -34,7 +36,7 @@ def _workers_of(pid: int) -> list[psutil.Process]:
 
 def test_haif_serve_leaves_no_worker_after_sigterm(tmp_path: Path) -> None:
     config = {
-        "server": {"host": "127.0.0.1", "port": _free_port(), "state_dir": str(tmp_path / "state")},
+        "server": {"host": "127.0.0.1", "port": free_port(), "state_dir": str(tmp_path / "state")},
         "auth": {"dev_api_key": "stop-test-key-0123456789"},
         "database": {"url": f"sqlite:///{tmp_path / 'haif.db'}"},
         "ray": {"num_cpus": 2},

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections import Counter
 
 import pytest
@@ -37,7 +36,8 @@ from haif.store.models import DeadLetter, Job, Quota, UsageRecord
 from haif.store.quotas import QuotaLimits
 from haif.store.tenants import TenantRepository
 from haif.store.tokens import TokenRepository
-from tests import services
+from tests.support import services
+from tests.support.waiting import wait_for, wait_for_async
 
 pytestmark = pytest.mark.chaos
 
@@ -58,14 +58,6 @@ def _config(pg_url: str, redis_url: str) -> HaifConfig:
                      "settle_retry_initial_s": 0.05, "settle_retry_max_s": 0.5},
         }
     )  # fmt: skip
-
-
-async def _wait_for(predicate, what: str, timeout_s: float) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout_s} s")
-        await asyncio.sleep(0.05)
 
 
 def test_stop_redis_then_postgres_under_load_loses_no_accepted_job() -> None:
@@ -127,23 +119,29 @@ async def _load(config, db, pg, rds, token):  # noqa: ANN001, ANN202
                 await adm.succeed(ticket, 3, 2, answer)
             most_queued = max(most_queued, len(settlements))
 
+    async def admitted(more: int, what: str) -> None:
+        """Wait until ``more`` jobs beyond those admitted so far are admitted (load goes on)."""
+        floor = len(expected) + more
+        await wait_for_async(lambda: len(expected) >= floor, 120, what=f"{more} jobs admitted {what}")
+
     async def chaos() -> None:
-        await asyncio.sleep(0.5)
+        await admitted(5, "before the outage")
         rds.kill()
         seen["redis_killed_after"] = len(expected)
-        await asyncio.sleep(0.7)
+        await admitted(5, "with Redis down")
         await asyncio.to_thread(pg.stop)
         seen["pg_stopped_after"] = len(expected)
-        await asyncio.sleep(2.5)  # longer than the sweeper's stale age: it must leave them be
+        await wait_for_async(lambda: seen["503"] > 0, 60, what="a request refused while the stores are down")
+        await asyncio.sleep(2.5)  # the outage lasts longer than the sweeper's stale age: it must leave them be
         await asyncio.to_thread(pg.start)
-        await asyncio.sleep(0.7)
+        await admitted(5, "after PostgreSQL came back")
         await asyncio.to_thread(rds.start)
-        await asyncio.sleep(0.7)
+        await admitted(5, "after Redis came back")
         chaos_over.set()
 
     await asyncio.gather(chaos(), *(client() for _ in range(CLIENTS)))
     await asyncio.gather(*adm._settling)
-    await _wait_for(lambda: len(settlements) == 0, "the deferred settlements are done", 30)
+    await wait_for_async(lambda: len(settlements) == 0, 30, what="the deferred settlements are done")
     stop.set()
     await asyncio.gather(*background)
     await quotas._writes.close()
@@ -185,7 +183,4 @@ def _check(config, db, tenant_id, expected, seen, most_queued, dropped) -> None:
         with db.connect() as conn:
             return conn.execute(select(Quota.in_flight).where(Quota.tenant_id == tenant_id)).scalar() == 0
 
-    deadline = time.monotonic() + 30
-    while not slots_free():
-        assert time.monotonic() < deadline, "slots still held"
-        time.sleep(0.1)
+    wait_for(slots_free, 30, 0.1, "every concurrency slot released")

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support.deployment import read_until
+from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "deploy.md"
@@ -52,12 +54,6 @@ def doc_blocks(text: str | None = None) -> dict[str, str]:
     """The doc's marked blocks, by name."""
     text = DOC.read_text(encoding="utf-8") if text is None else text
     return {m["name"]: m["body"] for m in _BLOCK.finditer(text)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _copy_repo(dest: Path) -> None:
@@ -113,26 +109,13 @@ def _stop_group(proc: subprocess.Popen, timeout_s: float = 60) -> None:
         proc.wait(10)
 
 
-def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    lines: list[str] = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if marker in line:
-            return lines
-    raise AssertionError(f"no {marker!r} within {timeout_s}s:\n{''.join(lines[-60:])}")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("deploy")
     repo, home, temp_dir = tmp / "repo", tmp / "home", Path(f"/tmp/haif-deploy-{os.getpid()}")
     _copy_repo(repo)
     home.mkdir()
-    gcs_port, dashboard_port, http_port = _free_port(), _free_port(), _free_port()
+    gcs_port, dashboard_port, http_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HAIF_"))}
     env.update({
         "HOME": str(home),
@@ -147,7 +130,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     assert re.search(r"^ray start --head$", block, re.MULTILINE), block
     flags = (
         f" --port {gcs_port} --dashboard-host 127.0.0.1 --dashboard-port {dashboard_port}"
-        f" --dashboard-agent-listen-port {_free_port()} --ray-client-server-port {_free_port()}"
+        f" --dashboard-agent-listen-port {free_port()} --ray-client-server-port {free_port()}"
         f" --temp-dir {temp_dir} --num-cpus 4 --block"
     )
     script = block.replace("ray start --head", "ray start --head" + flags)
@@ -157,7 +140,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        _read_until(proc, "Ray runtime started", START_TIMEOUT_S)
+        read_until(proc, "Ray runtime started", START_TIMEOUT_S)
         yield Cluster(repo, env, proc, prelude)
     finally:
         _stop_group(proc)
@@ -224,7 +207,7 @@ def test_serve_run(cluster: Cluster, deployed: Deployed) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        _read_until(proc, "Application 'haif' is ready", JOB_TIMEOUT_S)
+        read_until(proc, "Application 'haif' is ready", JOB_TIMEOUT_S)
         headers = {"Authorization": f"Bearer {deployed.key}"}
         resp = httpx.get(f"{deployed.url}/v1/models", headers=headers, timeout=30)
         assert resp.status_code == 200, resp.text

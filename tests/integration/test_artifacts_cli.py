@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.integration.artifact_fixtures import MotoS3, flip_byte
+from tests.support.artifacts import MotoS3, flip_byte
 
 
 def run(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:

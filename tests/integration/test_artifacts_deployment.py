@@ -1,7 +1,7 @@
 """Workers load only signed, verified bytes: the session deployment serves MiniLM and tiny-llama
 from the artifact store (two local replicas and one on S3) and refuses the tampered ones.
 
-The refused artifacts are prepared before the deployment (tests/integration/artifact_fixtures.py):
+The refused artifacts are prepared before the deployment (tests/support/artifacts.py):
 a flipped byte in every replica, an edited manifest, a signature by an untrusted key.
 """
 
@@ -14,8 +14,8 @@ import httpx
 import pytest
 import ray
 
-from tests.integration.artifact_fixtures import ArtifactSetup
-from tests.integration.conftest import wait_for
+from tests.support.artifacts import ArtifactSetup
+from tests.support.waiting import wait_for
 
 REFUSED = {
     "tampered-blob": "artifact_corrupt",
@@ -129,9 +129,9 @@ def worker(ray_cluster: str, artifact_setup: ArtifactSetup):  # noqa: ANN201
     from actors.worker import ModelWorker
     from haif.artifacts.keys import load_public_key
     from haif.config import ModelConfig, load_config
-    from tests.integration.artifact_fixtures import CONFIG, ROOT
+    from tests.support.deployment import CONFIG, ROOT
 
-    artifacts = load_config(CONFIG, environ=artifact_setup.env).artifacts
+    artifacts = load_config(ROOT / CONFIG, environ=artifact_setup.env).artifacts
     dev_public = load_public_key(artifact_setup.env["HAIF_ARTIFACTS__DEV_SIGNING_KEY"] + ".pub")
     artifacts = artifacts.model_copy(
         update={"trusted_keys": [dev_public.text()], "loaded_models_max": 2}

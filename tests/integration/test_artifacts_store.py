@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import artifact_cases as cases
-from tests.integration.artifact_fixtures import MotoS3
+from tests.support import artifact_cases as cases
+from tests.support.artifacts import MotoS3
 
 
 def _env(kind: str, moto: MotoS3, tmp_path: Path) -> cases.Env:

@@ -14,7 +14,8 @@ import time
 
 import httpx
 
-from tests.integration.conftest import Deployment, wait_for
+from tests.support.deployment import Deployment
+from tests.support.waiting import wait_for
 
 
 def model_status(orchestrator, model: str) -> dict:  # noqa: ANN001

@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.integration.conftest import Deployment
+from tests.support.deployment import Deployment
 
 MODELS = ["echo", "tiny-llama", "tiny-llama-vllm"]
 SAMPLING_MODELS = ["tiny-llama", "tiny-llama-vllm"]  # echo does not sample

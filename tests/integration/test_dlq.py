@@ -15,8 +15,9 @@ from haif.envelope import Refused, RequestContext, build_work_item
 from haif.exceptions import DeadlineExceeded
 from haif.protocol import CompletionRequest
 from haif.store.models import Job, UsageRecord
-from tests.integration.conftest import Deployment, haif_cli, wait_for
-from tests.integration.test_tenancy import new_tenant, new_token, served
+from tests.support.deployment import Deployment, haif_cli
+from tests.support.tenancy import new_tenant, new_token, served
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

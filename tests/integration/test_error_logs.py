@@ -10,7 +10,8 @@ import uuid
 import httpx
 import pytest
 
-from tests.integration.conftest import Deployment, wait_for
+from tests.support.deployment import Deployment
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ import pytest
 from haif.config import HaifConfig
 from haif.exceptions import ConfigError
 from haif.ingress import check_ingress
-from tests.integration.conftest import _free_port
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ def _listeners(port: int) -> set[str]:
 
 
 def test_haif_serve_behind_haproxy_answers_the_openai_client(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "haif.json"  # JSON is YAML
     config.write_text(json.dumps(_config(tmp_path, port)))
     env = {**os.environ, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}

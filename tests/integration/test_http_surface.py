@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.integration.conftest import Deployment
+from tests.support.deployment import Deployment
 
 
 def _assert_error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -62,7 +62,7 @@ def test_bad_keys_get_one_uniform_401(http: httpx.Client, headers: dict) -> None
         ("/v1/completions", {"model": "echo", "prompt": 5}, 422),  # wrong type
         ("/v1/completions", {"model": "echo", "prompt": []}, 422),
         ("/v1/completions", {"model": "echo", "prompt": "x", "max_tokens": 0}, 422),
-        ("/v1/completions", {"model": "echo", "prompt": "x", "max_tokens": 257}, 422),  # over the limit
+        ("/v1/completions", {"model": "echo", "prompt": "x", "max_tokens": 2049}, 422),  # over the limit
         ("/v1/completions", {"model": "echo", "prompt": "x", "temperature": 9}, 422),
         ("/v1/completions", {"model": "echo", "prompt": "x", "frobnicate": 1}, 422),  # unknown field
         ("/v1/completions", {"model": "echo", "prompt": ["a", "b"], "stream": True}, 400),

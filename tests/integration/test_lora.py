@@ -1,5 +1,5 @@
 """LoRA adapters through the whole platform: signed adapter artifacts of tiny-llama:1
-(tests/lora_cases.py, published by tests/integration/artifact_fixtures.py), served by the
+(tests/support/lora_cases.py, published by tests/support/artifacts.py), served by the
 torch runtime (tiny-llama-lora: two workers; tiny-llama-lora-solo: one, room for two of
 its three adapters) and by vLLM (tiny-llama-vllm), over HTTP with the official client.
 """
@@ -17,8 +17,9 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from haif.store.models import Job
-from tests.integration.conftest import Deployment, haif_cli, wait_for
-from tests.integration.test_metrics import scrape, total
+from tests.support.deployment import Deployment, haif_cli
+from tests.support.metrics import scrape, total
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

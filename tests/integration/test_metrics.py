@@ -11,30 +11,15 @@ import time
 import uuid
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import Deployment, haif_cli, wait_for
+from tests.support.deployment import Deployment, haif_cli
+from tests.support.metrics import scrape, total
+from tests.support.waiting import wait_for
 
 N = 40
 DEADLINE_S = 30
 OK_ECHO = {"model": "echo", "kind": "completion", "status": "ok"}
 PUSH_INTERVAL_S = 1.0  # telemetry.metrics_push_interval_s (the default) of the deployment
-
-
-def scrape(http: httpx.Client) -> dict[str, list[tuple[dict[str, str], float]]]:
-    resp = http.get("/metrics")
-    assert resp.status_code == 200, resp.text
-    assert resp.headers["content-type"].startswith("text/plain")
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(resp.text):  # Prometheus's own parser
-        for s in family.samples:
-            out.setdefault(s.name, []).append((s.labels, s.value))
-    return out
-
-
-def total(metrics: dict, name: str, **labels: str) -> float:
-    """The sum of ``name`` over the series whose labels include ``labels``."""
-    return sum(v for got, v in metrics.get(name, []) if labels.items() <= got.items())
 
 
 def aggregator():  # noqa: ANN201

@@ -17,7 +17,8 @@ import openai
 import pydantic
 import pytest
 
-from tests.integration.conftest import Deployment, wait_for
+from tests.support.deployment import Deployment
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.integration.conftest import Deployment
+from tests.support.deployment import Deployment
 
 
 @pytest.fixture(scope="module")

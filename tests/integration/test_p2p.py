@@ -22,8 +22,9 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from haif.store.models import Job, Tenant, UsageRecord
-from tests.integration.conftest import CONFIG, ROOT, Deployment, haif_cli, wait_for
-from tests.p2p import node_public_key, run_peer
+from tests.support.deployment import CONFIG, ROOT, Deployment, haif_cli
+from tests.support.p2p import node_public_key, run_peer
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,8 @@ import pytest
 
 from haif.config import P2PConfig
 from haif.p2p import Sidecar
-from tests.p2p import NODE, TOOLS, LoopThread, run_peer, wait_for
+from tests.support.p2p import NODE, TOOLS, LoopThread, run_peer
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.integration.conftest import ROOT, _free_port, read_until_served, wait_for
-from tests.p2p import node_public_key, run_peer
+from tests.support.deployment import ROOT, read_until_served
+from tests.support.net import free_port
+from tests.support.p2p import node_public_key, run_peer
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +41,7 @@ def _haif(env: dict[str, str], *args: str) -> str:
 def test_haif_serve_with_the_p2p_variables_serves_a_peer_on_a_local_testnet(
     testnet: list[str], tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({
         "HAIF_P2P__ENABLED": "true",

@@ -25,8 +25,9 @@ from haif.store.ledger import Outcome, usage_total
 from haif.store.models import Job, JobState, Quota
 from haif.store.quotas import QuotaLimits
 from haif.store.tenants import TenantRepository
-from tests import services
-from tests.store_cases import async_writes, hammer_leases, job, principal_for, tenant
+from tests.support import services
+from tests.support.store_cases import async_writes, hammer_leases, job, principal_for, tenant
+from tests.support.waiting import wait_for_async
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ def test_leases_stay_exact_across_two_replicas(
     assert len(states) == allowed and set(states) == {JobState.SUCCEEDED.value}
 
 
-def test_a_lease_gives_back_what_it_did_not_hand_out(pg_db: Database) -> None:
+async def test_a_lease_gives_back_what_it_did_not_hand_out(pg_db: Database) -> None:
     limits = QuotaLimits(requests_per_minute=100_000, tokens_per_minute=1_000_000, tokens_per_day=10_000_000)
     t = tenant(pg_db, limits)
 
@@ -114,7 +115,7 @@ def test_a_lease_gives_back_what_it_did_not_hand_out(pg_db: Database) -> None:
         await leases.close()  # waits for the give-back
         assert leases.returned == 1
 
-    asyncio.run(_with_gate(pg_db, run, lease_max_requests=64))
+    await _with_gate(pg_db, run, lease_max_requests=64)
     q = _quota(pg_db, t)
     assert (q.minute_requests, q.minute_tokens, q.day_tokens) == (5, 20, 20)
     with pg_db.connect() as conn:
@@ -150,7 +151,7 @@ def _settled_once(db: Database, tenant_id: int, job_id: str) -> None:
         assert usage_total(conn, tenant_id) == (1, 5, 5)
 
 
-def test_a_short_leased_job_costs_one_statement(pg_db: Database) -> None:
+async def test_a_short_leased_job_costs_one_statement(pg_db: Database) -> None:
     """Admitted on a lease and settled before its row's delay: one statement in all, which
     writes the job row closed, refunds and bills; a retried settlement changes nothing."""
     limits = QuotaLimits(requests_per_minute=100_000, tokens_per_minute=1_000_000)
@@ -169,7 +170,7 @@ def test_a_short_leased_job_costs_one_statement(pg_db: Database) -> None:
         assert await gate.settle(first, _done(4))
         return res.job_id
 
-    job_id = asyncio.run(_with_gate(pg_db, run, record_after_s=30))
+    job_id = await _with_gate(pg_db, run, record_after_s=30)
     row = _job(pg_db, job_id)
     assert row is not None and row.state == JobState.SUCCEEDED.value
     assert (row.tenant_id, row.kind, row.model, row.version) == (t, "completion", "echo", "1")
@@ -181,7 +182,7 @@ def test_a_short_leased_job_costs_one_statement(pg_db: Database) -> None:
         assert usage_total(conn, t) == (2, 4, 4)
 
 
-def test_a_leased_job_that_runs_long_has_its_row_written_open(pg_db: Database) -> None:
+async def test_a_leased_job_that_runs_long_has_its_row_written_open(pg_db: Database) -> None:
     """Past its row's delay the job is there, reserved (it can be looked up, marked
     running, swept); settlement then closes that row."""
     limits = QuotaLimits(requests_per_minute=100_000)
@@ -190,17 +191,16 @@ def test_a_leased_job_that_runs_long_has_its_row_written_open(pg_db: Database) -
     async def run(gate: QuotaGate, leases: QuotaLeases) -> str:
         res = await gate.reserve(principal_for(t, limits), job(t, limits=limits), datetime.now(UTC))
         assert res.recorded is not None
-        await asyncio.sleep(0.3)
-        row = _job(pg_db, res.job_id)
-        assert row is not None and row.state == JobState.RESERVED.value
+        row = await wait_for_async(lambda: _job(pg_db, res.job_id), 30, what="the job's row, past its delay")
+        assert row.state == JobState.RESERVED.value
         assert await gate.settle(res, _done())
         assert not await gate.settle(res, _done())
         return res.job_id
 
-    _settled_once(pg_db, t, asyncio.run(_with_gate(pg_db, run, record_after_s=0.05)))
+    _settled_once(pg_db, t, await _with_gate(pg_db, run, record_after_s=0.05))
 
 
-def test_a_leased_stream_has_its_row_written_at_once(pg_db: Database) -> None:
+async def test_a_leased_stream_has_its_row_written_at_once(pg_db: Database) -> None:
     """A stream's client reads the job id in its first chunk: the row is there from the start."""
     limits = QuotaLimits(requests_per_minute=100_000)
     t = tenant(pg_db, limits)
@@ -215,10 +215,10 @@ def test_a_leased_stream_has_its_row_written_at_once(pg_db: Database) -> None:
         assert not res.recorded.claim()  # written open: settlement updates it
         assert await gate.settle(res, _done())
 
-    asyncio.run(_with_gate(pg_db, run, record_after_s=30))
+    await _with_gate(pg_db, run, record_after_s=30)
 
 
-def test_settlement_writes_the_job_row_when_its_own_write_failed(pg_db: Database) -> None:
+async def test_settlement_writes_the_job_row_when_its_own_write_failed(pg_db: Database) -> None:
     """The row's delayed write fails (the store is down): settlement writes it, then closes it."""
     limits = QuotaLimits(requests_per_minute=100_000)
     t = tenant(pg_db, limits)
@@ -236,15 +236,16 @@ def test_settlement_writes_the_job_row_when_its_own_write_failed(pg_db: Database
 
         writes.record_job = down_once
         res = await gate.reserve(principal_for(t, limits), job(t, limits=limits), datetime.now(UTC))
-        await asyncio.sleep(0.3)
+        await wait_for_async(lambda: failures, 30, what="the row's write, past its delay")
+        await asyncio.sleep(0.3)  # a negative check: no retry writes the row meanwhile
         assert len(failures) == 1 and _job(pg_db, res.job_id) is None
         assert await gate.settle(res, _done())
         return res.job_id
 
-    _settled_once(pg_db, t, asyncio.run(_with_gate(pg_db, run, record_after_s=0.05)))
+    _settled_once(pg_db, t, await _with_gate(pg_db, run, record_after_s=0.05))
 
 
-def test_no_lease_near_a_limit_or_where_the_request_path_decides(pg_db: Database) -> None:
+async def test_no_lease_near_a_limit_or_where_the_request_path_decides(pg_db: Database) -> None:
     small = QuotaLimits(requests_per_minute=50)  # 2 % of 50 is 1 request: not worth a lease
     slots = QuotaLimits(requests_per_minute=100_000, max_concurrent=4)
     t_small, t_slots, t_stale = tenant(pg_db, small), tenant(pg_db, slots), tenant(pg_db, slots)
@@ -263,10 +264,10 @@ def test_no_lease_near_a_limit_or_where_the_request_path_decides(pg_db: Database
         assert leases.taken == 0 and len(leases) == 0
         assert _quota(pg_db, t_stale).in_flight == 1  # the slot was taken, and is the only one
 
-    asyncio.run(_with_gate(pg_db, run))
+    await _with_gate(pg_db, run)
 
 
-def test_a_lease_never_takes_the_last_half_of_a_window(pg_db: Database) -> None:
+async def test_a_lease_never_takes_the_last_half_of_a_window(pg_db: Database) -> None:
     limits = QuotaLimits(requests_per_minute=1000)  # leases of 2 % = 20 requests
     t = tenant(pg_db, limits)
     with pg_db.session() as s:
@@ -293,11 +294,11 @@ def test_a_lease_never_takes_the_last_half_of_a_window(pg_db: Database) -> None:
         await gate.reserve(principal_for(t, limits), job(t, limits=limits), now + timedelta(seconds=1))
         assert len(statements) == 1 and leases.taken == 0  # tried again, still no room
 
-    asyncio.run(_with_gate(pg_db, run))
+    await _with_gate(pg_db, run)
     assert _quota(pg_db, t).minute_requests == 978
 
 
-def test_a_lease_ends_before_its_minute_does(pg_db: Database) -> None:
+async def test_a_lease_ends_before_its_minute_does(pg_db: Database) -> None:
     limits = QuotaLimits(requests_per_minute=100_000)
     t = tenant(pg_db, limits)
     with pg_db.session() as s:  # the window started 59.5 s ago
@@ -310,11 +311,11 @@ def test_a_lease_ends_before_its_minute_does(pg_db: Database) -> None:
         assert leases.taken == 1 and len(leases) == 0
         await leases.close()
 
-    asyncio.run(_with_gate(pg_db, run, lease_max_requests=64))
+    await _with_gate(pg_db, run, lease_max_requests=64)
     assert _quota(pg_db, t).minute_requests == 2  # the block came back; the request stays
 
 
-def test_tenants_without_limits_are_admitted_with_only_their_job_row(pg_db: Database) -> None:
+async def test_tenants_without_limits_are_admitted_with_only_their_job_row(pg_db: Database) -> None:
     with pg_db.session() as s:
         t = TenantRepository(s).create("free", QuotaLimits()).id
 
@@ -327,12 +328,12 @@ def test_tenants_without_limits_are_admitted_with_only_their_job_row(pg_db: Data
         assert await gate.settle(res, _done())
         return res.job_id
 
-    asyncio.run(_with_gate(pg_db, run))
+    await _with_gate(pg_db, run)
     with pg_db.connect() as conn:
         assert usage_total(conn, t) == (1, 5, 5)
 
 
-def test_a_lease_gives_back_to_a_window_a_later_clock_opened(pg_db: Database) -> None:
+async def test_a_lease_gives_back_to_a_window_a_later_clock_opened(pg_db: Database) -> None:
     """Another replica opened the window with a clock a little ahead of this request's:
     the lease and the refund still go back to that window (it is the one they were counted in)."""
     limits = QuotaLimits(tokens_per_minute=1_000_000, tokens_per_day=10_000_000)
@@ -349,12 +350,12 @@ def test_a_lease_gives_back_to_a_window_a_later_clock_opened(pg_db: Database) ->
         await leases.close()  # the other 630 of the block of 640 given back
         assert leases.returned == 1
 
-    asyncio.run(_with_gate(pg_db, run, lease_max_requests=64))
+    await _with_gate(pg_db, run, lease_max_requests=64)
     q = _quota(pg_db, t)
     assert (q.minute_tokens, q.day_tokens) == (4, 4)
 
 
-def test_a_take_in_flight_is_shared_and_outlives_its_request(pg_db: Database) -> None:
+async def test_a_take_in_flight_is_shared_and_outlives_its_request(pg_db: Database) -> None:
     """Requests that find a take in flight wait for it and use its lease; the request that
     started it is cancelled meanwhile (its client went away), and the block the database
     counted is not lost: it is handed out, and what is left goes back."""
@@ -384,11 +385,11 @@ def test_a_take_in_flight_is_shared_and_outlives_its_request(pg_db: Database) ->
             assert await gate.settle(r, _done(10))
         await leases.close()
 
-    asyncio.run(_with_gate(pg_db, run, lease_max_requests=64))
+    await _with_gate(pg_db, run, lease_max_requests=64)
     assert _quota(pg_db, t).minute_tokens == 50  # five requests of 10; the rest came back
 
 
-def test_a_lease_never_hands_out_more_than_it_counted(pg_db: Database) -> None:
+async def test_a_lease_never_hands_out_more_than_it_counted(pg_db: Database) -> None:
     """Leases of 2 requests, 60 concurrent requests: each lease is used up by whoever gets
     there first, and the request whose take it was checks again (at least 30 takes)."""
     limits = QuotaLimits(tokens_per_minute=1_000_000)
@@ -404,5 +405,5 @@ def test_a_lease_never_hands_out_more_than_it_counted(pg_db: Database) -> None:
         assert all(lease.tokens >= 0 for lease in leases._leases.values())
         await leases.close()
 
-    asyncio.run(_with_gate(pg_db, run, lease_max_requests=2))
+    await _with_gate(pg_db, run, lease_max_requests=2)
     assert _quota(pg_db, t).minute_tokens == 600

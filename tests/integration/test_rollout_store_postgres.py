@@ -8,8 +8,8 @@ from sqlalchemy.exc import IntegrityError
 
 from haif.store import Database, migrate
 from haif.store.db import create_db_engine
-from tests import services
-from tests.rollout_cases import CASES
+from tests.support import services
+from tests.support.rollout_cases import CASES
 
 
 @pytest.fixture

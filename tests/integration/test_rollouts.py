@@ -4,7 +4,7 @@ never gets traffic, and a crashing canary rolled back on its own.
 
 ``rollout-echo`` serves the signed artifact ``signed-echo``; versions 1, 2 and 3 are
 signed by the deployment's trusted key, version 9 by a key it does not trust
-(tests/integration/artifact_fixtures.py). The tests run in file order: each starts
+(tests/support/artifacts.py). The tests run in file order: each starts
 from the state the one before left (after the promote, version 2 is the stable one).
 """
 
@@ -24,7 +24,8 @@ import ray
 from sqlalchemy import create_engine, text
 
 from haif.config import load_config
-from tests.integration.conftest import CONFIG, Deployment, haif_cli, wait_for
+from tests.support.deployment import CONFIG, Deployment, haif_cli
+from tests.support.waiting import wait_for
 
 MODEL = "rollout-echo"
 NAMESPACE = load_config(CONFIG).ray.namespace

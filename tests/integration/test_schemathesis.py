@@ -7,7 +7,7 @@ import os
 import pytest
 import schemathesis
 
-from tests.integration.conftest import Deployment
+from tests.support.deployment import Deployment
 
 MAX_EXAMPLES = int(os.environ.get("HAIF_SCHEMATHESIS_EXAMPLES", "40"))
 

@@ -13,7 +13,7 @@ from haif.envelope import RequestContext, build_work_item
 from haif.exceptions import AuthenticationFailed, ModelNotFound
 from haif.protocol import CompletionRequest, EmbeddingRequest
 from haif.sdk import HandleClient, HttpClient
-from tests.integration.conftest import Deployment, submit_job
+from tests.support.deployment import Deployment, submit_job
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
@@ -65,8 +65,7 @@ def test_handle_client_embeddings_and_auth(haif: Deployment, handle_client: Hand
 
 def test_large_prompt_crosses_hops_by_reference(haif: Deployment) -> None:
     """A 21 KB prompt is put in the object store once; the envelope stays small."""
-    from ray import cloudpickle
-    from ray import serve
+    from ray import cloudpickle, serve
 
     gateway = serve.get_deployment_handle("Gateway", app_name=haif.app_name)
     limits = gateway.limits.remote().result()

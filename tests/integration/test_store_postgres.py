@@ -15,9 +15,9 @@ from haif.store.db import create_db_engine
 from haif.store.ledger import usage_total
 from haif.store.models import Base, Job, Quota
 from haif.store.quotas import QuotaLimits
-from tests import services
-from tests.integration.conftest import haif_cli
-from tests.store_cases import CASES, PG_WRITES, hammer, hammer_async, tenant
+from tests.support import services
+from tests.support.deployment import haif_cli
+from tests.support.store_cases import CASES, PG_WRITES, hammer, hammer_async, tenant
 
 
 @pytest.fixture

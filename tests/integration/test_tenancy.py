@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 
@@ -20,7 +19,9 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 from haif.store.models import Job, Quota, Tenant, UsageRecord
-from tests.integration.conftest import Deployment, haif_cli, wait_for
+from tests.support.deployment import Deployment, haif_cli
+from tests.support.tenancy import new_tenant, new_token, served
+from tests.support.waiting import wait_for
 
 AUTH_BODY = {
     "error": {
@@ -36,22 +37,6 @@ def db(pg_url: str, haif: Deployment):  # noqa: ANN201 - the deployment migrated
     engine = create_engine(pg_url)
     yield engine
     engine.dispose()
-
-
-def new_tenant(store_env: dict[str, str], *limits: str) -> str:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    haif_cli(store_env, "tenants", "create", name, *limits)
-    return name
-
-
-def new_token(store_env: dict[str, str], tenant: str, *options: str) -> str:
-    out = haif_cli(store_env, "tokens", "create", "--tenant", tenant, *options)
-    return out.strip().splitlines()[-1]  # the token is the last line
-
-
-def served(orchestrator, model: str = "echo") -> int:  # noqa: ANN001
-    """Requests the model's workers have served: the number that says whether a worker ran."""
-    return sum(w["served"] for w in orchestrator.workers_info.remote(model).result())
 
 
 def tenant_usage(db, tenant: str) -> list[tuple[str, int, int]]:  # noqa: ANN001
@@ -175,7 +160,7 @@ def test_200_concurrent_requests_50_fit_tokens_per_minute_on_postgres(
 
 
 def _leases_taken(url: str) -> float:
-    from tests.integration.test_metrics import scrape, total
+    from tests.support.metrics import scrape, total
 
     with httpx.Client(base_url=url, timeout=30) as http:
         return total(scrape(http), "haif_quota_leases_total", event="taken")

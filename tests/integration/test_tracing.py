@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from tests.integration.conftest import Deployment
-from tests.otlp import OtlpReceiver, ReceivedSpan
+from tests.support.deployment import Deployment
+from tests.support.otlp import OtlpReceiver, ReceivedSpan
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "trace_chat_stream.json"
 UPDATE_GOLDEN = os.environ.get("HAIF_UPDATE_GOLDEN") == "1"

@@ -14,9 +14,9 @@ from haif.gateway.usage_export import UsageExporter
 from haif.store import Database, migrate
 from haif.store.db import create_db_engine
 from haif.store.models import UsageBatch
-from tests import services
-from tests.store_cases import job, reserve, settle, tenant
-from tests.webhook import WebhookReceiver
+from tests.support import services
+from tests.support.store_cases import job, reserve, settle, tenant
+from tests.support.webhook import WebhookReceiver
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
         assert 0 <= min(samples) and max(samples) <= cap and max(samples) > cap * 0.8
 
 
-def test_retries_until_delivered_then_moves_on(db: Database) -> None:
+async def test_retries_until_delivered_then_moves_on(db: Database) -> None:
     ids = served_jobs(db, 7)
     with WebhookReceiver(fail_first=3) as receiver:
         exporter = UsageExporter(db, config(receiver.url, batch_size=5))
@@ -60,7 +60,7 @@ def test_retries_until_delivered_then_moves_on(db: Database) -> None:
             async with httpx.AsyncClient() as client:
                 return [await exporter.export_once(client) for _ in range(3)]
 
-        assert asyncio.run(run()) == [5, 2, 0]
+        assert await run() == [5, 2, 0]
     assert receiver.attempts == 3 + 2 and len(receiver.deliveries) == 2
     assert list(receiver.records()) == ids  # every record, in order, once after de-duplication
     assert exporter.failed_attempts == 3 and exporter.delivered_batches == 2
@@ -69,7 +69,7 @@ def test_retries_until_delivered_then_moves_on(db: Database) -> None:
     assert sorted(b.attempts for b in batches) == [1, 4] and all(b.delivered_at for b in batches)
 
 
-def test_a_batch_abandoned_mid_retry_is_resent_under_the_same_id(db: Database) -> None:
+async def test_a_batch_abandoned_mid_retry_is_resent_under_the_same_id(db: Database) -> None:
     served_jobs(db, 3)
     with WebhookReceiver(fail_first=10**6) as down:
         first = UsageExporter(db, config(down.url, lease_s=0.5))
@@ -83,7 +83,7 @@ def test_a_batch_abandoned_mid_retry_is_resent_under_the_same_id(db: Database) -
                 stop.set()  # this exporter stops while its batch is undelivered
                 return await task
 
-        assert asyncio.run(give_up()) == 0
+        assert await give_up() == 0
     with WebhookReceiver(fail_first=0) as up:
         second = UsageExporter(db, config(up.url, lease_s=0.5))
 
@@ -95,7 +95,7 @@ def test_a_batch_abandoned_mid_retry_is_resent_under_the_same_id(db: Database) -
                         return sent
                     await asyncio.sleep(0.05)
 
-        assert asyncio.run(asyncio.wait_for(resend(), 10)) == 3
+        assert await asyncio.wait_for(resend(), 30) == 3
     with db.connect() as conn:
         (batch_id,) = conn.execute(select(UsageBatch.id)).scalars()
     assert up.deliveries[0]["batch_id"] == batch_id  # the receiver can tell it is the same batch

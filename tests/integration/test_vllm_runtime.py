@@ -108,14 +108,18 @@ def test_concurrent_requests_all_complete(engine: tuple) -> None:
 def test_closing_a_stream_aborts_the_request(engine: tuple) -> None:
     runtime = engine[0]
 
-    async def partial() -> int:
+    aborted = runtime.stats()["aborted"]
+
+    async def partial() -> tuple[int, int]:
         async with contextlib.aclosing(runtime.stream("Tell me", SamplingParams(max_tokens=200, temperature=0.0))) as s:
             async for event in s:
                 if event.completion_tokens >= 2:
                     break
-        return runtime.stats()["unfinished"]
+        return event.completion_tokens, runtime.stats()["unfinished"]
 
-    assert _run(engine, partial()) == 0
+    produced, unfinished = _run(engine, partial())
+    assert unfinished == 0 and produced < 200
+    assert runtime.stats()["aborted"] == aborted + 1  # ended by an abort, not run to max_tokens
 
 
 def test_prompt_limits_and_chat_template(engine: tuple) -> None:

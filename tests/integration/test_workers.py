@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from tests.integration.conftest import Deployment, wait_for
+from tests.support.deployment import Deployment
+from tests.support.waiting import wait_for
 
 
 def test_each_gpu_worker_holds_its_own_gpu(orchestrator) -> None:  # noqa: ANN001
@@ -76,7 +77,7 @@ def test_one_fleet_whatever_the_orchestrator_replicas(haif: Deployment, orchestr
     from ray.util.state import list_actors
 
     from haif.config import load_config
-    from tests.integration.conftest import CONFIG
+    from tests.support.deployment import CONFIG
 
     replicas = list_actors(filters=[("class_name", "=", "ServeReplica:haif:Orchestrator"), ("state", "=", "ALIVE")])
     assert len(replicas) == 2

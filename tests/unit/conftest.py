@@ -6,19 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from haif.config import HaifConfig
 from haif.store import Database, open_database
-
-
-def sqlite_config(tmp_path: Path, **sections: object) -> HaifConfig:
-    return HaifConfig.model_validate(
-        {
-            "server": {"state_dir": str(tmp_path / "state")},
-            "database": {"url": f"sqlite:///{tmp_path / 'haif.db'}"},
-            "base_dir": str(tmp_path),
-            **sections,
-        }
-    )
+from tests.support.sqlite import sqlite_config
 
 
 @pytest.fixture

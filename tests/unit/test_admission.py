@@ -20,31 +20,20 @@ from haif.exceptions import (
     PermissionDenied,
     RateLimited,
 )
-from haif.gateway.admission import Admission
 from haif.gateway.auth import AUTH_FAILED_MESSAGE, DatabaseAuthenticator
-from haif.gateway.quota import QuotaGate, reservation_tokens
-from haif.gateway.serving import completion_response
-from haif.protocol import CompletionRequest, CompletionResponse, EmbeddingRequest
-from haif.runtimes.base import GenerationOutput
+from haif.gateway.quota import reservation_tokens
+from haif.protocol import CompletionRequest, EmbeddingRequest
 from haif.store import Database
 from haif.store.ledger import usage_total
 from haif.store.models import ApiToken, Job
 from haif.store.quotas import QuotaLimits
-from haif.store.tenants import TenantRepository
 from haif.store.tokens import TokenRepository
-from tests.unit.conftest import sqlite_config
+from tests.support.admission import Clock, admission, answer, item, make_tenant
+from tests.support.sqlite import sqlite_config
 
 pytestmark = pytest.mark.unit
 
 MODELS = {"models": [{"name": "echo", "runtime": "echo"}, {"name": "other", "runtime": "echo"}]}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -52,45 +41,10 @@ def config(tmp_path: Path) -> HaifConfig:
     return sqlite_config(tmp_path, **MODELS)
 
 
-def make_tenant(
-    db: Database, name: str, limits: QuotaLimits | None = None, **token_kw: object
-) -> tuple[int, str]:
-    with db.session() as s:
-        tenant = TenantRepository(s).create(name, limits)
-        row, token = TokenRepository(s).create(tenant, **token_kw)
-        return tenant.id, token
-
-
-def admission(
-    config: HaifConfig, db: Database, clock: Clock | None = None, ttl_s: float = 5.0
-) -> Admission:
-    auth = DatabaseAuthenticator(db, ttl_s=ttl_s, max_entries=100, clock=clock or Clock())
-    return Admission(config, auth, db=db, quotas=QuotaGate(db, None))
-
-
-def item(
-    config: HaifConfig,
-    key: str | None,
-    *,
-    prompt: str = "one two three",
-    stream: bool = False,
-    idem: str | None = None,
-    model: str = "echo",
-    max_tokens: int = 4,
-):
-    body = CompletionRequest(model=model, prompt=prompt, max_tokens=max_tokens, stream=stream)
-    ctx = RequestContext.new(timeout_s=10, api_key=key, idempotency_key=idem)
-    return build_work_item("completion", body, ctx, config.limits)
-
-
-def answer(model: str, job_id: str) -> CompletionResponse:
-    return completion_response(model, [GenerationOutput("one two ", 3, 2, "length")], job_id)
-
-
 # --- authentication -----------------------------------------------------------------------------
 
 
-def test_every_bad_key_gets_the_same_401_and_one_lookup_per_key(
+async def test_every_bad_key_gets_the_same_401_and_one_lookup_per_key(
     config: HaifConfig, sqlite_db: Database
 ) -> None:
     _, good = make_tenant(sqlite_db, "acme")
@@ -140,12 +94,12 @@ def test_every_bad_key_gets_the_same_401_and_one_lookup_per_key(
         await asyncio.gather(*(auth.authenticate(good) for _ in range(50)))
         assert auth.lookups == lookups  # cached
 
-    asyncio.run(run())
+    await run()
     # Malformed keys never reached the database.
     assert auth.lookups < len(bad) + 2
 
 
-def test_revocation_takes_effect_within_the_cache_ttl(
+async def test_revocation_takes_effect_within_the_cache_ttl(
     config: HaifConfig, sqlite_db: Database
 ) -> None:
     _, token = make_tenant(sqlite_db, "acme")
@@ -162,24 +116,24 @@ def test_revocation_takes_effect_within_the_cache_ttl(
         with pytest.raises(AuthenticationFailed):
             await auth.authenticate(token)
 
-    asyncio.run(run())
+    await run()
 
 
-def test_concurrent_first_use_of_a_key_is_one_lookup(sqlite_db: Database) -> None:
+async def test_concurrent_first_use_of_a_key_is_one_lookup(sqlite_db: Database) -> None:
     _, token = make_tenant(sqlite_db, "acme")
     auth = DatabaseAuthenticator(sqlite_db, ttl_s=5, max_entries=100)
 
     async def run() -> None:
         await asyncio.gather(*(auth.authenticate(token) for _ in range(100)))
 
-    asyncio.run(run())
+    await run()
     assert auth.lookups == 1
 
 
 # --- scopes, models, quotas -----------------------------------------------------------------------
 
 
-def test_scopes_and_allowed_models(config: HaifConfig, sqlite_db: Database) -> None:
+async def test_scopes_and_allowed_models(config: HaifConfig, sqlite_db: Database) -> None:
     _, admin_only = make_tenant(sqlite_db, "a", scopes=("admin",))
     _, echo_only = make_tenant(sqlite_db, "b", allowed_models=["echo"])
     _, anything = make_tenant(sqlite_db, "c")
@@ -196,11 +150,11 @@ def test_scopes_and_allowed_models(config: HaifConfig, sqlite_db: Database) -> N
         assert ticket.job_id.startswith("cmpl-") and ticket.item.ctx.api_key is None
         assert ticket.item.ctx.principal.tenant == "b"
 
-    asyncio.run(run())
+    await run()
     assert adm.metrics.counts["forbidden"] == 2
 
 
-def test_requests_per_minute_exact_under_concurrency(
+async def test_requests_per_minute_exact_under_concurrency(
     config: HaifConfig, sqlite_db: Database
 ) -> None:
     tenant_id, token = make_tenant(sqlite_db, "acme", QuotaLimits(requests_per_minute=7))
@@ -220,13 +174,13 @@ def test_requests_per_minute_exact_under_concurrency(
         await asyncio.gather(*adm._settling)  # settlements that run after their response
         return out
 
-    results = asyncio.run(run())
+    results = await run()
     assert results.count("200") == 7 and results.count("429") == 23
     with sqlite_db.connect() as conn:
         assert usage_total(conn, tenant_id) == (7, 21, 14)
 
 
-def test_tokens_reserved_refunded_and_slot_released_on_failure(
+async def test_tokens_reserved_refunded_and_slot_released_on_failure(
     config: HaifConfig, sqlite_db: Database
 ) -> None:
     limits = QuotaLimits(tokens_per_minute=1000, max_concurrent=1)
@@ -241,7 +195,7 @@ def test_tokens_reserved_refunded_and_slot_released_on_failure(
         ticket = await adm.admit(item(config, token))  # the slot is free again
         await adm.succeed(ticket, 3, 2, answer("echo", ticket.job_id))
 
-    asyncio.run(run())
+    await run()
     with sqlite_db.connect() as conn:
         assert usage_total(conn, tenant_id) == (1, 3, 2)  # the failed job is not billed
         states = sorted(
@@ -267,7 +221,7 @@ def test_reservation_covers_prompt_estimate_and_every_prompt() -> None:
 # --- idempotency ---------------------------------------------------------------------------------
 
 
-def test_concurrent_duplicates_execute_once_and_get_the_same_answer(
+async def test_concurrent_duplicates_execute_once_and_get_the_same_answer(
     config: HaifConfig, sqlite_db: Database
 ) -> None:
     tenant_id, token = make_tenant(sqlite_db, "acme")
@@ -288,7 +242,7 @@ def test_concurrent_duplicates_execute_once_and_get_the_same_answer(
     async def run() -> list[str]:
         return await asyncio.gather(*(one() for _ in range(20)))
 
-    answers = asyncio.run(run())
+    answers = await run()
     assert executions == 1 and len(set(answers)) == 1
     with sqlite_db.connect() as conn:
         assert usage_total(conn, tenant_id) == (1, 3, 2)
@@ -299,24 +253,24 @@ def test_concurrent_duplicates_execute_once_and_get_the_same_answer(
         with pytest.raises(Conflict):
             await adm.admit(item(config, token, idem="order-42", prompt="something else"))
 
-    asyncio.run(later())
+    await later()
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "clé-été", "has space", "tab\there"])
-def test_bad_idempotency_keys_are_400(config: HaifConfig, sqlite_db: Database, key: str) -> None:
+async def test_bad_idempotency_keys_are_400(config: HaifConfig, sqlite_db: Database, key: str) -> None:
     _, token = make_tenant(sqlite_db, "acme")
     adm = admission(config, sqlite_db)
     with pytest.raises(InvalidRequest, match="Idempotency-Key"):
-        asyncio.run(adm.admit(item(config, token, idem=key)))
+        await adm.admit(item(config, token, idem=key))
 
 
-def test_streams_cannot_carry_an_idempotency_key(config: HaifConfig, sqlite_db: Database) -> None:
+async def test_streams_cannot_carry_an_idempotency_key(config: HaifConfig, sqlite_db: Database) -> None:
     _, token = make_tenant(sqlite_db, "acme")
     with pytest.raises(InvalidRequest, match="stream"):
-        asyncio.run(admission(config, sqlite_db).admit(item(config, token, idem="k", stream=True)))
+        await admission(config, sqlite_db).admit(item(config, token, idem="k", stream=True))
 
 
-def test_a_tenant_sees_only_its_own_jobs_and_usage(config: HaifConfig, sqlite_db: Database) -> None:
+async def test_a_tenant_sees_only_its_own_jobs_and_usage(config: HaifConfig, sqlite_db: Database) -> None:
     _, acme = make_tenant(sqlite_db, "acme", scopes=("inference", "admin"))
     _, globex = make_tenant(sqlite_db, "globex", scopes=("inference", "admin"))
     adm = admission(config, sqlite_db)
@@ -337,4 +291,4 @@ def test_a_tenant_sees_only_its_own_jobs_and_usage(config: HaifConfig, sqlite_db
         assert [u["job_id"] for u in await adm.usage(ctx_a, None, 10)] == [ticket.job_id]
         assert await adm.usage(ctx_g, None, 10) == []
 
-    asyncio.run(run())
+    await run()

@@ -14,7 +14,7 @@ import pytest
 
 from haif.artifacts import ArtifactRef, Replica, pull
 from haif.exceptions import QuorumNotReached
-from tests import artifact_cases as cases
+from tests.support import artifact_cases as cases
 
 pytestmark = pytest.mark.unit
 

@@ -22,7 +22,7 @@ from haif.cli.main import app
 from haif.config import ArtifactsConfig, HaifConfig, load_config
 from haif.devmodels import build_tiny_lora
 from haif.exceptions import AdapterRejected
-from tests.tiny import model_dir
+from tests.support.tiny import model_dir
 
 pytestmark = pytest.mark.unit
 

@@ -133,20 +133,20 @@ class Source:
             self.closed = True
 
 
-def test_merged_choices_come_as_they_are_made_each_with_its_index() -> None:
+async def test_merged_choices_come_as_they_are_made_each_with_its_index() -> None:
     async def run() -> list[tuple[int, str]]:
         sources = [Source(["a", "b", "c"], 0.03), Source(["x", "y"], 0.01)]
         events = [e async for e in merge_choices([s.run() for s in sources])]
         assert all(s.closed for s in sources)
         return [(e.index, e.text) for e in events]
 
-    events = asyncio.run(run())
+    events = await run()
     assert [t for i, t in events if i == 0] == ["a", "b", "c"]
     assert [t for i, t in events if i == 1] == ["x", "y"]
     assert events[0] == (1, "x")  # the faster choice is not held behind the slower one
 
 
-def test_a_failing_choice_ends_the_merged_stream_and_closes_the_others() -> None:
+async def test_a_failing_choice_ends_the_merged_stream_and_closes_the_others() -> None:
     async def run() -> tuple[list[str], list[Source]]:
         sources = [Source(["a", "b", "c", "d"], 0.05), Source(["x"], 0.01, PromptTooLong("too long"))]
         seen: list[str] = []
@@ -155,12 +155,12 @@ def test_a_failing_choice_ends_the_merged_stream_and_closes_the_others() -> None
                 seen.append(event.text)
         return seen, sources
 
-    seen, sources = asyncio.run(run())
+    seen, sources = await run()
     assert seen == ["x"]
     assert all(s.closed for s in sources)  # choice 0 stopped mid-way: its runtime slot freed
 
 
-def test_closing_the_merged_stream_closes_every_choice() -> None:
+async def test_closing_the_merged_stream_closes_every_choice() -> None:
     async def run() -> list[Source]:
         sources = [Source(["a"] * 50, 0.01), Source(["x"] * 50, 0.01)]
         merged = merge_choices([s.run() for s in sources])
@@ -168,4 +168,4 @@ def test_closing_the_merged_stream_closes_every_choice() -> None:
         await merged.aclose()
         return sources
 
-    assert all(s.closed for s in asyncio.run(run()))
+    assert all(s.closed for s in await run())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +16,8 @@ from typer.testing import CliRunner
 from haif.cli.main import app
 from haif.store import Database, open_database
 from haif.store.rollouts import pending_drains, read_rollouts, report_canary
-from tests.unit.conftest import sqlite_config
+from tests.support.net import free_port
+from tests.support.sqlite import sqlite_config
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -31,15 +31,9 @@ MODELS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def port() -> int:
-    return _free_port()  # nothing listens there unless a test serves /readyz on it
+    return free_port()  # nothing listens there unless a test serves /readyz on it
 
 
 @pytest.fixture

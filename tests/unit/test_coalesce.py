@@ -35,13 +35,13 @@ async def collect(pieces: AsyncIterator[StreamEvent]) -> list[StreamEvent]:
     return [p async for p in pieces]
 
 
-def test_without_an_interval_a_prompt_consumer_sees_every_token() -> None:
-    pieces = asyncio.run(collect(coalesce(tokens(0.002))))
+async def test_without_an_interval_a_prompt_consumer_sees_every_token() -> None:
+    pieces = await collect(coalesce(tokens(0.002)))
     assert [p.text for p in pieces] == WORDS
     assert pieces[-1].completion_tokens == 10 and pieces[-1].finish_reason == "stop"
 
 
-def test_with_an_interval_the_first_token_goes_alone_and_the_rest_travel_together() -> None:
+async def test_with_an_interval_the_first_token_goes_alone_and_the_rest_travel_together() -> None:
     async def run() -> tuple[list[StreamEvent], float, float]:
         start = time.monotonic()
         first_at = None
@@ -51,7 +51,7 @@ def test_with_an_interval_the_first_token_goes_alone_and_the_rest_travel_togethe
             out.append(piece)
         return out, first_at, time.monotonic() - start
 
-    pieces, first_at, total = asyncio.run(run())
+    pieces, first_at, total = await run()
     assert pieces[0].text == WORDS[0] and first_at < 1.0  # the first token never waits
     assert "".join(p.text for p in pieces) == "".join(WORDS)  # nothing lost, nothing reordered
     assert len(pieces) == 2  # everything after the first arrived within the 2 s interval
@@ -59,31 +59,31 @@ def test_with_an_interval_the_first_token_goes_alone_and_the_rest_travel_togethe
     assert total < 1.5  # the stream's end did not wait the interval out
 
 
-def test_pieces_are_spaced_by_the_interval() -> None:
+async def test_pieces_are_spaced_by_the_interval() -> None:
     async def run() -> list[float]:
         stamps = []
         async for _ in coalesce(tokens(0.01, [f"t{i}" for i in range(40)]), 0.1):
             stamps.append(time.monotonic())
         return stamps
 
-    stamps = asyncio.run(run())
+    stamps = await run()
     gaps = [b - a for a, b in zip(stamps, stamps[1:-1], strict=False)]  # the last piece may go early
     assert 2 <= len(stamps) <= 8  # ~0.4 s of tokens in pieces 0.1 s apart, not 40 pieces
     assert all(g >= 0.095 for g in gaps), gaps
 
 
-def test_the_interval_is_read_for_every_piece() -> None:
+async def test_the_interval_is_read_for_every_piece() -> None:
     asked = []
 
     def interval() -> float:
         asked.append(True)
         return 0.0
 
-    pieces = asyncio.run(collect(coalesce(tokens(0.002), interval)))
+    pieces = await collect(coalesce(tokens(0.002), interval))
     assert [p.text for p in pieces] == WORDS and len(asked) == len(WORDS)
 
 
-def test_an_error_arrives_after_the_text_made_before_it() -> None:
+async def test_an_error_arrives_after_the_text_made_before_it() -> None:
     async def run() -> tuple[list[str], BaseException | None]:
         texts = []
         try:
@@ -93,12 +93,12 @@ def test_an_error_arrives_after_the_text_made_before_it() -> None:
             return texts, exc
         return texts, None
 
-    texts, error = asyncio.run(run())
+    texts, error = await run()
     assert str(error) == "engine broke"
     assert "".join(texts) == "".join(WORDS[:4])  # held text is delivered, not dropped
 
 
-def test_closing_the_pieces_closes_the_runtime_stream() -> None:
+async def test_closing_the_pieces_closes_the_runtime_stream() -> None:
     closed: list = []
 
     async def run() -> None:
@@ -107,7 +107,7 @@ def test_closing_the_pieces_closes_the_runtime_stream() -> None:
         await pieces.aclose()
         await asyncio.sleep(0)
 
-    asyncio.run(run())
+    await run()
     assert closed == [True]  # the runtime frees the request's batch slot at once
 
 

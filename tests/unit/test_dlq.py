@@ -7,66 +7,30 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import redis
 import yaml
-from sqlalchemy import select
 from typer.testing import CliRunner
 
 from haif.cli.main import app
 from haif.config import HaifConfig
 from haif.dlq import DeadLetterQueue
-from haif.envelope import RequestContext, build_work_item
-from haif.exceptions import InvalidRequest, RateLimited, StoreUnavailable, WorkerUnavailable
-from haif.gateway.admission import Admission
-from haif.gateway.auth import DatabaseAuthenticator
-from haif.gateway.quota import QuotaGate
-from haif.gateway.ratelimit import RedisRateLimiter
+from haif.exceptions import InvalidRequest, RateLimited
 from haif.gateway.replay import replay_item
 from haif.protocol import CompletionRequest
 from haif.store import Database, open_database
 from haif.store.ledger import usage_total
-from haif.store.models import Job
 from haif.store.quotas import QuotaLimits
-from tests import services
-from tests.unit.conftest import sqlite_config
-from tests.unit.test_admission import answer, make_tenant
+from tests.support.admission import answer, make_tenant
+from tests.support.dlq import MODELS, admission, final_error, job, request
+from tests.support.sqlite import sqlite_config
 
 pytestmark = pytest.mark.unit
-
-MODELS = {"models": [{"name": "echo", "runtime": "echo"}]}
-TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-def final_error(attempts: int) -> WorkerUnavailable:
-    exc = WorkerUnavailable("no worker of 'echo' answered")
-    exc.attempts = attempts  # as the Orchestrator's final error carries it
-    return exc
-
-
-def request(config: HaifConfig, key: str | None, idem: str | None = None, prompt: str = "hello"):
-    body = CompletionRequest(model="echo", prompt=prompt, max_tokens=4)
-    ctx = RequestContext.new(
-        timeout_s=10, api_key=key, idempotency_key=idem, traceparent=TRACEPARENT, request_id="req-1"
-    )
-    return build_work_item("completion", body, ctx, config.limits)
-
-
-def job(db: Database, job_id: str) -> Job:
-    with db.session() as s:
-        return s.execute(select(Job).where(Job.id == job_id)).scalar_one()
-
 
 @pytest.fixture
 def config(tmp_path: Path) -> HaifConfig:
     return sqlite_config(tmp_path, **MODELS)
 
 
-def admission(config: HaifConfig, db: Database) -> Admission:
-    auth = DatabaseAuthenticator(db, ttl_s=5, max_entries=100)
-    return Admission(config, auth, db=db, quotas=QuotaGate(db, None))
-
-
-def test_a_final_failure_is_dead_lettered_once_with_what_replay_needs(
+async def test_a_final_failure_is_dead_lettered_once_with_what_replay_needs(
     config: HaifConfig, sqlite_db: Database
 ) -> None:
     tenant_id, token = make_tenant(sqlite_db, "acme", QuotaLimits(max_concurrent=2))
@@ -78,7 +42,7 @@ def test_a_final_failure_is_dead_lettered_once_with_what_replay_needs(
         await adm.fail(ticket, final_error(3))  # settled once, whatever the callers do
         return ticket.job_id
 
-    job_id = asyncio.run(run())
+    job_id = await run()
     row = job(sqlite_db, job_id)
     assert (row.state, row.attempts) == ("dead_lettered", 3)
     dlq = DeadLetterQueue(config, sqlite_db)
@@ -105,7 +69,7 @@ def test_a_final_failure_is_dead_lettered_once_with_what_replay_needs(
 @pytest.mark.parametrize(
     "exc", [InvalidRequest("bad"), RateLimited("slow down"), asyncio.CancelledError()]
 )
-def test_client_errors_and_disconnects_are_not_dead_lettered(
+async def test_client_errors_and_disconnects_are_not_dead_lettered(
     config: HaifConfig, sqlite_db: Database, exc: BaseException
 ) -> None:
     _, token = make_tenant(sqlite_db, "acme")
@@ -117,12 +81,12 @@ def test_client_errors_and_disconnects_are_not_dead_lettered(
         await asyncio.gather(*adm._settling)
         return ticket.job_id
 
-    assert job(sqlite_db, asyncio.run(run())).state == "failed"
+    assert job(sqlite_db, await run()).state == "failed"
     assert DeadLetterQueue(config, sqlite_db).newest(10) == []
 
 
 @pytest.mark.parametrize("idem", ["order-9", None])
-def test_replay_runs_once_under_the_original_or_a_derived_key(
+async def test_replay_runs_once_under_the_original_or_a_derived_key(
     config: HaifConfig, sqlite_db: Database, idem: str | None
 ) -> None:
     tenant_id, token = make_tenant(sqlite_db, "acme")
@@ -144,9 +108,9 @@ def test_replay_runs_once_under_the_original_or_a_derived_key(
         await adm.fail(ticket, final_error(2))
         return ticket.job_id
 
-    dead_id = asyncio.run(first())
-    replayed = asyncio.run(replay())
-    again = asyncio.run(replay())
+    dead_id = await first()
+    replayed = await replay()
+    again = await replay()
     assert len(executions) == 1 and replayed == again
     if idem is not None:  # the original job is taken over: the same id ends succeeded
         assert replayed == dead_id
@@ -155,7 +119,7 @@ def test_replay_runs_once_under_the_original_or_a_derived_key(
         assert usage_total(conn, tenant_id) == (1, 3, 2)
 
 
-def test_a_truncated_body_is_kept_but_not_replayable(tmp_path: Path) -> None:
+async def test_a_truncated_body_is_kept_but_not_replayable(tmp_path: Path) -> None:
     config = sqlite_config(tmp_path, dlq={"max_body_bytes": 1024}, **MODELS)
     db = open_database(config, migrate=True)
     _, token = make_tenant(db, "acme")
@@ -165,7 +129,7 @@ def test_a_truncated_body_is_kept_but_not_replayable(tmp_path: Path) -> None:
         ticket = await adm.admit(request(config, token, prompt="x" * 4000))
         await adm.fail(ticket, final_error(1))
 
-    asyncio.run(run())
+    await run()
     [entry] = DeadLetterQueue(config, db).newest(1)
     assert entry.body_truncated and len(entry.body.encode()) <= 1024
     with pytest.raises(InvalidRequest, match="truncated"):
@@ -182,7 +146,7 @@ def cli(cfg: Path, *args: str, code: int = 0) -> str:
     return result.output
 
 
-def test_cli_list_show_purge_and_exit_codes(tmp_path: Path) -> None:
+async def test_cli_list_show_purge_and_exit_codes(tmp_path: Path) -> None:
     cfg = tmp_path / "haif.yaml"
     cfg.write_text(yaml.safe_dump({"database": {"url": f"sqlite:///{tmp_path / 'h.db'}"}, **MODELS}))
     config = sqlite_config(tmp_path, database={"url": f"sqlite:///{tmp_path / 'h.db'}"}, **MODELS)
@@ -196,7 +160,7 @@ def test_cli_list_show_purge_and_exit_codes(tmp_path: Path) -> None:
         await adm.fail(ticket, final_error(2))
         return ticket.job_id
 
-    a1, g1, a2 = (asyncio.run(fail_one(t)) for t in (acme, globex, acme))
+    a1, g1, a2 = [await fail_one(t) for t in (acme, globex, acme)]
     listed = cli(cfg, "list", "--json")
     assert [line.split('"id": "')[1].split('"')[0] for line in listed.splitlines()] == [a2, g1, a1]
     assert '"body"' not in listed
@@ -213,98 +177,4 @@ def test_cli_list_show_purge_and_exit_codes(tmp_path: Path) -> None:
     assert "no cluster" in cli(cfg, "replay", a2, code=2)
     assert "purged 2 dead letter(s)" in cli(cfg, "purge", "--all")
     assert "0 dead letter(s)" in cli(cfg, "list")
-    db.close()
-
-
-# --- Redis, and Redis dying ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def private_redis():  # noqa: ANN201
-    with services.own_redis() as server:
-        yield server
-
-
-def redis_config(tmp_path: Path, url: str, **dlq: object) -> HaifConfig:
-    return sqlite_config(
-        tmp_path,
-        redis={"url": url, "socket_timeout_s": 0.5, "key_prefix": "t"},
-        dlq={"max_entries": 3, **dlq},
-        quotas={"redis_retry_after_s": 0},
-        **MODELS,
-    )
-
-
-def test_entries_go_to_redis_and_fall_back_to_the_table_when_it_dies(
-    tmp_path: Path, private_redis: services.OwnRedis
-) -> None:
-    config = redis_config(tmp_path, private_redis.url)
-    db = open_database(config, migrate=True)
-    _, token = make_tenant(db, "acme")
-    adm = admission(config, db)
-    client = redis.Redis.from_url(private_redis.url)
-
-    async def fail_one() -> str:
-        ticket = await adm.admit(request(config, token))
-        await adm.fail(ticket, final_error(4))
-        return ticket.job_id
-
-    in_redis = [asyncio.run(fail_one()) for _ in range(5)]
-    assert client.xlen("t:dlq") == 3 and client.hlen("t:dlq:ids") == 3  # MAXLEN, index kept in step
-    fields = client.xrevrange("t:dlq", count=1)[0][1]
-    assert fields[b"id"].decode() == in_redis[-1] and fields[b"attempts"] == b"4"
-    assert fields[b"trace_id"] == b"0af7651916cd43dd8448eb211c80319c"
-
-    private_redis.kill()
-    in_table = asyncio.run(fail_one())  # Redis is gone: the entry lands in the table
-    assert job(db, in_table).state == "dead_lettered"
-    dlq = DeadLetterQueue(config, db)
-    assert [e.id for e in dlq.newest(10)] == [in_table]
-    assert dlq.redis_error is not None
-
-    private_redis.start()  # append-only: what Redis held survived the kill
-    dlq = DeadLetterQueue(config, db)
-    assert [e.id for e in dlq.newest(10)] == [in_table, *reversed(in_redis[-3:])]
-    assert dlq.get(in_redis[-1]).attempts == 4 and dlq.get(in_table) is not None
-    assert dlq.remove(in_redis[-1]) and dlq.remove(in_table)
-    assert not dlq.remove(in_table)
-    assert dlq.remove_all() == 2 and dlq.newest(10) == []
-    db.close()
-
-
-def test_rate_limits_count_in_the_store_while_redis_is_down(
-    tmp_path: Path, private_redis: services.OwnRedis
-) -> None:
-    config = redis_config(tmp_path, private_redis.url)
-    db = open_database(config, migrate=True)
-    _, token = make_tenant(db, "acme", QuotaLimits(requests_per_minute=3))
-    auth = DatabaseAuthenticator(db, ttl_s=5, max_entries=100)
-    limiter = RedisRateLimiter(config.redis)
-    adm = Admission(config, auth, db=db, quotas=QuotaGate(db, limiter, redis_retry_after_s=60))
-
-    async def outcomes(n: int) -> list[str]:
-        out = []
-        for _ in range(n):
-            try:
-                ticket = await adm.admit(request(config, token))
-            except RateLimited:
-                out.append("429")
-                continue
-            await adm.succeed(ticket, 1, 1, answer("echo", ticket.job_id))
-            out.append("200")
-        await asyncio.gather(*adm._settling)
-        return out
-
-    reject = Admission(
-        config, auth, db=db, quotas=QuotaGate(db, limiter, redis_unavailable="reject")
-    )
-
-    async def run() -> None:  # one loop: the Redis client belongs to it
-        assert await outcomes(4) == ["200", "200", "200", "429"]  # counted on Redis
-        private_redis.kill()
-        assert await outcomes(4) == ["200", "200", "200", "429"]  # counted in the store
-        with pytest.raises(StoreUnavailable):
-            await reject.admit(request(config, token))
-
-    asyncio.run(run())
     db.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,7 @@ from haif.config import ModelConfig
 from haif.exceptions import PromptTooLong
 from haif.runtimes.base import ChatMessage, RuntimeContext, SamplingParams, StopMatcher, StreamEvent
 from haif.runtimes.echo import ECHO_EMBEDDING_DIM, EchoRuntime, tokenize
+from tests.support.aio import run_sync
 
 pytestmark = pytest.mark.unit
 
@@ -24,19 +24,19 @@ def runtime(max_prompt_tokens: int = 1024, **model: Any) -> EchoRuntime:
         max_prompt_tokens=max_prompt_tokens,
     )
     rt = EchoRuntime(ctx)
-    asyncio.run(rt.load())
+    run_sync(rt.load())
     return rt
 
 
-def events(rt: EchoRuntime, prompt: str, **params: Any) -> list[StreamEvent]:
+async def events(rt: EchoRuntime, prompt: str, **params: Any) -> list[StreamEvent]:
     async def collect() -> list[StreamEvent]:
         return [e async for e in rt.stream(prompt, SamplingParams(**params))]
 
-    return asyncio.run(collect())
+    return await collect()
 
 
-def generate(rt: EchoRuntime, prompt: str, **params: Any):
-    return asyncio.run(rt.generate(prompt, SamplingParams(**params)))
+async def generate(rt: EchoRuntime, prompt: str, **params: Any):
+    return await rt.generate(prompt, SamplingParams(**params))
 
 
 # --- completions ----------------------------------------------------------------------
@@ -47,29 +47,29 @@ def test_tokenize_keeps_whitespace() -> None:
     assert "".join(tokenize("  lead and trail  ")) == "  lead and trail  "
 
 
-def test_completion_is_the_prompt_when_it_fits() -> None:
-    out = generate(runtime(), "one two three", max_tokens=10)
+async def test_completion_is_the_prompt_when_it_fits() -> None:
+    out = await generate(runtime(), "one two three", max_tokens=10)
     assert out.text == "one two three"
     assert out.finish_reason == "stop"
     assert out.prompt_tokens == 3
     assert out.completion_tokens == 3
 
 
-def test_completion_exactly_max_tokens_is_stop() -> None:
-    out = generate(runtime(), "one two three", max_tokens=3)
+async def test_completion_exactly_max_tokens_is_stop() -> None:
+    out = await generate(runtime(), "one two three", max_tokens=3)
     assert out.text == "one two three"
     assert out.finish_reason == "stop"
 
 
-def test_completion_cut_at_max_tokens() -> None:
-    out = generate(runtime(), "one two three four", max_tokens=2)
+async def test_completion_cut_at_max_tokens() -> None:
+    out = await generate(runtime(), "one two three four", max_tokens=2)
     assert out.text == "one two "
     assert out.finish_reason == "length"
     assert (out.prompt_tokens, out.completion_tokens) == (4, 2)
 
 
-def test_stream_events_carry_usage_and_end_with_finish() -> None:
-    evs = events(runtime(), "a b c", max_tokens=8)
+async def test_stream_events_carry_usage_and_end_with_finish() -> None:
+    evs = await events(runtime(), "a b c", max_tokens=8)
     assert "".join(e.text for e in evs) == "a b c"
     assert all(e.prompt_tokens == 3 for e in evs)
     assert [e.finish_reason for e in evs[:-1]] == [None] * (len(evs) - 1)
@@ -77,43 +77,43 @@ def test_stream_events_carry_usage_and_end_with_finish() -> None:
     assert evs[-1].completion_tokens == 3
 
 
-def test_chat_renders_messages_joined_by_newlines() -> None:
+async def test_chat_renders_messages_joined_by_newlines() -> None:
     rt = runtime()
     prompt = rt.render_chat([ChatMessage("system", "be brief"), ChatMessage("user", "hi there")])
     assert prompt == "be brief\nhi there"
-    assert generate(rt, prompt, max_tokens=16).text == prompt
+    assert (await generate(rt, prompt, max_tokens=16)).text == prompt
 
 
 # --- stop strings ---------------------------------------------------------------------
 
 
-def test_stop_string_cuts_output() -> None:
-    out = generate(runtime(), "alpha beta STOP gamma", max_tokens=16, stop=("STOP",))
+async def test_stop_string_cuts_output() -> None:
+    out = await generate(runtime(), "alpha beta STOP gamma", max_tokens=16, stop=("STOP",))
     assert out.text == "alpha beta "
     assert out.finish_reason == "stop"
     assert out.completion_tokens == 3
 
 
-def test_stop_string_split_across_tokens_is_never_emitted() -> None:
+async def test_stop_string_split_across_tokens_is_never_emitted() -> None:
     # "beta gamma" spans two tokens; no event may carry any part of it.
-    evs = events(runtime(), "alpha beta gamma delta", max_tokens=16, stop=("beta gamma",))
+    evs = await events(runtime(), "alpha beta gamma delta", max_tokens=16, stop=("beta gamma",))
     assert "".join(e.text for e in evs) == "alpha "
     assert evs[-1].finish_reason == "stop"
     streamed = "".join(e.text for e in evs)
     assert "beta" not in streamed
 
 
-def test_earliest_of_several_stops_wins() -> None:
-    out = generate(runtime(), "x y z w", max_tokens=16, stop=("z", "y z"))
+async def test_earliest_of_several_stops_wins() -> None:
+    out = await generate(runtime(), "x y z w", max_tokens=16, stop=("z", "y z"))
     assert out.text == "x "
 
 
-def test_partial_stop_at_end_is_flushed() -> None:
+async def test_partial_stop_at_end_is_flushed() -> None:
     # "three fo" looks like the start of the stop string but the prompt ends first.
-    out = generate(runtime(), "one two three", max_tokens=16, stop=("three four",))
+    out = await generate(runtime(), "one two three", max_tokens=16, stop=("three four",))
     assert out.text == "one two three"
     assert out.finish_reason == "stop"
-    cut = generate(runtime(), "one two three four", max_tokens=3, stop=("three four",))
+    cut = await generate(runtime(), "one two three four", max_tokens=3, stop=("three four",))
     assert cut.text == "one two three "
     assert cut.finish_reason == "length"
 
@@ -161,31 +161,31 @@ def test_stop_matcher_flush() -> None:
 # --- limits ---------------------------------------------------------------------------
 
 
-def test_prompt_over_max_prompt_tokens() -> None:
+async def test_prompt_over_max_prompt_tokens() -> None:
     rt = runtime(max_prompt_tokens=3)
-    assert generate(rt, "a b c", max_tokens=1).text == "a "
+    assert (await generate(rt, "a b c", max_tokens=1)).text == "a "
     with pytest.raises(PromptTooLong, match="4 tokens; the limit is 3") as info:
-        generate(rt, "a b c d", max_tokens=1)
+        await generate(rt, "a b c d", max_tokens=1)
     assert info.value.status_code == 422
     assert info.value.code == "context_length_exceeded"
 
 
-def test_prompt_plus_max_tokens_over_context() -> None:
+async def test_prompt_plus_max_tokens_over_context() -> None:
     rt = runtime(max_model_len=16)
     prompt = " ".join(["w"] * 10)
-    assert generate(rt, prompt, max_tokens=6).completion_tokens == 6
+    assert (await generate(rt, prompt, max_tokens=6)).completion_tokens == 6
     with pytest.raises(PromptTooLong, match="context of 16 tokens"):
-        generate(rt, prompt, max_tokens=7)
+        await generate(rt, prompt, max_tokens=7)
 
 
 # --- embeddings -----------------------------------------------------------------------
 
 
-def test_embeddings_are_deterministic_unit_vectors() -> None:
+async def test_embeddings_are_deterministic_unit_vectors() -> None:
     rt = runtime()
     texts = ["hello world", "another text", ""]
-    first = asyncio.run(rt.embed(texts))
-    second = asyncio.run(runtime().embed(texts))
+    first = await rt.embed(texts)
+    second = await runtime().embed(texts)
     assert first.vectors.shape == (3, ECHO_EMBEDDING_DIM)
     assert first.vectors.dtype == np.float32
     np.testing.assert_array_equal(first.vectors, second.vectors)

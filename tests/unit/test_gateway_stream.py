@@ -76,7 +76,7 @@ def item(include_usage: bool, n: int = 1) -> Any:
 EVENTS = [StreamEvent("a", 1, 3), StreamEvent(" b", 2, 3, "stop")]
 
 
-def test_usage_leaves_with_the_last_text_and_the_answer_is_billed_in_full() -> None:
+async def test_usage_leaves_with_the_last_text_and_the_answer_is_billed_in_full() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
         router = Router(EVENTS)
         gw, admission = gateway(router)
@@ -87,7 +87,7 @@ def test_usage_leaves_with_the_last_text_and_the_answer_is_billed_in_full() -> N
         await stream.aclose()  # a consumer that stops at the last chunk
         return chunks, admission.settled
 
-    chunks, settled = asyncio.run(run())
+    chunks, settled = await run()
     assert [c.choices[0].text for c in chunks[:2]] == ["a", " b"]
     assert chunks[1].choices[0].finish_reason == "stop"
     assert chunks[2].choices == [] and chunks[2].usage.completion_tokens == 2
@@ -95,7 +95,7 @@ def test_usage_leaves_with_the_last_text_and_the_answer_is_billed_in_full() -> N
     assert settled == [("succeeded", 3, 2)]
 
 
-def test_a_consumer_that_stops_at_the_finish_reason_without_usage_is_billed_in_full() -> None:
+async def test_a_consumer_that_stops_at_the_finish_reason_without_usage_is_billed_in_full() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
         gw, admission = gateway(Router(EVENTS))
         stream = gw.stream(item(include_usage=False))
@@ -103,12 +103,12 @@ def test_a_consumer_that_stops_at_the_finish_reason_without_usage_is_billed_in_f
         await stream.aclose()
         return chunks, admission.settled
 
-    chunks, settled = asyncio.run(run())
+    chunks, settled = await run()
     assert chunks[1].choices[0].finish_reason == "stop"
     assert settled == [("succeeded", 3, 2)]
 
 
-def test_a_consumer_that_stops_before_the_last_text_is_billed_for_what_it_got() -> None:
+async def test_a_consumer_that_stops_before_the_last_text_is_billed_for_what_it_got() -> None:
     async def run() -> list[tuple[str, int, int]]:
         gw, admission = gateway(Router(EVENTS))
         stream = gw.stream(item(include_usage=True))
@@ -116,32 +116,32 @@ def test_a_consumer_that_stops_before_the_last_text_is_billed_for_what_it_got() 
         await stream.aclose()
         return admission.settled
 
-    assert asyncio.run(run()) == [("GeneratorExit", 3, 1)]
+    assert await run() == [("GeneratorExit", 3, 1)]
 
 
-def test_a_stream_read_to_its_end_is_settled_once_as_a_success() -> None:
+async def test_a_stream_read_to_its_end_is_settled_once_as_a_success() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
         router = Router(EVENTS)
         router.end.set()
         gw, admission = gateway(router)
         return [c async for c in gw.stream(item(include_usage=False))], admission.settled
 
-    chunks, settled = asyncio.run(run())
+    chunks, settled = await run()
     assert [c.choices[0].text for c in chunks] == ["a", " b"]  # no usage chunk: not asked for
     assert settled == [("succeeded", 3, 2)]
 
 
-def test_an_error_after_the_last_text_does_not_fail_the_answer() -> None:
+async def test_an_error_after_the_last_text_does_not_fail_the_answer() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
         gw, admission = gateway(Router(EVENTS, WorkerUnavailable("gone after the answer")))
         return [c async for c in gw.stream(item(include_usage=True))], admission.settled
 
-    chunks, settled = asyncio.run(run())
+    chunks, settled = await run()
     assert len(chunks) == 3 and chunks[2].usage is not None
     assert settled == [("succeeded", 3, 2)]
 
 
-def test_a_stream_that_fails_before_its_last_text_is_settled_as_failed() -> None:
+async def test_a_stream_that_fails_before_its_last_text_is_settled_as_failed() -> None:
     async def run() -> tuple[list[Any], list[tuple[str, int, int]]]:
         gw, admission = gateway(Router(EVENTS[:1], WorkerUnavailable("worker died")))
         chunks: list[Any] = []
@@ -150,12 +150,12 @@ def test_a_stream_that_fails_before_its_last_text_is_settled_as_failed() -> None
                 chunks.append(c)
         return chunks, admission.settled
 
-    chunks, settled = asyncio.run(run())
+    chunks, settled = await run()
     assert [c.choices[0].text for c in chunks] == ["a"]  # no usage chunk after a failure
     assert settled == [("WorkerUnavailable", 3, 1)]
 
 
-def test_with_several_choices_usage_and_success_wait_for_the_last_choice() -> None:
+async def test_with_several_choices_usage_and_success_wait_for_the_last_choice() -> None:
     events = [
         StreamEvent("a", 1, 3, index=1),
         StreamEvent("x", 1, 3, "stop", index=0),
@@ -170,7 +170,7 @@ def test_with_several_choices_usage_and_success_wait_for_the_last_choice() -> No
         await stream.aclose()  # stops at the usage chunk; the end never came back
         return chunks, admission.settled
 
-    chunks, settled = asyncio.run(run())
+    chunks, settled = await run()
     assert [(c.choices[0].index, c.choices[0].text) for c in chunks[:4]] == [(1, "a"), (0, "x"), (1, " b"), (1, " c")]
     # The prompt counts once; each choice's completion tokens count.
     assert chunks[4].choices == [] and chunks[4].usage.prompt_tokens == 3
@@ -178,7 +178,7 @@ def test_with_several_choices_usage_and_success_wait_for_the_last_choice() -> No
     assert settled == [("succeeded", 3, 4)]
 
 
-def test_with_several_choices_a_consumer_gone_after_the_first_finish_is_billed_for_what_it_got() -> None:
+async def test_with_several_choices_a_consumer_gone_after_the_first_finish_is_billed_for_what_it_got() -> None:
     events = [StreamEvent("x", 1, 3, "stop", index=0), StreamEvent("a", 1, 3, index=1)]
 
     async def run() -> list[tuple[str, int, int]]:
@@ -188,7 +188,7 @@ def test_with_several_choices_a_consumer_gone_after_the_first_finish_is_billed_f
         await stream.aclose()
         return admission.settled
 
-    assert asyncio.run(run()) == [("GeneratorExit", 3, 1)]
+    assert await run() == [("GeneratorExit", 3, 1)]
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
@@ -203,7 +203,7 @@ def chat_item(stream: bool) -> Any:
     return build_work_item("chat", body, RequestContext.new(timeout_s=30, api_key="k"), CONFIG.limits)
 
 
-def test_a_chat_with_tools_is_answered_with_tool_calls_plain_and_streamed() -> None:
+async def test_a_chat_with_tools_is_answered_with_tool_calls_plain_and_streamed() -> None:
     class Unary(Router):
         async def call(self, item: Any, method: str) -> Dispatched:
             return Dispatched("w-1", "local", 1, [GenerationOutput("".join(CALL), 3, 9, "stop")])
@@ -215,7 +215,7 @@ def test_a_chat_with_tools_is_answered_with_tool_calls_plain_and_streamed() -> N
         plain = await gw.generate(chat_item(stream=False))
         return plain, [c async for c in gw.stream(chat_item(stream=True))]
 
-    plain, chunks = asyncio.run(run())
+    plain, chunks = await run()
     (call,) = plain.choices[0].message.tool_calls
     assert (call.function.name, call.function.arguments) == ("get_time", "{}")
     assert plain.choices[0].finish_reason == "tool_calls" and plain.choices[0].message.content is None
@@ -226,7 +226,7 @@ def test_a_chat_with_tools_is_answered_with_tool_calls_plain_and_streamed() -> N
     assert chunks[2].usage.completion_tokens == 9
 
 
-def test_a_forced_call_streams_its_arguments_as_they_come() -> None:
+async def test_a_forced_call_streams_its_arguments_as_they_come() -> None:
     """``tool_choice: required``: the call's id and name in its first delta, then its
     arguments piece by piece at the same index, as OpenAI streams them."""
     pieces = ['[{"name":"get_time","arguments":{"z', 'one":"U', 'TC"}}]']
@@ -242,7 +242,7 @@ def test_a_forced_call_streams_its_arguments_as_they_come() -> None:
         gw, _ = gateway(router)
         return [c async for c in gw.stream(item)]
 
-    deltas = [d for c in asyncio.run(run()) for ch in c.choices for d in ch.delta.tool_calls or ()]
+    deltas = [d for c in await run() for ch in c.choices for d in ch.delta.tool_calls or ()]
     assert [(d.index, d.id is not None, d.function.name) for d in deltas] == [
         (0, True, "get_time"), (0, False, None), (0, False, None)
     ]

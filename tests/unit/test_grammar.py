@@ -19,7 +19,8 @@ from haif.runtimes import tools
 from haif.runtimes.base import Guide, SamplingParams
 from haif.runtimes.grammar import unsupported_feature
 from haif.runtimes.torch import TorchRuntime
-from tests import tiny
+from tests.support import tiny
+from tests.support.aio import run_sync
 
 pytestmark = pytest.mark.unit
 
@@ -51,24 +52,24 @@ def schema_guide(schema: dict[str, Any]) -> Guide:
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchRuntime]:
     rt = tiny.runtime(tiny.model_dir(tmp_path_factory), torch={"max_batch_size": 16, "max_wait_ms": 30})
     yield rt
-    asyncio.run(rt.unload())
+    run_sync(rt.unload())
 
 
-def run_all(rt: TorchRuntime, params: list[SamplingParams], prompt: str = PROMPT) -> list[Any]:
+async def run_all(rt: TorchRuntime, params: list[SamplingParams], prompt: str = PROMPT) -> list[Any]:
     async def run() -> list[Any]:
         return list(await asyncio.gather(*(rt.generate(prompt, p) for p in params)))
 
-    return asyncio.run(run())
+    return await run()
 
 
-def test_json_schema_output_validates_on_random_weights(runtime: TorchRuntime) -> None:
+async def test_json_schema_output_validates_on_random_weights(runtime: TorchRuntime) -> None:
     guide = schema_guide(PERSON)
-    outs = run_all(runtime, [SamplingParams(max_tokens=200, temperature=1.0, seed=s, guide=guide) for s in range(24)])
+    outs = await run_all(runtime, [SamplingParams(max_tokens=200, temperature=1.0, seed=s, guide=guide) for s in range(24)])
     for out in outs:
         assert out.finish_reason == "stop", out.text
         jsonschema.validate(json.loads(out.text), PERSON)
     assert len({o.text for o in outs}) > 12  # samples, not one answer
-    plain = run_all(runtime, [SamplingParams(max_tokens=60, temperature=1.0, seed=s) for s in range(4)])
+    plain = await run_all(runtime, [SamplingParams(max_tokens=60, temperature=1.0, seed=s) for s in range(4)])
     assert not any(_is_json(o.text) for o in plain)  # without the grammar: not JSON
 
 
@@ -80,15 +81,15 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def test_greedy_guided_output_validates_and_repeats(runtime: TorchRuntime) -> None:
+async def test_greedy_guided_output_validates_and_repeats(runtime: TorchRuntime) -> None:
     params = SamplingParams(max_tokens=200, temperature=0.0, guide=schema_guide(PERSON))
-    first, again = run_all(runtime, [params, params])
+    first, again = await run_all(runtime, [params, params])
     assert first.text == again.text
     jsonschema.validate(json.loads(first.text), PERSON)
 
 
-def test_json_object_is_an_object(runtime: TorchRuntime) -> None:
-    outs = run_all(runtime, [SamplingParams(max_tokens=256, temperature=1.0, seed=s, guide=Guide("json_object"))
+async def test_json_object_is_an_object(runtime: TorchRuntime) -> None:
+    outs = await run_all(runtime, [SamplingParams(max_tokens=256, temperature=1.0, seed=s, guide=Guide("json_object"))
                              for s in range(8)])
     finished = [o for o in outs if o.finish_reason == "stop"]
     assert finished
@@ -98,39 +99,39 @@ def test_json_object_is_an_object(runtime: TorchRuntime) -> None:
         assert out.text.startswith("{")
 
 
-def test_a_schema_compiles_once(runtime: TorchRuntime) -> None:
+async def test_a_schema_compiles_once(runtime: TorchRuntime) -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     guide = schema_guide(schema)
-    run_all(runtime, [SamplingParams(max_tokens=20, temperature=0.0, guide=guide)])
+    await run_all(runtime, [SamplingParams(max_tokens=20, temperature=0.0, guide=guide)])
     compiled = runtime._grammar.compiled
-    outs = run_all(runtime, [SamplingParams(max_tokens=20, temperature=1.0, seed=s, guide=guide) for s in range(6)])
+    outs = await run_all(runtime, [SamplingParams(max_tokens=20, temperature=1.0, seed=s, guide=guide) for s in range(6)])
     assert runtime._grammar.compiled == compiled
     assert {json.loads(o.text)["ok"] for o in outs} <= {True, False}
 
 
-def test_a_guided_row_leaves_the_rest_of_its_batch_alone(runtime: TorchRuntime) -> None:
+async def test_a_guided_row_leaves_the_rest_of_its_batch_alone(runtime: TorchRuntime) -> None:
     plain = tiny.greedy(24)
     guided = SamplingParams(max_tokens=200, temperature=0.0, guide=schema_guide(PERSON))
-    solo = run_all(runtime, [plain])[0].text
-    solo_guided = run_all(runtime, [guided])[0].text
-    batch = run_all(runtime, [plain, guided, plain, guided])
+    solo = (await run_all(runtime, [plain]))[0].text
+    solo_guided = (await run_all(runtime, [guided]))[0].text
+    batch = await run_all(runtime, [plain, guided, plain, guided])
     assert [o.text for o in batch] == [solo, solo_guided, solo, solo_guided]
 
 
-def test_guided_choices_with_penalties_stop_and_logprobs(runtime: TorchRuntime) -> None:
+async def test_guided_choices_with_penalties_stop_and_logprobs(runtime: TorchRuntime) -> None:
     guide = schema_guide(PERSON)
     params = [
         SamplingParams(max_tokens=200, temperature=1.0, seed=s, guide=guide, presence_penalty=1.0,
                        repetition_penalty=1.3, logprobs=2, min_tokens=3)
         for s in range(6)
     ]
-    for out in run_all(runtime, params):
+    for out in await run_all(runtime, params):
         jsonschema.validate(json.loads(out.text), PERSON)
         assert "".join(e.token for e in out.logprobs) == out.text
         assert all(len(e.top) == 2 for e in out.logprobs)
 
 
-def test_required_tool_calls_follow_their_tools_schemas(runtime: TorchRuntime) -> None:
+async def test_required_tool_calls_follow_their_tools_schemas(runtime: TorchRuntime) -> None:
     weather = ChatTool.model_validate({"type": "function", "function": {
         "name": "get_weather", "parameters": {
             "type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
@@ -140,14 +141,14 @@ def test_required_tool_calls_follow_their_tools_schemas(runtime: TorchRuntime) -
     by_name = {t.function.name: t for t in (weather, clock)}
     guide = tools.tool_guide([weather, clock], "required", None, parallel=False)
     assert guide is not None
-    outs = run_all(runtime, [SamplingParams(max_tokens=120, temperature=1.0, seed=s, guide=guide) for s in range(12)])
+    outs = await run_all(runtime, [SamplingParams(max_tokens=120, temperature=1.0, seed=s, guide=guide) for s in range(12)])
     for out in outs:
         content, calls = toolcalls.read_all(toolcalls.ArrayReader(), out.text)
         assert content is None and len(calls) == 1, out.text  # parallel_tool_calls off: one call
         (call,) = calls
         jsonschema.validate(json.loads(call.arguments), tools.parameters(by_name[call.name or ""]))
     named = tools.tool_guide([weather, clock], "named", "get_weather", parallel=True)
-    for out in run_all(runtime, [SamplingParams(max_tokens=60, temperature=1.0, seed=s, guide=named) for s in range(6)]):
+    for out in await run_all(runtime, [SamplingParams(max_tokens=60, temperature=1.0, seed=s, guide=named) for s in range(6)]):
         jsonschema.validate(json.loads(out.text), tools.parameters(weather))
 
 
@@ -163,16 +164,16 @@ def test_required_tool_calls_follow_their_tools_schemas(runtime: TorchRuntime) -
         ({"type": "integer", "minimum": 10**40}, "MAX_INT64"),
     ],
 )
-def test_an_unsupported_schema_is_a_400_naming_it(runtime: TorchRuntime, schema: dict[str, Any], named: str) -> None:
+async def test_an_unsupported_schema_is_a_400_naming_it(runtime: TorchRuntime, schema: dict[str, Any], named: str) -> None:
     with pytest.raises(InvalidRequest, match="response_format") as info:
-        asyncio.run(runtime.generate(PROMPT, SamplingParams(max_tokens=8, guide=schema_guide(schema))))
+        await runtime.generate(PROMPT, SamplingParams(max_tokens=8, guide=schema_guide(schema)))
     assert named in info.value.message
     assert "json_schema_converter.cc" not in info.value.message
 
 
-def test_a_schema_that_is_not_json_is_a_400(runtime: TorchRuntime) -> None:
+async def test_a_schema_that_is_not_json_is_a_400(runtime: TorchRuntime) -> None:
     with pytest.raises(InvalidRequest, match="not JSON"):
-        asyncio.run(runtime.generate(PROMPT, SamplingParams(max_tokens=8, guide=Guide("json_schema", "{nope"))))
+        await runtime.generate(PROMPT, SamplingParams(max_tokens=8, guide=Guide("json_schema", "{nope")))
 
 
 def test_unsupported_feature_walks_the_whole_schema() -> None:
@@ -183,10 +184,10 @@ def test_unsupported_feature_walks_the_whole_schema() -> None:
     assert unsupported_feature({"allOf": [{"type": "string"}, {"enum": ["a"]}]}) == "allOf with several branches (at $)"
 
 
-def test_properties_come_in_the_schemas_order(runtime: TorchRuntime) -> None:
+async def test_properties_come_in_the_schemas_order(runtime: TorchRuntime) -> None:
     schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"enum": [1, 2]}},
               "required": ["zeta", "alpha"]}
-    out = run_all(runtime, [SamplingParams(max_tokens=30, temperature=1.0, seed=2, guide=schema_guide(schema))])[0]
+    out = (await run_all(runtime, [SamplingParams(max_tokens=30, temperature=1.0, seed=2, guide=schema_guide(schema))]))[0]
     assert list(json.loads(out.text)) == ["zeta", "alpha"]
 
 
@@ -230,8 +231,8 @@ def test_json_strings_are_utf8_without_control_characters(
     assert escaped.accept_string(b'{"s":"a\\u00e9\\n"}') is not bounded
 
 
-def test_requests_with_a_new_schema_at_once_compile_it_once(runtime: TorchRuntime) -> None:
+async def test_requests_with_a_new_schema_at_once_compile_it_once(runtime: TorchRuntime) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
     before = runtime._grammar.compiled if runtime._grammar else 0
-    run_all(runtime, [SamplingParams(max_tokens=12, temperature=1.0, seed=s, guide=schema_guide(schema)) for s in range(8)])
+    await run_all(runtime, [SamplingParams(max_tokens=12, temperature=1.0, seed=s, guide=schema_guide(schema)) for s in range(8)])
     assert runtime._grammar.compiled == before + 1

@@ -4,7 +4,6 @@ as many as asked, an echoed prompt comes first; token ids outside the vocabulary
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Iterator
 
@@ -15,7 +14,8 @@ from haif.exceptions import InvalidRequest, UnsupportedParameter
 from haif.runtimes.base import Guide, LogprobsAligner, RuntimeContext, SamplingParams, TokenLogprob
 from haif.runtimes.echo import EchoRuntime
 from haif.runtimes.torch import TorchRuntime
-from tests import tiny
+from tests.support import tiny
+from tests.support.aio import run_sync
 
 pytestmark = pytest.mark.unit
 
@@ -26,7 +26,7 @@ PROMPT = "The old lighthouse still shines"
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchRuntime]:
     rt = tiny.runtime(tiny.model_dir(tmp_path_factory), torch={"max_batch_size": 16, "max_wait_ms": 20})
     yield rt
-    asyncio.run(rt.unload())
+    run_sync(rt.unload())
 
 
 def joined(entries: tuple[TokenLogprob, ...]) -> str:
@@ -34,9 +34,9 @@ def joined(entries: tuple[TokenLogprob, ...]) -> str:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_tokens_join_to_the_text_with_k_alternatives(runtime: TorchRuntime, seed: int) -> None:
+async def test_tokens_join_to_the_text_with_k_alternatives(runtime: TorchRuntime, seed: int) -> None:
     params = SamplingParams(max_tokens=40, temperature=1.0, seed=seed, logprobs=3)
-    events = asyncio.run(tiny.events(runtime, PROMPT, params))
+    events = await tiny.events(runtime, PROMPT, params)
     text = "".join(e.text for e in events)
     for event in events:  # event by event too: what a stream's chunks carry
         assert joined(event.logprobs) == event.text or event.finish_reason is not None
@@ -48,27 +48,27 @@ def test_tokens_join_to_the_text_with_k_alternatives(runtime: TorchRuntime, seed
         assert len(e.top) == 3
         assert [t.logprob for t in e.top] == sorted((t.logprob for t in e.top), reverse=True)
         assert e.logprob <= e.top[0].logprob + 1e-6
-    same = asyncio.run(runtime.generate(PROMPT, params))
+    same = await runtime.generate(PROMPT, params)
     assert same.text == text and joined(same.logprobs) == text  # and the whole answer
 
 
-def test_logprobs_do_not_change_the_answer(runtime: TorchRuntime) -> None:
-    plain = asyncio.run(runtime.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0.9, seed=5)))
-    asked = asyncio.run(runtime.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0.9, seed=5, logprobs=5)))
+async def test_logprobs_do_not_change_the_answer(runtime: TorchRuntime) -> None:
+    plain = await runtime.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0.9, seed=5))
+    asked = await runtime.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0.9, seed=5, logprobs=5))
     assert asked.text == plain.text and asked.completion_tokens == plain.completion_tokens
     assert plain.logprobs == ()
 
 
-def test_a_stop_string_cuts_the_tokens_with_the_text(runtime: TorchRuntime) -> None:
-    free = asyncio.run(runtime.generate(PROMPT, tiny.greedy(30, logprobs=1)))
+async def test_a_stop_string_cuts_the_tokens_with_the_text(runtime: TorchRuntime) -> None:
+    free = await runtime.generate(PROMPT, tiny.greedy(30, logprobs=1))
     stop = free.text[7:10]  # inside the answer, maybe across tokens
-    cut = asyncio.run(runtime.generate(PROMPT, tiny.greedy(30, logprobs=1, stop=(stop,))))
+    cut = await runtime.generate(PROMPT, tiny.greedy(30, logprobs=1, stop=(stop,)))
     assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.index(stop)]
     assert joined(cut.logprobs) == cut.text
 
 
-def test_echo_returns_the_prompt_and_its_logprobs_first(runtime: TorchRuntime) -> None:
-    events = asyncio.run(tiny.events(runtime, PROMPT, tiny.greedy(5, echo=True, logprobs=2)))
+async def test_echo_returns_the_prompt_and_its_logprobs_first(runtime: TorchRuntime) -> None:
+    events = await tiny.events(runtime, PROMPT, tiny.greedy(5, echo=True, logprobs=2))
     first = events[0]
     assert first.text == PROMPT and first.completion_tokens == 0
     prompt_ids = runtime.encode(PROMPT)
@@ -76,23 +76,23 @@ def test_echo_returns_the_prompt_and_its_logprobs_first(runtime: TorchRuntime) -
     assert first.logprobs[0].logprob is None  # nothing before the first token
     assert all(e.logprob is not None and math.isfinite(e.logprob) and len(e.top) == 2 for e in first.logprobs[1:])
     assert joined(first.logprobs) == PROMPT
-    out = asyncio.run(runtime.generate(PROMPT, tiny.greedy(5, echo=True)))
-    plain = asyncio.run(runtime.generate(PROMPT, tiny.greedy(5)))
+    out = await runtime.generate(PROMPT, tiny.greedy(5, echo=True))
+    plain = await runtime.generate(PROMPT, tiny.greedy(5))
     assert out.text == PROMPT + plain.text and out.completion_tokens == 5 and out.logprobs == ()
 
 
-def test_a_prompt_of_token_ids_is_the_same_prompt(runtime: TorchRuntime) -> None:
+async def test_a_prompt_of_token_ids_is_the_same_prompt(runtime: TorchRuntime) -> None:
     ids = runtime.encode(PROMPT)
-    by_text = asyncio.run(runtime.generate(PROMPT, tiny.greedy(12)))
-    by_ids = asyncio.run(runtime.generate(ids, tiny.greedy(12, echo=True)))
+    by_text = await runtime.generate(PROMPT, tiny.greedy(12))
+    by_ids = await runtime.generate(ids, tiny.greedy(12, echo=True))
     assert by_ids.text == PROMPT + by_text.text
     assert by_ids.prompt_tokens == len(ids)
 
 
 @pytest.mark.parametrize("ids", [[1, 99_999], [-1, 5]])
-def test_token_ids_outside_the_vocabulary_are_a_400(runtime: TorchRuntime, ids: list[int]) -> None:
+async def test_token_ids_outside_the_vocabulary_are_a_400(runtime: TorchRuntime, ids: list[int]) -> None:
     with pytest.raises(InvalidRequest, match=f"prompt: token id {ids[0] if ids[0] < 0 else ids[1]} is not in the vocabulary"):
-        asyncio.run(runtime.generate(ids, tiny.greedy(4)))
+        await runtime.generate(ids, tiny.greedy(4))
 
 
 def test_the_aligner_keeps_tokens_in_step_with_released_text() -> None:
@@ -112,14 +112,14 @@ def echo_runtime() -> EchoRuntime:
     return EchoRuntime(RuntimeContext(model=model, model_dir=None, device="cpu", max_prompt_tokens=100))
 
 
-def test_echo_gives_certain_logprobs_and_echoes() -> None:
+async def test_echo_gives_certain_logprobs_and_echoes() -> None:
     rt = echo_runtime()
-    out = asyncio.run(rt.generate("one two three", SamplingParams(max_tokens=2, logprobs=1, echo=True)))
+    out = await rt.generate("one two three", SamplingParams(max_tokens=2, logprobs=1, echo=True))
     assert out.text == "one two three" + "one two "
     assert [e.token for e in out.logprobs] == ["one ", "two ", "three", "one ", "two "]
     assert out.logprobs[0].logprob is None and {e.logprob for e in out.logprobs[1:]} == {0.0}
     assert out.logprobs[3].top[0].token == "one "
-    stopped = asyncio.run(rt.generate("one two three", SamplingParams(max_tokens=9, logprobs=0, stop=("wo",))))
+    stopped = await rt.generate("one two three", SamplingParams(max_tokens=9, logprobs=0, stop=("wo",)))
     assert stopped.text == "one t" and joined(stopped.logprobs) == "one t"
 
 
@@ -145,9 +145,9 @@ def test_echo_refuses_what_it_cannot_honour_by_name(params: SamplingParams, prom
     rt.check_request(SamplingParams(max_tokens=4, top_k=3, min_p=0.1, ignore_eos=True, logprobs=1, echo=True), ["x"])
 
 
-def test_echo_refuses_token_id_embeddings() -> None:
+async def test_echo_refuses_token_id_embeddings() -> None:
     with pytest.raises(UnsupportedParameter, match="takes no token ids"):
-        asyncio.run(echo_runtime().embed([[1, 2]]))
+        await echo_runtime().embed([[1, 2]])
 
 
 def test_logprobs_cross_the_p2p_wire_as_json() -> None:

@@ -11,12 +11,19 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from haif.artifacts import ArtifactLoader, ArtifactRef, ArtifactStore, Manifest, SignedManifest, TrustPolicy
+from haif.artifacts import (
+    ArtifactLoader,
+    ArtifactRef,
+    ArtifactStore,
+    Manifest,
+    SignedManifest,
+    TrustPolicy,
+)
 from haif.artifacts.manifest import AdapterOf, FileEntry
 from haif.cli.main import app
 from haif.config import load_config
 from haif.exceptions import AdapterNotFound, AdapterRejected, ManifestInvalid
-from tests.lora_cases import BASE, OTHER_BASE, ROGUE, WRONG_BASE, LoraStore, build_models
+from tests.support.lora_cases import BASE, OTHER_BASE, ROGUE, WRONG_BASE, LoraStore, build_models
 
 pytestmark = pytest.mark.unit
 

@@ -31,8 +31,8 @@ from haif.protocol import ChatCompletionRequest, StreamOptions
 from haif.runtimes.base import GenerationOutput, StreamEvent
 from haif.store import Database
 from haif.store.models import Job, UsageRecord
-from tests.unit.conftest import sqlite_config
-from tests.unit.test_admission import admission, answer, item, make_tenant
+from tests.support.admission import admission, answer, item, make_tenant
+from tests.support.sqlite import sqlite_config
 
 pytestmark = pytest.mark.unit
 
@@ -101,7 +101,7 @@ def test_a_token_may_name_adapters_and_a_base_does_not_grant_them(config: HaifCo
     ]
 
 
-def test_admission_hands_the_worker_the_base_and_the_adapter_and_bills_the_adapter(
+async def test_admission_hands_the_worker_the_base_and_the_adapter_and_bills_the_adapter(
     config: HaifConfig, sqlite_db: Database
 ) -> None:
     tenant_id, key = make_tenant(sqlite_db, "acme", allowed_models=["tiny:sql", "tiny:*"])
@@ -123,7 +123,7 @@ def test_admission_hands_the_worker_the_base_and_the_adapter_and_bills_the_adapt
             await gate.admit(item(config, anyone, model="tiny:nope"))
         await asyncio.gather(*gate._settling)  # settlements that run after their response
 
-    asyncio.run(scenario())
+    await scenario()
     with sqlite_db.session() as s:
         jobs = s.execute(select(Job.model, Job.version).where(Job.tenant_id == tenant_id)).all()
         usage = sorted(s.execute(select(UsageRecord.model).where(UsageRecord.tenant_id == tenant_id)).scalars())
@@ -131,7 +131,7 @@ def test_admission_hands_the_worker_the_base_and_the_adapter_and_bills_the_adapt
     assert usage == ["tiny:legal-lora:3", "tiny:sql"], "usage records carry the adapter"
 
 
-def test_v1_models_lists_each_adapter_under_its_parent(config: HaifConfig, sqlite_db: Database) -> None:
+async def test_v1_models_lists_each_adapter_under_its_parent(config: HaifConfig, sqlite_db: Database) -> None:
     from haif.gateway.pipeline import Pipeline
 
     _, key = make_tenant(sqlite_db, "acme", allowed_models=["tiny", "tiny:chat", "poem"])
@@ -140,7 +140,7 @@ def test_v1_models_lists_each_adapter_under_its_parent(config: HaifConfig, sqlit
 
     pipeline = Pipeline(config, GatewayParts(admission(config, sqlite_db), Router(config)))
     ctx = RequestContext.new(timeout_s=5, api_key=key)
-    listing = asyncio.run(pipeline.models(ctx))
+    listing = await pipeline.models(ctx)
     assert [(c.id, c.parent) for c in listing.data] == [
         ("tiny", None), ("tiny:chat", "tiny"), ("fixed:poem", "fixed"),
     ]
@@ -162,7 +162,7 @@ def _router(loads: dict[str, int], warm: set[str], margin: int = 4) -> ModelRout
     return router
 
 
-def _pick(router: ModelRouter, adapter: str | None = "sql", *, keep: bool = False) -> str:
+async def _pick(router: ModelRouter, adapter: str | None = "sql", *, keep: bool = False) -> str:
     """The worker a request gets; ``keep``: it stays in flight there (its load counts)."""
     async def go() -> str:
         backend = await router.acquire(Route(SHARED_TIER, ("a",)), RequestContext.new(timeout_s=5, api_key=None),
@@ -171,19 +171,19 @@ def _pick(router: ModelRouter, adapter: str | None = "sql", *, keep: bool = Fals
             router.release(backend)
         return backend.worker_id
 
-    return asyncio.run(go())
+    return await go()
 
 
-def test_an_adapter_goes_where_it_is_loaded() -> None:
+async def test_an_adapter_goes_where_it_is_loaded() -> None:
     router = _router({"w1": 2, "w2": 0, "w3": 0}, warm={"w1"})
-    assert {_pick(router) for _ in range(10)} == {"w1"}, "warm within the margin: always there"
-    assert _pick(router, adapter=None) in {"w2", "w3"}, "the base: least loaded as before"
-    assert _pick(_router({"w1": 0, "w2": 0}, warm=set())) in {"w1", "w2"}, "warm nowhere: any one loads it"
+    assert {await _pick(router) for _ in range(10)} == {"w1"}, "warm within the margin: always there"
+    assert await _pick(router, adapter=None) in {"w2", "w3"}, "the base: least loaded as before"
+    assert await _pick(_router({"w1": 0, "w2": 0}, warm=set())) in {"w1", "w2"}, "warm nowhere: any one loads it"
 
 
-def test_a_hot_adapter_spills_to_a_cold_worker_past_the_margin() -> None:
+async def test_a_hot_adapter_spills_to_a_cold_worker_past_the_margin() -> None:
     router = _router({"w1": 0, "w2": 0}, warm={"w1"}, margin=4)
-    picks = [_pick(router, keep=True) for _ in range(12)]  # in flight: w1's load grows
+    picks = [await _pick(router, keep=True) for _ in range(12)]  # in flight: w1's load grows
     assert picks[:5] == ["w1"] * 5, "up to the margin over the cold one, the warm one"
     assert "w2" in picks[5:], "then the cold worker gets some (and loads the adapter)"
     assert abs(picks.count("w1") - picks.count("w2") - 4) <= 1, "and the two stay within the margin"
@@ -239,7 +239,7 @@ def _chat(config: HaifConfig, key: str, model: str, *, stream: bool) -> WorkItem
 
 
 @pytest.mark.parametrize("name", ["sql", "tiny:sql", "tiny:sql-lora:1"])
-def test_a_streamed_and_a_plain_answer_name_an_adapter_alike(
+async def test_a_streamed_and_a_plain_answer_name_an_adapter_alike(
     config: HaifConfig, sqlite_db: Database, name: str
 ) -> None:
     """However the adapter is named, plain and streamed answers (every chunk) carry the served
@@ -252,13 +252,9 @@ def test_a_streamed_and_a_plain_answer_name_an_adapter_alike(
     parts = GatewayParts(admission(config, sqlite_db), worker)  # type: ignore[arg-type]
     pipeline = Pipeline(config, parts)
 
-    async def scenario() -> tuple[Any, list[Any]]:
-        plain = await pipeline.generate(_chat(config, key, name, stream=False))
-        chunks = [c async for c in pipeline.stream(_chat(config, key, name, stream=True))]
-        await asyncio.gather(*pipeline.admission._settling)
-        return plain, chunks
-
-    plain, chunks = asyncio.run(scenario())
+    plain = await pipeline.generate(_chat(config, key, name, stream=False))
+    chunks = [c async for c in pipeline.stream(_chat(config, key, name, stream=True))]
+    await asyncio.gather(*pipeline.admission._settling)
     assert plain.model == "tiny:sql"
     names = [c.model for c in chunks]
     assert len(chunks) >= 3 and set(names) == {plain.model}, names

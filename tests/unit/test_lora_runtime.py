@@ -21,7 +21,7 @@ from haif.exceptions import AdapterRejected
 from haif.runtimes.base import RuntimeContext, SamplingParams
 from haif.runtimes.lora import read_adapter
 from haif.runtimes.torch import TorchRuntime
-from tests.lora_cases import build_models
+from tests.support.lora_cases import build_models
 
 pytestmark = pytest.mark.unit
 

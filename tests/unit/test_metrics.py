@@ -34,8 +34,8 @@ from haif.telemetry.metrics import (
     ProcessMetrics,
     WorkerMetrics,
 )
-from tests.unit.conftest import sqlite_config
-from tests.unit.test_admission import admission, answer, item, make_tenant
+from tests.support.admission import admission, answer, item, make_tenant
+from tests.support.sqlite import sqlite_config
 
 pytestmark = pytest.mark.unit
 
@@ -201,7 +201,7 @@ def test_exposition_is_valid_prometheus_text_for_every_kind() -> None:
 # --- what the components record ---------------------------------------------------------------
 
 
-def test_gateway_counts_requests_tokens_and_quota_rejections(tmp_path: Path, sqlite_db: Database) -> None:
+async def test_gateway_counts_requests_tokens_and_quota_rejections(tmp_path: Path, sqlite_db: Database) -> None:
     config = sqlite_config(tmp_path, models=[{"name": "echo", "runtime": "echo"}])
     _, token = make_tenant(sqlite_db, "acme", QuotaLimits(requests_per_minute=2))
     adm = admission(config, sqlite_db)
@@ -220,7 +220,7 @@ def test_gateway_counts_requests_tokens_and_quota_rejections(tmp_path: Path, sql
             await adm.admit(item(config, token, model="tenant-chosen-name"))
         await asyncio.gather(*adm._settling)
 
-    asyncio.run(run())
+    await run()
     snap = metrics.registry.snapshot()
     assert snap[REQUESTS] == {
         OK: 2,
@@ -336,16 +336,16 @@ def test_metrics_config_is_bounded_and_consistent(tmp_path: Path) -> None:
     assert (target.actor_name, target.namespace, target.enabled) == ("prod-metrics", "ns", True)
 
 
-def test_scrape_without_a_pipeline_is_a_clear_503(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_scrape_without_a_pipeline_is_a_clear_503(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
     # A process without Ray (the same pytest process may hold the integration cluster).
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(MetricsUnavailable, match="disabled") as info:
-        asyncio.run(MetricsReader(MetricsTarget(enabled=False)).render())
+        await MetricsReader(MetricsTarget(enabled=False)).render()
     assert info.value.status_code == 503
     with pytest.raises(MetricsUnavailable, match="Ray"):
-        asyncio.run(MetricsReader(MetricsTarget(enabled=True)).render())
+        await MetricsReader(MetricsTarget(enabled=True)).render()
     # Outside Ray nothing is pushed, and recording still works.
     process = ProcessMetrics.start(MetricsTarget(enabled=True), "bridge")
     assert not process.pushing

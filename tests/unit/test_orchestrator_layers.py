@@ -4,7 +4,6 @@ own, and a deployment built from its parts (no cluster, no store) answers a Gate
 from __future__ import annotations
 
 import ast
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -60,7 +59,7 @@ def _orchestrator(models: list[dict[str, object]]) -> Orchestrator:
     return Orchestrator(config, parts=OrchestratorParts.of(config, fleet, metrics))
 
 
-def test_an_orchestrator_of_parts_publishes_its_fleet_and_takes_gateway_reports() -> None:
+async def test_an_orchestrator_of_parts_publishes_its_fleet_and_takes_gateway_reports() -> None:
     scaled = {"name": "m", "runtime": "echo", "autoscaling": {"min_workers": 0, "max_workers": 2}}
     orchestrator = _orchestrator([scaled])
     assert orchestrator.models() == ["m"]
@@ -68,10 +67,7 @@ def test_an_orchestrator_of_parts_publishes_its_fleet_and_takes_gateway_reports(
     assert status["leader"] and status["ready"], status
     assert status["models"]["m"]["scaled_to_zero"] and status["models"]["m"]["workers"] == 0
 
-    async def poll() -> object:
-        report = {"gateway": "g1", "queued": {"m": 3}, "outcomes": {"m": {"1": [5, 0]}}}
-        return await orchestrator.listen(None, 0.0, report)
-
-    table = asyncio.run(poll())
+    report = {"gateway": "g1", "queued": {"m": 3}, "outcomes": {"m": {"1": [5, 0]}}}
+    table = await orchestrator.listen(None, 0.0, report)
     assert table.version == status["table_version"]  # type: ignore[attr-defined]
     assert table.models["m"].scaled_to_zero  # type: ignore[attr-defined]

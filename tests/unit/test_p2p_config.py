@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from haif.config import P2P_MAX_MESSAGE_BYTES, HaifConfig, P2PConfig, apply_env_overrides, load_config
+from haif.config import (
+    P2P_MAX_MESSAGE_BYTES,
+    HaifConfig,
+    P2PConfig,
+    apply_env_overrides,
+    load_config,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -16,7 +16,7 @@ from haif.p2p.errors import from_rpc_error, rpc_code, to_rpc_error
 pytestmark = pytest.mark.unit
 
 
-def read(data: bytes, max_bytes: int = 1024) -> list[Any]:
+async def read(data: bytes, max_bytes: int = 1024) -> list[Any]:
     async def go() -> list[Any]:
         reader = asyncio.StreamReader()
         reader.feed_data(data)
@@ -26,15 +26,15 @@ def read(data: bytes, max_bytes: int = 1024) -> list[Any]:
             frames.append(frame)
         return frames
 
-    return asyncio.run(go())
+    return await go()
 
 
-def test_frames_round_trip_in_one_stream() -> None:
+async def test_frames_round_trip_in_one_stream() -> None:
     messages = [{"op": "request", "id": 1, "value": {"text": "héllo ☃"}}, {"op": "end", "id": 1}]
     data = b"".join(encode_frame(m, 1024) for m in messages)
     assert data[:4] == struct.pack(">I", len(json.dumps(messages[0], ensure_ascii=False, separators=(",", ":")).encode()))
-    assert read(data) == messages
-    assert read(b"") == []
+    assert await read(data) == messages
+    assert await read(b"") == []
 
 
 @pytest.mark.parametrize(
@@ -48,9 +48,9 @@ def test_frames_round_trip_in_one_stream() -> None:
         (struct.pack(">I", 5) + b"{oops", "not JSON"),
     ],
 )
-def test_bad_frames_are_refused(data: bytes, reason: str) -> None:
+async def test_bad_frames_are_refused(data: bytes, reason: str) -> None:
     with pytest.raises(FrameError, match=reason):
-        read(data)
+        await read(data)
 
 
 def test_an_oversize_frame_is_not_written() -> None:

@@ -20,9 +20,9 @@ from haif.exceptions import (
     Overloaded,
     WorkerUnavailable,
 )
+from haif.orchestrator.backends import ModelRouter, Route, new_breaker
 from haif.orchestrator.breaker import Backoff, BreakerState, CircuitBreaker
 from haif.orchestrator.fleet import Slot
-from haif.orchestrator.backends import ModelRouter, Route, new_breaker
 from haif.orchestrator.router import Router
 from haif.orchestrator.table import SHARED_TIER, ModelRoutes, RoutingTable, WorkerRoute
 
@@ -111,8 +111,8 @@ def _ctx(timeout_s: float = 5.0) -> RequestContext:
     return RequestContext.new(timeout_s=timeout_s, api_key=None)
 
 
-def _acquire(router: ModelRouter, route: Route, avoid: frozenset[str] = frozenset(), timeout_s: float = 5.0):  # noqa: ANN202
-    return asyncio.run(router.acquire(route, _ctx(timeout_s), avoid))
+async def _acquire(router: ModelRouter, route: Route, avoid: frozenset[str] = frozenset(), timeout_s: float = 5.0):  # noqa: ANN202
+    return await router.acquire(route, _ctx(timeout_s), avoid)
 
 
 def _backend(router: ModelRouter, worker_id: str):  # noqa: ANN202
@@ -122,13 +122,13 @@ def _backend(router: ModelRouter, worker_id: str):  # noqa: ANN202
 SHARED_A = Route(SHARED_TIER, ("a",))
 
 
-def test_power_of_two_choices_prefers_the_less_loaded() -> None:
+async def test_power_of_two_choices_prefers_the_less_loaded() -> None:
     router = _router([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
     _backend(router, "w1").in_flight = 3
-    assert _acquire(router, SHARED_A).worker_id == "w2"
+    assert (await _acquire(router, SHARED_A)).worker_id == "w2"
 
 
-def test_load_reported_through_the_table_counts_too() -> None:
+async def test_load_reported_through_the_table_counts_too() -> None:
     """Another Gateway's requests on w1 (its reported load) steer this one to w2."""
     router = _router([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
     loaded = ModelRoutes(name="m", kind="generate", workers=(
@@ -137,65 +137,65 @@ def test_load_reported_through_the_table_counts_too() -> None:
     ))
     router.update(loaded)
     for _ in range(10):
-        backend = _acquire(router, SHARED_A)
+        backend = await _acquire(router, SHARED_A)
         assert backend.worker_id == "w2"
         router.release(backend)
 
 
-def test_a_table_update_keeps_what_this_replica_knows() -> None:
+async def test_a_table_update_keeps_what_this_replica_knows() -> None:
     router = _router([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
-    w1 = _acquire(router, SHARED_A)
+    w1 = await _acquire(router, SHARED_A)
     w1.breaker.trip()
     router.update(_routes([(w1.worker_id, "a", SHARED_TIER), ("w3", "a", SHARED_TIER)]))
     assert router.backends[w1.worker_id] is w1 and w1.in_flight == 1 and not w1.breaker.allows()
     assert set(router.backends) == {w1.worker_id, "w3"}, "w2 left the table; w3 joined it"
 
 
-def test_home_region_first_then_failover() -> None:
+async def test_home_region_first_then_failover() -> None:
     router = _router([("a1", "a", SHARED_TIER), ("b1", "b", SHARED_TIER)])
-    assert _acquire(router, Route(SHARED_TIER, ("b",))).worker_id == "b1"
-    assert _acquire(router, SHARED_A).worker_id == "a1"
+    assert (await _acquire(router, Route(SHARED_TIER, ("b",)))).worker_id == "b1"
+    assert (await _acquire(router, SHARED_A)).worker_id == "a1"
     router.saw_dead(_backend(router, "a1"))
-    assert _acquire(router, SHARED_A).worker_id == "b1", "region a has no live worker: fail over to b"
+    assert (await _acquire(router, SHARED_A)).worker_id == "b1", "region a has no live worker: fail over to b"
 
 
-def test_dedicated_tier_is_used_by_its_tenant_only() -> None:
+async def test_dedicated_tier_is_used_by_its_tenant_only() -> None:
     router = _router([("s1", "a", SHARED_TIER), ("d1", "a", "acme")])
     for _ in range(10):
-        backend = _acquire(router, SHARED_A)
+        backend = await _acquire(router, SHARED_A)
         assert backend.worker_id == "s1"
         router.release(backend)
-    assert _acquire(router, Route("acme", ("a",))).worker_id == "d1"
+    assert (await _acquire(router, Route("acme", ("a",)))).worker_id == "d1"
     _backend(router, "d1").breaker.trip()
-    assert _acquire(router, Route("acme", ("a",))).worker_id == "s1", "own pool down: served by shared"
+    assert (await _acquire(router, Route("acme", ("a",)))).worker_id == "s1", "own pool down: served by shared"
 
 
-def test_open_breaker_is_skipped_and_avoided_worker_used_last() -> None:
+async def test_open_breaker_is_skipped_and_avoided_worker_used_last() -> None:
     router = _router([("w1", "a", SHARED_TIER), ("w2", "a", SHARED_TIER)])
     _backend(router, "w1").breaker.trip()
-    assert _acquire(router, SHARED_A).worker_id == "w2"
+    assert (await _acquire(router, SHARED_A)).worker_id == "w2"
     # w2 already failed this request: it is still used when nothing else is live.
-    assert _acquire(router, SHARED_A, frozenset({"w2"})).worker_id == "w2"
+    assert (await _acquire(router, SHARED_A, frozenset({"w2"}))).worker_id == "w2"
     _backend(router, "w2").breaker.trip()
     with pytest.raises(WorkerUnavailable, match="circuit open"):
-        _acquire(router, SHARED_A)
+        await _acquire(router, SHARED_A)
 
 
-def test_no_live_worker_errors_are_typed() -> None:
+async def test_no_live_worker_errors_are_typed() -> None:
     with pytest.raises(ModelNotReady):
-        _acquire(_router([("w1", "a", SHARED_TIER)], state="loading"), SHARED_A)
+        await _acquire(_router([("w1", "a", SHARED_TIER)], state="loading"), SHARED_A)
     with pytest.raises(ModelNotReady, match="replacing"):
-        _acquire(_router([("w1", "a", SHARED_TIER)], state="dead", replacing=True), SHARED_A)
+        await _acquire(_router([("w1", "a", SHARED_TIER)], state="dead", replacing=True), SHARED_A)
     failed = _router([("w1", "a", SHARED_TIER)], state="failed", error="artifact rejected")
     with pytest.raises(ModelLoadFailed, match="artifact rejected"):
-        _acquire(failed, SHARED_A)
+        await _acquire(failed, SHARED_A)
     from haif.exceptions import GpuUnavailable
 
     with pytest.raises(GpuUnavailable, match="no GPU"):
-        _acquire(_router([], unplaceable="no GPU"), SHARED_A)
+        await _acquire(_router([], unplaceable="no GPU"), SHARED_A)
 
 
-def test_full_queue_answers_overloaded_at_once_and_queue_is_fifo() -> None:
+async def test_full_queue_answers_overloaded_at_once_and_queue_is_fifo() -> None:
     async def scenario() -> None:
         router = _router([("w1", "a", SHARED_TIER)], capacity=1, max_queued=2)
         held = await router.acquire(SHARED_A, _ctx(), frozenset())
@@ -214,10 +214,10 @@ def test_full_queue_answers_overloaded_at_once_and_queue_is_fifo() -> None:
         router.release(await asyncio.wait_for(waiting[1], 1))
         assert _backend(router, "w1").in_flight == 0
 
-    asyncio.run(scenario())
+    await scenario()
 
 
-def test_waiting_past_the_deadline_is_a_504() -> None:
+async def test_waiting_past_the_deadline_is_a_504() -> None:
     async def scenario() -> None:
         router = _router([("w1", "a", SHARED_TIER)], capacity=1, max_queued=5)
         await router.acquire(SHARED_A, _ctx(), frozenset())
@@ -225,10 +225,10 @@ def test_waiting_past_the_deadline_is_a_504() -> None:
             await router.acquire(SHARED_A, _ctx(0.05), frozenset())
         assert router.status()["queued"] == 0
 
-    asyncio.run(scenario())
+    await scenario()
 
 
-def test_requests_wait_for_the_replacement_when_every_worker_died() -> None:
+async def test_requests_wait_for_the_replacement_when_every_worker_died() -> None:
     async def scenario() -> None:
         router = _router([("w1", "a", SHARED_TIER)], ever_ready=True)
         router.saw_dead(_backend(router, "w1"))
@@ -239,7 +239,7 @@ def test_requests_wait_for_the_replacement_when_every_worker_died() -> None:
         router.update(_routes([("w1#new", "a", SHARED_TIER)], ever_ready=True))
         assert (await asyncio.wait_for(waiting, 1)).worker_id == "w1#new"
 
-    asyncio.run(scenario())
+    await scenario()
 
 
 # --- the fleet's replacement backoff -----------------------------------------------------------
@@ -340,7 +340,7 @@ def test_what_is_retried() -> None:
     assert decided and reported == ["w1"]
 
 
-def test_a_call_that_cannot_be_sent_gives_its_worker_slot_back() -> None:
+async def test_a_call_that_cannot_be_sent_gives_its_worker_slot_back() -> None:
     """`.remote()` itself can raise (an argument Ray cannot serialize): the in-flight
     count taken for the call is returned, or the worker would look busy for good."""
     import types
@@ -365,5 +365,5 @@ def test_a_call_that_cannot_be_sent_gives_its_worker_slot_back() -> None:
             async for _ in router.stream(_item(None)):
                 pass
 
-    asyncio.run(scenario())
+    await scenario()
     assert router.models["m"].backends["w1"].in_flight == 0

@@ -101,7 +101,7 @@ def test_a_pool_whose_workers_are_starting_is_not_scaled_down() -> None:
     assert scaler.decide(7, 1, 0) == 0
 
 
-def test_the_queue_counts_every_waiting_request_even_just_after_a_table_update() -> None:
+async def test_the_queue_counts_every_waiting_request_even_just_after_a_table_update() -> None:
     router = _router([("w", "1", "loading")], weights=(("1", 100),), stable="1", ever_ready=True,
                      replacing=True)
 
@@ -119,7 +119,7 @@ def test_the_queue_counts_every_waiting_request_even_just_after_a_table_update()
         seen.append(router.queued)
         return seen
 
-    assert asyncio.run(run()) == [3, 3, 3, 0]
+    assert await run() == [3, 3, 3, 0]
 
 
 def test_scale_to_zero_and_back_at_once() -> None:
@@ -164,7 +164,7 @@ def test_weights_split_traffic_and_keys_stick() -> None:
     assert ModelRoutes(name="m", kind="generate", stable="4").version_for(None, 0.9) == "4"
 
 
-def test_a_request_goes_to_its_version_and_fails_over_when_it_has_no_live_worker() -> None:
+async def test_a_request_goes_to_its_version_and_fails_over_when_it_has_no_live_worker() -> None:
     router = _router([("v1a", "1", "ready"), ("v2a", "2", "ready")], weights=(("1", 50), ("2", 50)), stable="1")
 
     async def pick(version: str) -> str:
@@ -172,21 +172,21 @@ def test_a_request_goes_to_its_version_and_fails_over_when_it_has_no_live_worker
         router.release(backend)
         return backend.worker_id
 
-    assert {asyncio.run(pick("2")) for _ in range(10)} == {"v2a"}
-    assert {asyncio.run(pick("1")) for _ in range(10)} == {"v1a"}
+    assert {await pick("2") for _ in range(10)} == {"v2a"}
+    assert {await pick("1") for _ in range(10)} == {"v1a"}
     router.saw_draining(router.backends["v2a"])  # it refused one as draining: none of it live
-    assert asyncio.run(pick("2")) == "v1a"
+    assert await pick("2") == "v1a"
 
 
-def test_draining_workers_get_no_new_request() -> None:
+async def test_draining_workers_get_no_new_request() -> None:
     router = _router([("old", "1", "draining"), ("new", "2", "ready")], weights=(("2", 100),), stable="2")
     for version in ("1", "2", None):
-        backend = asyncio.run(router.acquire(ROUTE, _ctx(), frozenset(), None, version))
+        backend = await router.acquire(ROUTE, _ctx(), frozenset(), None, version)
         assert backend.worker_id == "new"
         router.release(backend)
 
 
-def test_a_model_scaled_to_zero_holds_requests_and_asks_for_a_worker() -> None:
+async def test_a_model_scaled_to_zero_holds_requests_and_asks_for_a_worker() -> None:
     asked: list[str] = []
     router = _router([], scaled_to_zero=True)
     router.demand = asked.append
@@ -201,10 +201,10 @@ def test_a_model_scaled_to_zero_holds_requests_and_asks_for_a_worker() -> None:
         ))
         return (await waiting).worker_id
 
-    assert asyncio.run(run()) == "w"
+    assert await run() == "w"
     # Not scaled to zero, no worker: a typed error at once, not a wait.
     with pytest.raises(ModelNotReady):
-        asyncio.run(_router([]).acquire(ROUTE, _ctx(), frozenset(), None, "1"))
+        await _router([]).acquire(ROUTE, _ctx(), frozenset(), None, "1")
 
 
 def test_a_model_has_a_fixed_fleet_or_an_autoscaler_not_both() -> None:

@@ -13,7 +13,7 @@ from haif.exceptions import UnprocessableRequest
 from haif.store import Database, migrate
 from haif.store.db import create_db_engine
 from haif.store.rollouts import Rollout
-from tests.rollout_cases import CASES
+from tests.support.rollout_cases import CASES
 
 pytestmark = pytest.mark.unit
 

@@ -26,7 +26,7 @@ def test_the_version_is_the_routing_facts_not_the_load() -> None:
     assert RoutingTable.of(dict(table().models)).version == table().version
 
 
-def test_listen_answers_a_change_at_once_and_a_quiet_table_after_the_refresh() -> None:
+async def test_listen_answers_a_change_at_once_and_a_quiet_table_after_the_refresh() -> None:
     async def scenario() -> None:
         host = TableHost()
         host.publish(table("loading"))
@@ -43,10 +43,10 @@ def test_listen_answers_a_change_at_once_and_a_quiet_table_after_the_refresh() -
         quiet = await host.listen(table("ready").version, 0.05)
         assert quiet.version == table("ready").version and time.monotonic() - started >= 0.05
 
-    asyncio.run(scenario())
+    await scenario()
 
 
-def test_the_client_keeps_its_last_table_while_the_orchestrator_is_down() -> None:
+async def test_the_client_keeps_its_last_table_while_the_orchestrator_is_down() -> None:
     async def scenario() -> None:
         answers: list[object] = [table("ready"), ConnectionError("replica gone"), ConnectionError("still"),
                                  table("dead")]
@@ -78,10 +78,10 @@ def test_the_client_keeps_its_last_table_while_the_orchestrator_is_down() -> Non
         stop.set()
         runner.cancel()
 
-    asyncio.run(scenario())
+    await scenario()
 
 
-def test_first_gives_up_at_its_timeout() -> None:
+async def test_first_gives_up_at_its_timeout() -> None:
     async def scenario() -> None:
         async def never(version: str | None) -> RoutingTable:
             await asyncio.sleep(3600)
@@ -92,4 +92,4 @@ def test_first_gives_up_at_its_timeout() -> None:
         assert await client.first(0.05) is None
         runner.cancel()
 
-    asyncio.run(scenario())
+    await scenario()

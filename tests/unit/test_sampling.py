@@ -15,7 +15,8 @@ from haif.runtimes.base import SamplingParams
 from haif.runtimes.hf import _byte_level_decoder
 from haif.runtimes.sampling import BatchSampler, RowState
 from haif.runtimes.torch import TorchRuntime
-from tests import tiny
+from tests.support import tiny
+from tests.support.aio import run_sync
 
 pytestmark = pytest.mark.unit
 
@@ -163,18 +164,18 @@ PROMPT = "The teacher"
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchRuntime]:
     rt = tiny.runtime(tiny.model_dir(tmp_path_factory), torch={"max_batch_size": 16, "max_wait_ms": 30})
     yield rt
-    asyncio.run(rt.unload())
+    run_sync(rt.unload())
 
 
-def together(rt: TorchRuntime, *params: SamplingParams) -> list[str]:
+async def together(rt: TorchRuntime, *params: SamplingParams) -> list[str]:
     async def run() -> list[str]:
         return [o.text for o in await asyncio.gather(*(rt.generate(PROMPT, p) for p in params))]
 
-    return asyncio.run(run())
+    return await run()
 
 
-def alone(rt: TorchRuntime, params: SamplingParams) -> str:
-    return asyncio.run(rt.generate(PROMPT, params)).text
+async def alone(rt: TorchRuntime, params: SamplingParams) -> str:
+    return (await rt.generate(PROMPT, params)).text
 
 
 @pytest.mark.parametrize(
@@ -188,52 +189,52 @@ def alone(rt: TorchRuntime, params: SamplingParams) -> str:
     ],
     ids=["presence", "frequency", "repetition", "logit_bias", "min_tokens"],
 )
-def test_a_processor_changes_only_the_request_that_asked(runtime: TorchRuntime, asked: dict[str, Any]) -> None:
+async def test_a_processor_changes_only_the_request_that_asked(runtime: TorchRuntime, asked: dict[str, Any]) -> None:
     plain = tiny.greedy(24)
     asking = tiny.greedy(24, **asked)
-    solo_plain, solo_asking = alone(runtime, plain), alone(runtime, asking)
-    batch = together(runtime, plain, asking, plain)
+    solo_plain, solo_asking = await alone(runtime, plain), await alone(runtime, asking)
+    batch = await together(runtime, plain, asking, plain)
     assert batch == [solo_plain, solo_asking, solo_plain]
     if "min_tokens" not in asked:  # min_tokens changes nothing that does not stop early
         assert solo_asking != solo_plain
 
 
-def test_penalties_change_a_seeded_sample(runtime: TorchRuntime) -> None:
+async def test_penalties_change_a_seeded_sample(runtime: TorchRuntime) -> None:
     seeded = SamplingParams(max_tokens=24, temperature=1.0, seed=11)
     penalized = SamplingParams(max_tokens=24, temperature=1.0, seed=11, presence_penalty=2.0,
                                frequency_penalty=1.0)
-    assert alone(runtime, seeded) == alone(runtime, seeded)
-    assert alone(runtime, penalized) == alone(runtime, penalized)
-    assert alone(runtime, penalized) != alone(runtime, seeded)
+    assert await alone(runtime, seeded) == await alone(runtime, seeded)
+    assert await alone(runtime, penalized) == await alone(runtime, penalized)
+    assert await alone(runtime, penalized) != await alone(runtime, seeded)
 
 
-def test_a_logit_bias_of_100_decides_every_token(runtime: TorchRuntime) -> None:
+async def test_a_logit_bias_of_100_decides_every_token(runtime: TorchRuntime) -> None:
     token = runtime._tokenizer.convert_tokens_to_ids("ed")
-    out = asyncio.run(runtime.generate(PROMPT, SamplingParams(max_tokens=6, seed=3, logit_bias=((token, 100.0),))))
+    out = await runtime.generate(PROMPT, SamplingParams(max_tokens=6, seed=3, logit_bias=((token, 100.0),)))
     assert out.text == "ed" * 6
 
 
-def test_min_tokens_holds_eos_back(runtime: TorchRuntime) -> None:
+async def test_min_tokens_holds_eos_back(runtime: TorchRuntime) -> None:
     eos = runtime._tokenizer.eos_token_id
     ends = tiny.greedy(10, logit_bias=((eos, 100.0),))
-    assert asyncio.run(runtime.generate(PROMPT, ends)).completion_tokens == 1
+    assert (await runtime.generate(PROMPT, ends)).completion_tokens == 1
     held = tiny.greedy(10, logit_bias=((eos, 100.0),), min_tokens=4)
-    out = asyncio.run(runtime.generate(PROMPT, held))
+    out = await runtime.generate(PROMPT, held)
     assert (out.completion_tokens, out.finish_reason) == (5, "stop")  # four, then EOS
 
 
-def test_stop_token_ids_and_ignore_eos(runtime: TorchRuntime) -> None:
-    plain = asyncio.run(runtime.generate(PROMPT, tiny.greedy(8, logprobs=0)))
+async def test_stop_token_ids_and_ignore_eos(runtime: TorchRuntime) -> None:
+    plain = await runtime.generate(PROMPT, tiny.greedy(8, logprobs=0))
     chars = {b: c for c, b in _byte_level_decoder().items()}
     tokenizer = runtime._tokenizer
     ids = [tokenizer.convert_tokens_to_ids("".join(chars[b] for b in e.raw)) for e in plain.logprobs]
     at = next(i for i, t in enumerate(ids) if t != ids[0])  # the first token unlike the first
-    stopped = asyncio.run(runtime.generate(PROMPT, tiny.greedy(8, stop_token_ids=(ids[at],))))
+    stopped = await runtime.generate(PROMPT, tiny.greedy(8, stop_token_ids=(ids[at],)))
     assert (stopped.finish_reason, stopped.completion_tokens) == ("stop", at + 1)
     assert plain.text.startswith(stopped.text) and stopped.text  # the stop token shows no text
     eos = runtime._tokenizer.eos_token_id
     forced = tiny.greedy(8, logit_bias=((eos, 100.0),), ignore_eos=True)
-    out = asyncio.run(runtime.generate(PROMPT, forced))
+    out = await runtime.generate(PROMPT, forced)
     assert (out.completion_tokens, out.finish_reason, out.text) == (8, "length", "")
 
 
@@ -244,7 +245,7 @@ def test_stop_token_ids_and_ignore_eos(runtime: TorchRuntime) -> None:
         (tiny.greedy(4, stop_token_ids=(50_000,)), "stop_token_ids: token id 50000"),
     ],
 )
-def test_token_ids_outside_the_vocabulary_are_a_400(runtime: TorchRuntime, params: SamplingParams, named: str) -> None:
+async def test_token_ids_outside_the_vocabulary_are_a_400(runtime: TorchRuntime, params: SamplingParams, named: str) -> None:
     with pytest.raises(InvalidRequest, match=named):
-        asyncio.run(runtime.generate(PROMPT, params))
+        await runtime.generate(PROMPT, params)
 

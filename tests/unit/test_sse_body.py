@@ -100,11 +100,7 @@ async def ended(stream: Stream, body: Any) -> None:
     assert stream.ended and not stream.cancelled
 
 
-def test_the_last_text_its_usage_and_done_leave_in_one_write_before_the_stream_ends() -> None:
-    asyncio.run(_the_last_text_its_usage_and_done_leave_in_one_write_before_the_stream_ends())
-
-
-async def _the_last_text_its_usage_and_done_leave_in_one_write_before_the_stream_ends() -> None:
+async def test_the_last_text_its_usage_and_done_leave_in_one_write_before_the_stream_ends() -> None:
     stream = Stream()
     for item in (chunk(" b"), chunk(" c", "length"), usage()):
         stream.items.put_nowait(item)
@@ -121,11 +117,7 @@ async def _the_last_text_its_usage_and_done_leave_in_one_write_before_the_stream
     await ended(stream, body)  # the answer is whole: the call is read to its end, not cancelled
 
 
-def test_without_usage_the_chunk_with_the_finish_reason_is_the_last() -> None:
-    asyncio.run(_without_usage_the_chunk_with_the_finish_reason_is_the_last())
-
-
-async def _without_usage_the_chunk_with_the_finish_reason_is_the_last() -> None:
+async def test_without_usage_the_chunk_with_the_finish_reason_is_the_last() -> None:
     stream = Stream()
     stream.items.put_nowait(chunk(" b", "stop"))
     body = body_of(stream, chunk("a"), include_usage=False)
@@ -134,11 +126,7 @@ async def _without_usage_the_chunk_with_the_finish_reason_is_the_last() -> None:
     await ended(stream, body)
 
 
-def test_with_several_choices_the_answer_ends_with_the_last_choice_to_finish() -> None:
-    asyncio.run(_with_several_choices_the_answer_ends_with_the_last_choice_to_finish())
-
-
-async def _with_several_choices_the_answer_ends_with_the_last_choice_to_finish() -> None:
+async def test_with_several_choices_the_answer_ends_with_the_last_choice_to_finish() -> None:
     for include_usage in (False, True):
         stream = Stream()
         # Choice 0 finishes first, and again (a repeat must not count as choice 1's end).
@@ -152,11 +140,7 @@ async def _with_several_choices_the_answer_ends_with_the_last_choice_to_finish()
         await ended(stream, body)
 
 
-def test_a_stream_that_ends_without_a_finish_reason_still_ends_with_done() -> None:
-    asyncio.run(_a_stream_that_ends_without_a_finish_reason_still_ends_with_done())
-
-
-async def _a_stream_that_ends_without_a_finish_reason_still_ends_with_done() -> None:
+async def test_a_stream_that_ends_without_a_finish_reason_still_ends_with_done() -> None:
     stream = Stream()
     stream.items.put_nowait(END)
     out = await asyncio.wait_for(writes(stream, chunk("a"), include_usage=True), 5)
@@ -164,11 +148,7 @@ async def _a_stream_that_ends_without_a_finish_reason_still_ends_with_done() -> 
     assert stream.ended and not stream.cancelled
 
 
-def test_an_error_after_the_last_text_follows_it_as_an_error_event() -> None:
-    asyncio.run(_an_error_after_the_last_text_follows_it_as_an_error_event())
-
-
-async def _an_error_after_the_last_text_follows_it_as_an_error_event() -> None:
+async def test_an_error_after_the_last_text_follows_it_as_an_error_event() -> None:
     stream = Stream()
     stream.items.put_nowait(chunk(" b", "stop"))
     stream.items.put_nowait(WorkerUnavailable("the worker died"))
@@ -180,11 +160,7 @@ async def _an_error_after_the_last_text_follows_it_as_an_error_event() -> None:
     assert "the worker died" in error["error"]["message"]
 
 
-def test_a_client_that_leaves_mid_stream_cancels_the_generation() -> None:
-    asyncio.run(_a_client_that_leaves_mid_stream_cancels_the_generation())
-
-
-async def _a_client_that_leaves_mid_stream_cancels_the_generation() -> None:
+async def test_a_client_that_leaves_mid_stream_cancels_the_generation() -> None:
     stream = Stream()
     timer = _StreamTimer(Timings(), "m", 0.0)  # type: ignore[arg-type]
     body = _sse_body(stream, chunk("a"), "req-1", timer, True)

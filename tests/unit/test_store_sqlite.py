@@ -12,7 +12,7 @@ from sqlalchemy import inspect, text
 from haif.store import Database, migrate
 from haif.store.db import create_db_engine
 from haif.store.models import Base
-from tests.store_cases import CASES, WRITES
+from tests.support.store_cases import CASES, WRITES
 
 pytestmark = pytest.mark.unit
 

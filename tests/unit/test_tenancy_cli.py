@@ -19,7 +19,7 @@ from haif.cli.tenancy import parse_since
 from haif.store import open_database
 from haif.store.models import ApiToken, Tenant
 from haif.store.tokens import hash_token
-from tests.unit.conftest import sqlite_config
+from tests.support.sqlite import sqlite_config
 
 pytestmark = pytest.mark.unit
 

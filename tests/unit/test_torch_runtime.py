@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from haif.exceptions import (
 )
 from haif.runtimes.base import ChatMessage, RuntimeContext, SamplingParams, StreamEvent
 from haif.runtimes.torch import TorchRuntime, _IncrementalDecoder
+from tests.support.aio import run_sync
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.unit
 
@@ -47,7 +48,7 @@ def make_runtime(model_dir: Path, *, max_prompt_tokens: int = 1024, **model: Any
     ctx = RuntimeContext(model=config, model_dir=str(model_dir), device="cpu",
                          max_prompt_tokens=max_prompt_tokens)
     runtime = TorchRuntime(ctx)
-    asyncio.run(runtime.load())
+    run_sync(runtime.load())
     return runtime
 
 
@@ -55,7 +56,7 @@ def make_runtime(model_dir: Path, *, max_prompt_tokens: int = 1024, **model: Any
 def runtime(model_dir: Path) -> Iterator[TorchRuntime]:
     rt = make_runtime(model_dir, torch={"max_batch_size": 16, "max_wait_ms": 20})
     yield rt
-    asyncio.run(rt.unload())
+    run_sync(rt.unload())
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def fresh(model_dir: Path) -> Iterator[Callable[..., TorchRuntime]]:
 
     yield factory
     for rt in made:
-        asyncio.run(rt.unload())
+        run_sync(rt.unload())
 
 
 def greedy(max_tokens: int, **kw: Any) -> SamplingParams:
@@ -79,14 +80,6 @@ def greedy(max_tokens: int, **kw: Any) -> SamplingParams:
 async def collect(rt: TorchRuntime, prompt: str, params: SamplingParams) -> list[StreamEvent]:
     async with contextlib.aclosing(rt.stream(prompt, params)) as stream:
         return [event async for event in stream]
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.01)
 
 
 def reference_greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
@@ -103,8 +96,8 @@ def reference_greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> list[
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_streams_tokens_until_max_tokens(runtime: TorchRuntime, model_dir: Path) -> None:
-    events = asyncio.run(collect(runtime, PROMPTS[1], greedy(20)))
+async def test_streams_tokens_until_max_tokens(runtime: TorchRuntime, model_dir: Path) -> None:
+    events = await collect(runtime, PROMPTS[1], greedy(20))
     assert len(events) > 1
     assert all(e.finish_reason is None for e in events[:-1])
     last = events[-1]
@@ -118,48 +111,48 @@ def test_streams_tokens_until_max_tokens(runtime: TorchRuntime, model_dir: Path)
     assert "".join(e.text for e in events) == expected
 
 
-def test_stop_string_ends_the_stream(runtime: TorchRuntime) -> None:
-    full = asyncio.run(runtime.generate(PROMPTS[0], greedy(24))).text
+async def test_stop_string_ends_the_stream(runtime: TorchRuntime) -> None:
+    full = (await runtime.generate(PROMPTS[0], greedy(24))).text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
-    out = asyncio.run(runtime.generate(PROMPTS[0], greedy(24, stop=(stop,))))
+    out = await runtime.generate(PROMPTS[0], greedy(24, stop=(stop,)))
     assert out.finish_reason == "stop"
     assert out.text == full[: full.index(stop)]
     assert out.completion_tokens < 24
 
 
-def test_eos_token_ends_the_stream(fresh: Callable[..., TorchRuntime], model_dir: Path) -> None:
+async def test_eos_token_ends_the_stream(fresh: Callable[..., TorchRuntime], model_dir: Path) -> None:
     rt = fresh()
     tokens = reference_greedy(model_dir, PROMPTS[2], 12)
     rt._eos_ids = frozenset({tokens[5]})  # pretend the 6th greedy token is the model's EOS
-    out = asyncio.run(rt.generate(PROMPTS[2], greedy(12)))
+    out = await rt.generate(PROMPTS[2], greedy(12))
     first = tokens.index(tokens[5])
     assert out.finish_reason == "stop"
     assert out.completion_tokens == first + 1
     assert out.text == rt._tokenizer.decode(tokens[:first], skip_special_tokens=True)
 
 
-def test_seeded_sampling_is_reproducible(runtime: TorchRuntime) -> None:
-    def sample(seed: int) -> str:
+async def test_seeded_sampling_is_reproducible(runtime: TorchRuntime) -> None:
+    async def sample(seed: int) -> str:
         params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=seed)
-        return asyncio.run(runtime.generate(PROMPTS[4], params)).text
+        return (await runtime.generate(PROMPTS[4], params)).text
 
-    assert sample(7) == sample(7)
-    assert len({sample(7), sample(8), sample(9)}) > 1
+    assert await sample(7) == await sample(7)
+    assert len({await sample(7), await sample(8), await sample(9)}) > 1
 
 
-def test_seeded_sampling_is_the_same_inside_a_batch(runtime: TorchRuntime) -> None:
+async def test_seeded_sampling_is_the_same_inside_a_batch(runtime: TorchRuntime) -> None:
     params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=42)
-    alone = asyncio.run(runtime.generate(PROMPTS[3], params)).text
+    alone = (await runtime.generate(PROMPTS[3], params)).text
 
     async def crowd() -> list[str]:
         others = [runtime.generate(p, SamplingParams(max_tokens=16)) for p in PROMPTS[:5]]
         outs = await asyncio.gather(runtime.generate(PROMPTS[3], params), *others)
         return [o.text for o in outs]
 
-    assert asyncio.run(crowd())[0] == alone
+    assert (await crowd())[0] == alone
 
 
-def test_greedy_alone_equals_greedy_in_a_batch(fresh: Callable[..., TorchRuntime]) -> None:
+async def test_greedy_alone_equals_greedy_in_a_batch(fresh: Callable[..., TorchRuntime]) -> None:
     rt = fresh(torch={"max_batch_size": 16, "max_wait_ms": 50})
     params = greedy(16)
 
@@ -169,14 +162,14 @@ def test_greedy_alone_equals_greedy_in_a_batch(fresh: Callable[..., TorchRuntime
     async def together() -> list[str]:
         return [o.text for o in await asyncio.gather(*(rt.generate(p, params) for p in PROMPTS))]
 
-    singles = asyncio.run(alone())
+    singles = await alone()
     assert rt.stats()["max_batch_seen"] == 1
-    batched = asyncio.run(together())
+    batched = await together()
     assert rt.stats()["max_batch_seen"] == len(PROMPTS)
     assert batched == singles
 
 
-def test_concurrent_requests_form_batches(fresh: Callable[..., TorchRuntime]) -> None:
+async def test_concurrent_requests_form_batches(fresh: Callable[..., TorchRuntime]) -> None:
     rt = fresh(torch={"max_batch_size": 16, "max_wait_ms": 20})
 
     async def burst() -> list[Any]:
@@ -184,7 +177,7 @@ def test_concurrent_requests_form_batches(fresh: Callable[..., TorchRuntime]) ->
             *(rt.generate(PROMPTS[i % len(PROMPTS)], greedy(8)) for i in range(16))
         )
 
-    outs = asyncio.run(burst())
+    outs = await burst()
     assert all(o.completion_tokens == 8 and o.finish_reason == "length" for o in outs)
     stats = rt.stats()
     assert stats["max_batch_seen"] > 1
@@ -192,18 +185,18 @@ def test_concurrent_requests_form_batches(fresh: Callable[..., TorchRuntime]) ->
     assert stats["batched_requests"] == 16
 
 
-def test_batches_never_exceed_max_batch_size(fresh: Callable[..., TorchRuntime]) -> None:
+async def test_batches_never_exceed_max_batch_size(fresh: Callable[..., TorchRuntime]) -> None:
     rt = fresh(torch={"max_batch_size": 3, "max_wait_ms": 20})
 
     async def burst() -> None:
         await asyncio.gather(*(rt.generate(p, greedy(4)) for p in PROMPTS))
 
-    asyncio.run(burst())
+    await burst()
     assert rt.stats()["max_batch_seen"] == 3
     assert rt.stats()["batches"] >= 3
 
 
-def test_cancelled_stream_stops_generating(
+async def test_cancelled_stream_stops_generating(
     fresh: Callable[..., TorchRuntime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rt = fresh(torch={"max_batch_size": 4, "max_wait_ms": 20})
@@ -228,7 +221,7 @@ def test_cancelled_stream_stops_generating(
         other = await long_run  # the batch goes on for the rows still wanted
         return seen, other.finish_reason
 
-    seen, other_reason = asyncio.run(scenario())
+    seen, other_reason = await scenario()
     assert seen >= 3
     assert other_reason == "length"
     wait_for(lambda: rt.stats()["active"] == 0)
@@ -240,7 +233,7 @@ def test_cancelled_stream_stops_generating(
     assert steps[-1] == 1  # the cancelled row left the batch
 
 
-def test_cancelling_the_consumer_task_frees_the_row(fresh: Callable[..., TorchRuntime]) -> None:
+async def test_cancelling_the_consumer_task_frees_the_row(fresh: Callable[..., TorchRuntime]) -> None:
     rt = fresh()
 
     async def scenario() -> None:
@@ -256,25 +249,25 @@ def test_cancelling_the_consumer_task_frees_the_row(fresh: Callable[..., TorchRu
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(scenario())
+    await scenario()
     wait_for(lambda: rt.stats()["active"] == 0)
     assert rt.stats()["cancelled"] == 1
 
 
-def test_prompt_too_long_is_raised_before_queueing(model_dir: Path) -> None:
+async def test_prompt_too_long_is_raised_before_queueing(model_dir: Path) -> None:
     rt = make_runtime(model_dir, max_prompt_tokens=8, max_model_len=64)
     try:
         with pytest.raises(PromptTooLong):
-            asyncio.run(collect(rt, PROMPTS[5], greedy(4)))
+            await collect(rt, PROMPTS[5], greedy(4))
         with pytest.raises(PromptTooLong):  # prompt + max_tokens over max_model_len
-            asyncio.run(collect(rt, PROMPTS[0], greedy(63)))
+            await collect(rt, PROMPTS[0], greedy(63))
         assert rt.stats()["batches"] == 0
         assert rt.stats()["cancelled"] == 0
     finally:
-        asyncio.run(rt.unload())
+        await rt.unload()
 
 
-def test_a_failing_batch_fails_its_requests_and_the_loop_survives(
+async def test_a_failing_batch_fails_its_requests_and_the_loop_survives(
     fresh: Callable[..., TorchRuntime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rt = fresh()
@@ -295,18 +288,18 @@ def test_a_failing_batch_fails_its_requests_and_the_loop_survives(
         second = await rt.generate(PROMPTS[0], greedy(8))
         return first, second
 
-    first, second = asyncio.run(scenario())
+    first, second = await scenario()
     assert all(isinstance(e, InternalError) and "device fell over" in str(e) for e in first)
     assert second.completion_tokens == 8
     assert rt.stats()["failed_batches"] == 1
 
 
-def test_render_chat_uses_the_template(runtime: TorchRuntime) -> None:
+async def test_render_chat_uses_the_template(runtime: TorchRuntime) -> None:
     prompt = runtime.render_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")])
     assert prompt.endswith("<|im_start|>assistant\n")
     ids = runtime.encode(prompt)
     assert ids.count(runtime._tokenizer.bos_token_id) == 1  # template BOS, not doubled
-    out = asyncio.run(runtime.generate(prompt, greedy(4)))
+    out = await runtime.generate(prompt, greedy(4))
     assert out.prompt_tokens == len(ids)
 
 
@@ -320,14 +313,14 @@ def test_incremental_decoding_never_splits_characters(runtime: TorchRuntime) -> 
     assert not any("\ufffd" in d for d in deltas)
 
 
-def test_unloaded_runtime_is_not_ready(fresh: Callable[..., TorchRuntime]) -> None:
+async def test_unloaded_runtime_is_not_ready(fresh: Callable[..., TorchRuntime]) -> None:
     rt = fresh()
-    asyncio.run(rt.unload())
+    await rt.unload()
     with pytest.raises(ModelNotReady):
-        asyncio.run(collect(rt, "Hello", greedy(2)))
+        await collect(rt, "Hello", greedy(2))
 
 
-def test_unload_fails_running_and_queued_requests(fresh: Callable[..., TorchRuntime]) -> None:
+async def test_unload_fails_running_and_queued_requests(fresh: Callable[..., TorchRuntime]) -> None:
     rt = fresh(torch={"max_batch_size": 1, "max_wait_ms": 0})
 
     async def scenario() -> list[Any]:
@@ -338,15 +331,15 @@ def test_unload_fails_running_and_queued_requests(fresh: Callable[..., TorchRunt
         await rt.unload()
         return await asyncio.gather(running, queued, return_exceptions=True)
 
-    results = asyncio.run(scenario())
+    results = await scenario()
     assert all(isinstance(r, WorkerUnavailable) for r in results)
 
 
-def test_load_failure_is_a_clear_error(tmp_path: Path) -> None:
+async def test_load_failure_is_a_clear_error(tmp_path: Path) -> None:
     config = ModelConfig(name="missing", runtime="torch", path=str(tmp_path / "nothing"))
     rt = TorchRuntime(RuntimeContext(model=config, model_dir=str(tmp_path / "nothing"),
                                      device="cpu", max_prompt_tokens=64))
     with pytest.raises(ModelLoadFailed, match="missing"):
-        asyncio.run(rt.load())
+        await rt.load()
     with pytest.raises(ModelNotReady):
         rt.encode("Hello")

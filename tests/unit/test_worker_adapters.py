@@ -20,7 +20,7 @@ from haif.exceptions import AdapterNotFound, AdapterRejected
 from haif.runtimes.base import RuntimeContext, SamplingParams
 from haif.runtimes.torch import TorchRuntime
 from haif.telemetry.metrics import ProcessMetrics, WorkerMetrics
-from tests.lora_cases import BASE, ROGUE, WRONG_BASE, LoraStore
+from tests.support.lora_cases import BASE, ROGUE, WRONG_BASE, LoraStore
 
 pytestmark = pytest.mark.unit
 

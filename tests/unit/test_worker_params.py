@@ -13,7 +13,7 @@ from actors.params import chat_messages, guide, sampling_params
 from haif.protocol import ChatCompletionRequest, CompletionRequest
 from haif.runtimes import hf, tools
 from haif.runtimes.base import Guide, SamplingParams
-from tests import tiny
+from tests.support import tiny
 
 pytestmark = pytest.mark.unit
 

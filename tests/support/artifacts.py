@@ -1,31 +1,28 @@
 """A real S3 endpoint (moto server on loopback) and the artifact store of the session deployment.
 
-``moto_endpoint`` starts ``moto.server.ThreadedMotoServer`` on a free loopback port for
-the whole session: s3fs talks HTTP to it like to any S3. ``artifact_env`` builds the
+The ``moto_s3`` fixture (tests/integration/conftest.py) starts ``moto.server.ThreadedMotoServer``
+on a free loopback port for the whole session: s3fs talks HTTP to it like to any S3.
+``build_artifact_setup`` (the ``artifact_setup`` fixture) builds the
 store the deployment serves from (two local directories and an S3 bucket), publishes
 the artifacts the deployment must refuse (a flipped byte in every replica, an edited
 manifest, an untrusted signer) plus good ones, and returns the ``HAIF_ARTIFACTS__*``
 overrides that point the deployment at it. The deployment's own bootstrap then adds
 MiniLM to the same store, signed by the same development key. The tiny LLM is published
 here (``tiny-llama:1``; the bootstrap finds it on every replica and publishes nothing), so
-that the LoRA adapters of ``tests.lora_cases`` can name its manifest digest.
+that the LoRA adapters of ``tests.support.lora_cases`` can name its manifest digest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from tests.support.deployment import CONFIG, ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "tests" / "configs" / "integration.yaml"
 S3_KEY = "testing"
 BAD_BLOB, BAD_MANIFEST, UNTRUSTED, SIGNED_ECHO = (
     "tampered-blob",
@@ -48,20 +45,6 @@ class MotoS3:
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"
         s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options()).mkdir(name)
         return name
-
-
-@pytest.fixture(scope="session")
-def moto_s3() -> Iterator[MotoS3]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield MotoS3(endpoint=f"http://{host}:{port}")
-    finally:
-        server.stop()
 
 
 def flip_byte(replica, path: str, offset: int = 7) -> None:  # noqa: ANN001 - a haif Replica
@@ -91,16 +74,15 @@ class ArtifactSetup:
     root: Path
     dev_key_id: str
     signed_echo_blobs: int
-    lora_digests: dict[str, str]  # artifact ref -> manifest digest (tests.lora_cases)
+    lora_digests: dict[str, str]  # artifact ref -> manifest digest (tests.support.lora_cases)
 
 
-@pytest.fixture(scope="session")
-def artifact_setup(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> ArtifactSetup:
+def build_artifact_setup(moto_s3: MotoS3, root: Path) -> ArtifactSetup:
+    """The session's artifact store under ``root`` and S3: what the deployment serves and refuses."""
     from haif.artifacts import ArtifactStore, SigningKey
     from haif.artifacts.dev import ensure_signing_key
     from haif.config import load_config
 
-    root = tmp_path_factory.mktemp("artifacts")
     bucket = moto_s3.create_bucket("haif-it")
     replicas = [str(root / "replica-1"), str(root / "replica-2"), f"s3://{bucket}/store"]
     env = {
@@ -109,7 +91,7 @@ def artifact_setup(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) ->
         "HAIF_ARTIFACTS__CACHE_DIR": str(root / "cache"),
         "HAIF_ARTIFACTS__DEV_SIGNING_KEY": str(root / "keys" / "dev-signing.key"),
     }
-    config = load_config(CONFIG, environ=env).artifacts
+    config = load_config(ROOT / CONFIG, environ=env).artifacts
     store = ArtifactStore.from_config(config, ROOT)
     key = ensure_signing_key(root / "keys" / "dev-signing.key")
     echo = {"runtime": "echo"}
@@ -141,7 +123,7 @@ def artifact_setup(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) ->
     # A version of signed-echo signed by a key the deployment does not trust: a rollout of
     # it must never get traffic (tests/integration/test_rollouts.py).
     store.publish(write_payload(root / "src" / f"{SIGNED_ECHO}-9"), SIGNED_ECHO, "9", rogue, runtime=echo)
-    from tests.lora_cases import build_models, publish_all
+    from tests.support.lora_cases import build_models, publish_all
 
     base_dir, adapter_dirs = build_models(root / "lora")
     lora_digests = publish_all(store, key, rogue, root / "lora", base_dir, adapter_dirs)

@@ -11,8 +11,7 @@ import json
 import shutil
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, Self, TypeVar
 
 from haif.p2p.sidecar import SIDECAR_DIR
@@ -85,16 +84,6 @@ def run_peer(bootstrap: list[str], server: str, calls: list[dict[str, Any]], see
     if done.returncode != 0:
         raise RuntimeError(f"peer.js failed ({done.returncode}): {done.stderr}")
     return json.loads(done.stdout)
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def node_public_key(seed: bytes) -> str:

@@ -11,33 +11,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.support.net import free_port
+from tests.support.waiting import wait_for
+
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-START_TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, what: str, timeout_s: float = START_TIMEOUT_S) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not start within {timeout_s}s")
+START_TIMEOUT_S = 120  # a loaded 2-core machine starts PostgreSQL slowly
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------
@@ -77,7 +63,7 @@ def _pg_bin(name: str) -> str:
 def _own_postgres() -> Iterator[str]:
     """A throw-away PostgreSQL on a free port (run as user postgres when we are root)."""
     root = Path(tempfile.mkdtemp(prefix="haif-pg-"))
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses root
         as_user = ["runuser", "-u", "postgres", "--"]
@@ -105,7 +91,7 @@ def _own_postgres() -> Iterator[str]:
     )
     url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     try:
-        _wait(lambda: _pg_answers(url), "PostgreSQL")
+        wait_for(lambda: _pg_answers(url), START_TIMEOUT_S, 0.1, "PostgreSQL to start")
         yield url
     finally:
         subprocess.run(
@@ -186,7 +172,7 @@ def redis_server() -> Iterator[str]:
         raise RuntimeError(
             "no Redis to use and no redis-server to start one (set HAIF_TEST_REDIS_URL)"
         )
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -194,7 +180,7 @@ def redis_server() -> Iterator[str]:
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        _wait(lambda: _redis_answers(url), "Redis")
+        wait_for(lambda: _redis_answers(url), START_TIMEOUT_S, 0.1, "Redis to start")
         yield url
     finally:
         proc.terminate()
@@ -223,7 +209,7 @@ class OwnRedis:
             raise RuntimeError("no redis-server to start a private Redis")
         self._binary = binary
         self._dir = Path(tempfile.mkdtemp(prefix="haif-redis-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -241,7 +227,7 @@ class OwnRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait(lambda: _redis_answers(self.url), "Redis")
+        wait_for(lambda: _redis_answers(self.url), START_TIMEOUT_S, 0.1, "Redis to start")
 
     def kill(self) -> None:
         if self._proc is not None:
@@ -270,7 +256,7 @@ class OwnPostgres:
     def __init__(self) -> None:
         self._root = Path(tempfile.mkdtemp(prefix="haif-pg-"))
         self._data = self._root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
         self._as_user: list[str] = []
         if os.geteuid() == 0:  # initdb refuses root
@@ -295,7 +281,7 @@ class OwnPostgres:
             "-l", str(self._root / "log"), "-w", "start",
             "-o", f"-p {self.port} -k {self._root} -c listen_addresses=127.0.0.1",
         )  # fmt: skip
-        _wait(lambda: _pg_answers(self.url), "PostgreSQL")
+        wait_for(lambda: _pg_answers(self.url), START_TIMEOUT_S, 0.1, "PostgreSQL to start")
 
     def stop(self) -> None:
         """Immediate shutdown: connections are cut, as when the server dies."""

@@ -25,9 +25,10 @@ from haif.exceptions import (
 )
 from haif.p2p import WORKER_METHODS, Sidecar, SidecarState
 from haif.p2p.keys import load_or_create_seed, public_key, public_key_hex
-from tests.p2p import LoopThread, Testnet, node_public_key, run_peer, wait_for
+from tests.support.p2p import LoopThread, Testnet, node_public_key, run_peer
+from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 MAX_MESSAGE_BYTES = 64 * 1024
 CANCELLED: list[str] = []  # requests whose handler was cancelled (deadline passed)

@@ -38,6 +38,7 @@ from haif.exceptions import (
     QuorumNotReached,
     UntrustedSigner,
 )
+from tests.support.artifacts import flip_byte
 
 CHUNK = 64 * 1024
 
@@ -107,12 +108,6 @@ def blob_of(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
-
-
-def flip_byte(replica: Any, path: str, offset: int = 11) -> None:
-    data = bytearray(replica.fs.cat_file(path))
-    data[offset % len(data)] ^= 0x01
-    replica.fs.pipe_file(path, bytes(data))
 
 
 def edit_manifest(replica: Any, path: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from haif.config import ModelConfig
 from haif.devmodels import build_tiny_llama
 from haif.runtimes.base import RuntimeContext, SamplingParams, StreamEvent
 from haif.runtimes.torch import TorchRuntime
+from tests.support.aio import run_sync
 
 
 def model_dir(factory: pytest.TempPathFactory) -> Path:
@@ -24,7 +24,7 @@ def runtime(path: Path, *, max_prompt_tokens: int = 1024, **model: Any) -> Torch
     config = ModelConfig(name="tiny-llama", runtime="torch", path=str(path), **model)
     ctx = RuntimeContext(model=config, model_dir=str(path), device="cpu", max_prompt_tokens=max_prompt_tokens)
     rt = TorchRuntime(ctx)
-    asyncio.run(rt.load())
+    run_sync(rt.load())
     return rt
 
 

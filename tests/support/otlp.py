@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.loopback import LoopbackServer
+from tests.support.loopback import LoopbackServer
 
 MAX_SPANS = 200_000
 _KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
@@ -165,7 +165,7 @@ class ReceiverProcess:
         from pathlib import Path
 
         self._proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "tests.otlp"],
+            [sys.executable, "-u", "-m", "tests.support.otlp"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             cwd=Path(__file__).resolve().parent.parent,  # the repository root: `tests` imports
         )
@@ -191,7 +191,7 @@ class ReceiverProcess:
 
 
 def _serve() -> None:
-    """``python -m tests.otlp``: print the endpoint, count exports until stdin closes,
+    """``python -m tests.support.otlp``: print the endpoint, count exports until stdin closes,
     then print ``<requests> <bytes>``."""
     import sys
 

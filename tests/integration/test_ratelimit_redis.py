@@ -10,9 +10,9 @@ import redis
 from haif.config import RedisConfig
 from haif.exceptions import RateLimited, StoreUnavailable
 from haif.gateway.ratelimit import MAX_BATCH, RedisRateLimiter
-from tests import services
+from tests.support import services
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ async def outcomes(limiter: RedisRateLimiter, tenant: int, rpm: int, n: int) -> 
     return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
-def test_a_burst_beyond_the_connection_pool_is_counted_exactly(
+async def test_a_burst_beyond_the_connection_pool_is_counted_exactly(
     private_redis: services.OwnRedis,
 ) -> None:
     """redis-py's pool holds 100 connections; 600 concurrent hits share pipelines instead."""
@@ -47,10 +47,10 @@ def test_a_burst_beyond_the_connection_pool_is_counted_exactly(
         assert limiter.round_trips <= 600 // MAX_BATCH + 2  # not one per request
         await limiter.close()
 
-    asyncio.run(run())
+    await run()
 
 
-def test_a_script_redis_lost_is_loaded_again(private_redis: services.OwnRedis) -> None:
+async def test_a_script_redis_lost_is_loaded_again(private_redis: services.OwnRedis) -> None:
     limiter = RedisRateLimiter(RedisConfig(url=private_redis.url, key_prefix="flush"))
     plain = redis.Redis.from_url(private_redis.url)
 
@@ -60,11 +60,11 @@ def test_a_script_redis_lost_is_loaded_again(private_redis: services.OwnRedis) -
         assert sorted(await outcomes(limiter, 2, 3, 3)) == ["200", "429", "429"]
         await limiter.close()
 
-    asyncio.run(run())
+    await run()
     plain.close()
 
 
-def test_redis_gone_answers_every_waiter(private_redis: services.OwnRedis) -> None:
+async def test_redis_gone_answers_every_waiter(private_redis: services.OwnRedis) -> None:
     limiter = RedisRateLimiter(
         RedisConfig(url=private_redis.url, key_prefix="gone", socket_timeout_s=0.5)
     )
@@ -80,4 +80,4 @@ def test_redis_gone_answers_every_waiter(private_redis: services.OwnRedis) -> No
         assert await outcomes(limiter, 3, 100, 5) == ["200"] * 5  # back: counted again
         await limiter.close()
 
-    asyncio.run(run())
+    await run()

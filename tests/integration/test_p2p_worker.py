@@ -17,9 +17,9 @@ from haif.p2p import WORKER_METHODS, Sidecar
 from haif.p2p.wire import decode_embedding, decode_event, decode_outputs, encode_item
 from haif.p2p.worker import RemoteWorker
 from haif.protocol import CompletionRequest, EmbeddingRequest
-from tests.p2p import LoopThread, Testnet
+from tests.support.p2p import LoopThread, Testnet
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

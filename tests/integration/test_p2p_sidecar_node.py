@@ -7,9 +7,9 @@ import subprocess
 import pytest
 
 from haif.p2p.sidecar import SIDECAR_DIR
-from tests.p2p import NODE, require_sidecar_install
+from tests.support.p2p import NODE, require_sidecar_install
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 def test_the_node_suite_passes() -> None:

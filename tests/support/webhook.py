@@ -7,7 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.loopback import LoopbackServer
+from tests.support.loopback import LoopbackServer
 
 
 class WebhookReceiver(LoopbackServer):
