@@ -167,7 +167,7 @@ class ReceiverProcess:
         self._proc = subprocess.Popen(
             [sys.executable, "-u", "-m", "tests.support.otlp"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            cwd=Path(__file__).resolve().parent.parent,  # the repository root: `tests` imports
+            cwd=Path(__file__).resolve().parents[2],  # the repository root: `tests` imports
         )
         assert self._proc.stdout is not None
         self.endpoint = self._proc.stdout.readline().strip()
