@@ -1,4 +1,5 @@
-"""Unit-tier fixtures: a migrated SQLite metadata store in a temporary directory."""
+"""Unit-tier fixtures: a migrated SQLite metadata store in a temporary directory; vLLM's
+classes faked (no engine starts)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from haif.store import Database, open_database
+from tests.support.fake_vllm import FakeAsyncLLM, install_fake_vllm
 from tests.support.sqlite import sqlite_config
 
 
@@ -15,3 +17,9 @@ def sqlite_db(tmp_path: Path) -> Database:
     db = open_database(sqlite_config(tmp_path), migrate=True)
     yield db
     db.close()
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[FakeAsyncLLM]:
+    """vLLM's engine-argument and engine classes, nothing else: no engine starts."""
+    return install_fake_vllm(monkeypatch)

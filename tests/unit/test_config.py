@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-import sys
-import types
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import yaml
@@ -16,6 +13,7 @@ from pydantic import ValidationError
 
 from haif.config import HaifConfig, ModelConfig, RedisConfig, UsageConfig, load_config
 from haif.exceptions import AuthenticationFailed, ConfigError, ModelLoadFailed, RequestError
+from tests.support.fake_vllm import FakeAsyncLLM, FakeEngineArgs, FakeStructuredOutputsConfig, vllm_model
 
 pytestmark = pytest.mark.unit
 
@@ -343,10 +341,6 @@ def test_top_level_not_a_mapping(tmp_path: Path) -> None:
 # --- per-runtime sections -------------------------------------------------------------------
 
 
-def vllm_model(**fields: Any) -> ModelConfig:
-    return ModelConfig(name="llama", runtime="vllm", path="/m", **fields)
-
-
 def test_runtime_sections_are_read(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, """
 models:
@@ -525,67 +519,20 @@ def test_engine_mapping_over_haif_defaults_reaches_the_engine_kwargs() -> None:
     assert pooling["runner"] == "pooling"
 
 
-@dataclasses.dataclass
-class _FakeEngineArgs:
-    model: str
-    tokenizer: str
-    dtype: str
-    max_model_len: int
-    max_num_seqs: int | None = None
-    seed: int = 0
-    stream_interval: int = 1
-    enforce_eager: bool = False
-    structured_outputs_config: Any = None
-
-
-@dataclasses.dataclass
-class _FakeStructuredOutputsConfig:
-    backend: str = "auto"
-    disable_any_whitespace: bool = False
-
-
-class _FakeAsyncLLM:
-    started: ClassVar[list[_FakeEngineArgs]] = []
-
-    @classmethod
-    def from_engine_args(cls, args: _FakeEngineArgs) -> _FakeAsyncLLM:
-        cls.started.append(args)
-        return cls()
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[_FakeAsyncLLM]:
-    """vLLM's engine-argument and engine classes, nothing else: no engine starts."""
-    vllm = types.ModuleType("vllm")
-    vllm.AsyncEngineArgs = _FakeEngineArgs  # type: ignore[attr-defined]
-    vllm.__version__ = "0.0-fake"  # type: ignore[attr-defined]
-    async_llm = types.ModuleType("vllm.v1.engine.async_llm")
-    async_llm.AsyncLLM = _FakeAsyncLLM  # type: ignore[attr-defined]
-    config = types.ModuleType("vllm.config")
-    config.StructuredOutputsConfig = _FakeStructuredOutputsConfig  # type: ignore[attr-defined]
-    for name, module in [("vllm", vllm), ("vllm.config", config), ("vllm.v1", types.ModuleType("vllm.v1")),
-                         ("vllm.v1.engine", types.ModuleType("vllm.v1.engine")),
-                         ("vllm.v1.engine.async_llm", async_llm)]:
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(_FakeAsyncLLM, "started", [])
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    return _FakeAsyncLLM
-
-
-def test_engine_args_pass_the_mapping_to_vllm(fake_vllm: type[_FakeAsyncLLM]) -> None:
+def test_engine_args_pass_the_mapping_to_vllm(fake_vllm: type[FakeAsyncLLM]) -> None:
     from haif.runtimes.vllm import engine_args
 
     args = engine_args(vllm_model(engine={"stream_interval": 8, "enforce_eager": True}), "/m", "cpu")
-    assert args == _FakeEngineArgs(
+    assert args == FakeEngineArgs(
         model="/m", tokenizer="/m", dtype="float32", max_model_len=2048, max_num_seqs=16,
         seed=0, stream_interval=8, enforce_eager=True,
         # constrained decoding as on the torch runtime: xgrammar, no free whitespace
-        structured_outputs_config=_FakeStructuredOutputsConfig("xgrammar", disable_any_whitespace=True),
+        structured_outputs_config=FakeStructuredOutputsConfig("xgrammar", disable_any_whitespace=True),
     )
 
 
 def test_an_unknown_engine_key_fails_the_load_naming_it(
-    fake_vllm: type[_FakeAsyncLLM], monkeypatch: pytest.MonkeyPatch
+    fake_vllm: type[FakeAsyncLLM], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import asyncio
 

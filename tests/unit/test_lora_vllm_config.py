@@ -11,7 +11,7 @@ import pytest
 
 from haif.exceptions import ModelLoadFailed
 from haif.runtimes.vllm import engine_args, engine_kwargs
-from tests.unit.test_config import _FakeAsyncLLM, _FakeEngineArgs, fake_vllm, vllm_model  # noqa: F401
+from tests.support.fake_vllm import FakeAsyncLLM, FakeEngineArgs, vllm_model
 
 pytestmark = pytest.mark.unit
 
@@ -31,14 +31,14 @@ def test_lora_is_on_only_for_a_model_with_adapters() -> None:
 
 
 @dataclasses.dataclass
-class _LoraEngineArgs(_FakeEngineArgs):
+class _LoraEngineArgs(FakeEngineArgs):
     enable_lora: bool = False
     max_loras: int = 1
     max_cpu_loras: int | None = None
     max_lora_rank: int = 16
 
 
-def test_on_cpu_every_lora_slot_filled_is_refused(fake_vllm: type[_FakeAsyncLLM]) -> None:  # noqa: F811
+def test_on_cpu_every_lora_slot_filled_is_refused(fake_vllm: type[FakeAsyncLLM]) -> None:
     sys.modules["vllm"].AsyncEngineArgs = _LoraEngineArgs  # type: ignore[attr-defined]
     args = engine_args(vllm_model(**ADAPTERS, engine={"max_lora_rank": 8}), "/m", "cpu")
     assert (args.enable_lora, args.max_loras, args.max_cpu_loras, args.max_lora_rank) == (True, 4, 4, 8)
