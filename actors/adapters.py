@@ -27,7 +27,6 @@ from haif.exceptions import AdapterRejected
 from haif.telemetry import tracing
 
 if TYPE_CHECKING:
-    from actors.loaded import LoadedModel
     from haif.artifacts import ArtifactLoader, PulledArtifact
     from haif.config import ModelConfig
     from haif.envelope import Adapter
@@ -175,19 +174,3 @@ class WorkerAdapters:
         for loaded in self._loaded.values():
             loaded.artifact.release()
         self._loaded.clear()
-
-
-def hold_adapter(
-    loaded: LoadedModel, adapter: Adapter, loader: Callable[[], ArtifactLoader], metrics: WorkerMetrics
-) -> contextlib.AbstractAsyncContextManager[str]:
-    """``adapter`` held loaded on the model ``loaded`` (its adapters made on first use).
-
-    Raises:
-        AdapterRejected: the model's runtime takes no adapters.
-    """
-    if loaded.adapters is None:
-        if not loaded.runtime.supports_adapters:
-            raise AdapterRejected(f"model {loaded.runtime.ctx.model.name!r} does not take LoRA adapters")
-        base = loaded.artifact.manifest_digest if loaded.artifact is not None else None
-        loaded.adapters = WorkerAdapters(loaded.runtime.ctx.model, loaded.runtime, base, loader, metrics)
-    return loaded.adapters.use(adapter)

@@ -6,10 +6,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from actors.adapters import WorkerAdapters
+from haif.exceptions import AdapterRejected
+
 if TYPE_CHECKING:
-    from actors.adapters import WorkerAdapters
-    from haif.artifacts import PulledArtifact
+    import contextlib
+    from collections.abc import Callable
+
+    from haif.artifacts import ArtifactLoader, PulledArtifact
+    from haif.envelope import Adapter
     from haif.runtimes import Runtime
+    from haif.telemetry.metrics import WorkerMetrics
 
 
 @dataclass
@@ -20,6 +27,21 @@ class LoadedModel:
     load_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     adapters: WorkerAdapters | None = None  # LoRA adapters loaded on it (made on first use)
+
+    def hold_adapter(
+        self, adapter: Adapter, loader: Callable[[], ArtifactLoader], metrics: WorkerMetrics
+    ) -> contextlib.AbstractAsyncContextManager[str]:
+        """``adapter`` held loaded on this model (its adapters made on first use).
+
+        Raises:
+            AdapterRejected: the model's runtime takes no adapters.
+        """
+        if self.adapters is None:
+            if not self.runtime.supports_adapters:
+                raise AdapterRejected(f"model {self.runtime.ctx.model.name!r} does not take LoRA adapters")
+            base = self.artifact.manifest_digest if self.artifact is not None else None
+            self.adapters = WorkerAdapters(self.runtime.ctx.model, self.runtime, base, loader, metrics)
+        return self.adapters.use(adapter)
 
 
 class LoadedModels:

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from actors.adapters import hold_adapter
 from actors.loaded import LoadedModel, LoadedModels
 from haif.config import CPU_STREAM_PIECES_PER_S
 from haif.envelope import EmbeddingResult
@@ -337,7 +336,7 @@ class ModelWorker:
         """Hold the request's LoRA adapter loaded while it runs (nothing when it names none)."""
         if item.adapter is None or self._current is None:
             return contextlib.nullcontext()
-        return hold_adapter(self._current, item.adapter, self._artifact_loader, self._metrics)
+        return self._current.hold_adapter(item.adapter, self._artifact_loader, self._metrics)
 
     @contextlib.contextmanager
     def _serving(self, item: WorkItem, what: str) -> Iterator[Span]:

@@ -40,6 +40,12 @@ class TooManyBytes(Exception):
     """The source holds more bytes than its manifest says (a wrong or tampered blob)."""
 
 
+class Progress(Protocol):
+    """Where long transfers report bytes (the CLI draws rich progress bars)."""
+
+    def task(self, description: str, total: int) -> Callable[[int], None]: ...
+
+
 class TransferStats:
     """Thread-safe byte counters per replica: what a pull or publish really moved."""
 

@@ -39,7 +39,7 @@ from haif.telemetry import tracing
 
 if TYPE_CHECKING:
     from haif.artifacts.manifest import Manifest
-    from haif.artifacts.store import Progress
+    from haif.artifacts._io import Progress
     from haif.config import ArtifactsConfig
 
 logger = logging.getLogger("haif.artifacts")

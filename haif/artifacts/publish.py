@@ -3,8 +3,8 @@
 The directory is hashed in one streamed pass (copied meanwhile into each local
 replica's staging area), the manifest signed (or an identical one reused), then every
 replica gets the blobs it lacks and the manifest, in parallel. ``ArtifactStore.publish``
-is the entry point; this module holds its steps and depends on the store only through
-its public attributes.
+is the entry point; this module holds its steps and sees the store only as a
+``PublishTarget`` (it imports nothing of ``store``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from haif.artifacts._io import hash_file
 from haif.artifacts.manifest import ArtifactRef, FileEntry, Manifest, SignedManifest, sign_manifest
@@ -30,9 +30,20 @@ if TYPE_CHECKING:
     from haif.artifacts.keys import SigningKey, TrustPolicy
     from haif.artifacts.manifest import AdapterOf
     from haif.artifacts.replicas import Replica
-    from haif.artifacts.store import ArtifactStore, Progress
+    from haif.artifacts._io import Progress, TransferStats
 
 logger = logging.getLogger("haif.artifacts")
+
+
+class PublishTarget(Protocol):
+    """What publishing needs of a store (``ArtifactStore`` is one)."""
+
+    replicas: list[Replica]
+    write_quorum: int
+    chunk_bytes: int
+    stats: TransferStats
+
+    def manifest_at(self, replica: Replica, ref: ArtifactRef) -> SignedManifest | None: ...
 
 
 def _stamp(path: Path) -> tuple[int, ...]:
@@ -54,7 +65,7 @@ def scan_dir(source: Path) -> list[tuple[str, Path]]:
 
 
 def publish_dir(
-    store: ArtifactStore,
+    store: PublishTarget,
     source: Path,
     name: str,
     version: str,
@@ -115,7 +126,7 @@ def publish_dir(
 
 
 def _hash_and_stage(
-    store: ArtifactStore,
+    store: PublishTarget,
     files: list[tuple[str, Path]],
     staged: dict[str, dict[str, Path]],
     progress: Progress | None,
@@ -159,7 +170,7 @@ def _hash_and_stage(
 
 
 def _reuse_or_sign(
-    store: ArtifactStore,
+    store: PublishTarget,
     ref: ArtifactRef,
     manifest: Manifest,
     key: SigningKey,
@@ -194,7 +205,7 @@ def _reuse_or_sign(
 
 
 def _publish_to(
-    store: ArtifactStore,
+    store: PublishTarget,
     replica: Replica,
     signed: SignedManifest,
     local: dict[str, tuple[Path, tuple[int, ...]]],

@@ -3,14 +3,15 @@
 ``ArtifactStore.repair`` is the entry point. It works from ``ArtifactStore.verify``'s
 report, copies each bad blob from a replica that holds a good one (hashed on the way, so
 a bad copy is never committed), rewrites every manifest that differs, then verifies
-again. This module depends on the store only through its public methods and attributes.
+again. This module sees the store only as a ``RepairTarget`` (it imports nothing of
+``store``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from haif.artifacts._io import copy_hashed
 from haif.artifacts.manifest import MAX_MANIFEST_BYTES, FileEntry
@@ -21,13 +22,27 @@ if TYPE_CHECKING:
     from haif.artifacts.keys import TrustPolicy
     from haif.artifacts.manifest import ArtifactRef
     from haif.artifacts.replicas import Replica
-    from haif.artifacts.store import ArtifactStore, Progress
+    from haif.artifacts._io import Progress, TransferStats
+    from haif.artifacts.manifest import SignedManifest
+    from haif.artifacts.reports import VerifyReport
 
 logger = logging.getLogger("haif.artifacts")
 
 
+class RepairTarget(Protocol):
+    """What repairing needs of a store (``ArtifactStore`` is one)."""
+
+    replicas: list[Replica]
+    chunk_bytes: int
+    stats: TransferStats
+
+    def verify(self, ref: ArtifactRef, trust: TrustPolicy, progress: Progress | None = None) -> VerifyReport: ...
+
+    def read_manifest(self, ref: ArtifactRef, trust: TrustPolicy) -> SignedManifest: ...
+
+
 def repair_artifact(
-    store: ArtifactStore, ref: ArtifactRef, trust: TrustPolicy, progress: Progress | None = None
+    store: RepairTarget, ref: ArtifactRef, trust: TrustPolicy, progress: Progress | None = None
 ) -> RepairReport:
     """Repair ``ref`` on every replica of ``store`` (see ``ArtifactStore.repair``)."""
     before = store.verify(ref, trust, progress)
@@ -73,7 +88,7 @@ def repair_artifact(
 
 
 def _copy_from_any(
-    store: ArtifactStore,
+    store: RepairTarget,
     sources: list[Replica],
     dst: Replica,
     entry: FileEntry,
@@ -91,7 +106,7 @@ def _copy_from_any(
 
 
 def _copy_blob(
-    store: ArtifactStore,
+    store: RepairTarget,
     src: Replica,
     dst: Replica,
     entry: FileEntry,

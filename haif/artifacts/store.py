@@ -19,9 +19,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO
 
-from haif.artifacts._io import TooManyBytes, TransferStats, copy_hashed, group_reasons
+from haif.artifacts._io import Progress, TooManyBytes, TransferStats, copy_hashed, group_reasons
 from haif.artifacts.manifest import (
     MAX_MANIFEST_BYTES,
     AdapterOf,
@@ -53,12 +53,6 @@ if TYPE_CHECKING:
     from haif.config import ArtifactsConfig
 
 logger = logging.getLogger("haif.artifacts")
-
-
-class Progress(Protocol):
-    """Where long transfers report bytes (the CLI draws rich progress bars)."""
-
-    def task(self, description: str, total: int) -> Callable[[int], None]: ...
 
 
 @dataclass(frozen=True)

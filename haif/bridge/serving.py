@@ -148,7 +148,7 @@ class BridgeService:
         item = self._item("embedding", body, request)
         result = await self.pipeline.embed(item)
         vectors = await resolve_vectors(result)
-        response = embedding_response(result, vectors, body.encoding_format)
+        response = embedding_response(result.model, result.prompt_tokens, vectors, body.encoding_format)
         return Response(response.model_dump_json(), media_type="application/json")
 
     async def job(self, job_id: str, request: Request) -> Response:

@@ -84,7 +84,7 @@ class GatewayInbound:
             vectors = result.vectors
             if isinstance(vectors, ray.ObjectRef):
                 vectors = await vectors
-            return embedding_response(result, vectors, request.encoding_format).model_dump(mode="json")
+            return embedding_response(result.model, result.prompt_tokens, vectors, request.encoding_format).model_dump(mode="json")
         if item.stream:
             return self._stream(item)
         response = await self._call(self._gateway.generate.remote(item))

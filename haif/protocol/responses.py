@@ -13,7 +13,6 @@ from haif.protocol._base import _Response
 if TYPE_CHECKING:
     import numpy as np
 
-    from haif.envelope import EmbeddingResult
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -186,9 +185,10 @@ class EmbeddingResponse(_Response):
 
 
 def embedding_response(
-    result: EmbeddingResult, vectors: np.ndarray, encoding_format: str
+    model: str, prompt_tokens: int, vectors: np.ndarray, encoding_format: str
 ) -> EmbeddingResponse:
-    """The OpenAI embeddings body; ``base64`` is little-endian float32, as OpenAI sends it."""
+    """The OpenAI embeddings body of ``vectors`` (one row an input) from ``model``;
+    ``base64`` is little-endian float32, as OpenAI sends it."""
     import numpy as np  # lazy: importing the protocol stays light
 
     data: list[Embedding] = []
@@ -201,8 +201,8 @@ def embedding_response(
         data.append(Embedding(index=i, embedding=value))
     return EmbeddingResponse(
         data=data,
-        model=result.model,
-        usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+        model=model,
+        usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
     )
 
 

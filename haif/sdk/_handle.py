@@ -127,7 +127,7 @@ class HandleClient:
         except Exception as exc:
             _raise_typed(exc)
             raise
-        return embedding_response(result, vectors, body.encoding_format)
+        return embedding_response(result.model, result.prompt_tokens, vectors, body.encoding_format)
 
     def _generate(self, kind: Kind, body: Body) -> Any:
         item = self._item(kind, body, self._limits_sync())
@@ -188,7 +188,7 @@ class HandleClient:
         except Exception as exc:
             _raise_typed(exc)
             raise
-        return embedding_response(result, vectors, body.encoding_format)
+        return embedding_response(result.model, result.prompt_tokens, vectors, body.encoding_format)
 
     async def _agenerate(self, kind: Kind, body: Body) -> Any:
         item = self._item(kind, body, await self._limits_async())

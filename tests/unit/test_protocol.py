@@ -199,8 +199,8 @@ def test_completion_and_chat_responses() -> None:
 def test_embedding_base64_decodes_to_the_same_floats(dtype: Any) -> None:
     vectors = np.array([[0.1, -2.5, 3.25e-8, 1e6], [0.0, 1.0, -1.0, 0.5]], dtype=dtype)
     result = EmbeddingResult(model="minilm", vectors=vectors, prompt_tokens=7)
-    floats = embedding_response(result, vectors, "float")
-    b64 = embedding_response(result, vectors, "base64")
+    floats = embedding_response(result.model, result.prompt_tokens, vectors, "float")
+    b64 = embedding_response(result.model, result.prompt_tokens, vectors, "base64")
     assert b64.model == "minilm"
     assert b64.usage.prompt_tokens == 7 and b64.usage.total_tokens == 7
     assert [d.index for d in b64.data] == [0, 1]
