@@ -95,6 +95,16 @@ class Principal:
     tenant_id: int | None = None  # None: no metadata store (auth.backend static)
     token_id: int | None = None
     limits: QuotaLimits | None = None  # as cached with the token
+    # A JWT of an issuer in auth.oidc: who signed it and whom it names (jobs name the caller).
+    issuer: str | None = None
+    subject: str | None = None
+
+    @property
+    def caller(self) -> str | None:
+        """Who acts, as jobs and audit rows name them: ``token:ID`` or ``oidc:ISSUER#SUB``."""
+        if self.subject is not None:
+            return f"oidc:{self.issuer}#{self.subject}"
+        return None if self.token_id is None else f"token:{self.token_id}"
 
 
 @dataclass(frozen=True)
