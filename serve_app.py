@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{config.server.host}:{config.server.port}"
     wait_ready(url, timeout_s=600)
     print(f"URL: {url}", flush=True)
-    print(f"API key: {config.auth.dev_api_key}", flush=True)
+    if config.auth.dev_api_key:  # auth.dev_key: a production start prints no secret
+        print(f"API key: {config.auth.dev_api_key}", flush=True)
     return 0
 
 

@@ -1,9 +1,11 @@
-"""What must exist before the platform starts: state, schema, tenant ``default``, dev key, models.
+"""What must exist before the platform starts: state, schema, models, and (``auth.dev_key``)
+the development key and its tenant.
 
-The development key is a convenience of ``make serve``: its plaintext stays in
-``state_dir/dev_api_key`` (mode 0600) so that the developer sees the same key after a
-restart; the metadata store holds only its hash, like any token's. Production tokens
-come from ``haif tokens create`` and are shown once.
+The development key is a convenience of ``make serve`` (``configs/local.yaml`` asks for
+it): its plaintext stays in ``state_dir/dev_api_key`` (mode 0600) so that the developer
+sees the same key after a restart; the metadata store holds only its hash, like any
+token's. Without ``auth.dev_key`` no key is minted or printed: a production deployment's
+first admin token comes from ``haif admin bootstrap --tenant NAME``, shown once.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ DEV_KEY_SCOPES = ("admin", "inference")
 
 
 def ensure_dev_key(config: HaifConfig) -> HaifConfig:
-    """Return ``config`` with a development API key, created once under ``state_dir``."""
-    if config.auth.dev_api_key:
+    """Return ``config`` with a development API key, created once under ``state_dir``, when
+    ``auth.dev_key`` asks for one; else ``config`` as it is."""
+    if not config.auth.dev_key or config.auth.dev_api_key:
         return config
     state = config.state_path()
     state.mkdir(parents=True, exist_ok=True)
@@ -60,15 +63,23 @@ def ensure_dev_models(config: HaifConfig) -> None:
 
 
 def ensure_tenancy(config: HaifConfig) -> None:
-    """Upgrade the schema; create the dev tenant and register the dev key's hash if missing."""
+    """Upgrade the schema; with ``auth.dev_key``, create the dev tenant and register the dev
+    key's hash if missing.
+
+    Raises:
+        ConfigError: ``auth.dev_key`` is on and the key is unset (``ensure_dev_key`` first).
+    """
     from haif.store import open_database
     from haif.store.tenants import TenantRepository
     from haif.store.tokens import TokenRepository
 
     key = config.auth.dev_api_key
-    if key is None:
+    if config.auth.dev_key and key is None:
         raise ConfigError("auth.dev_api_key is unset: ensure_tenancy registers it (ensure_dev_key first)")
     db = open_database(config, pool_size=1)
+    if key is None:
+        db.close()  # migrated: nothing else to set up without a development key
+        return
     try:
         with db.session() as session:
             tenant = TenantRepository(session).ensure(config.auth.dev_tenant)

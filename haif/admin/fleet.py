@@ -8,14 +8,19 @@ where the operations run in a Gateway; the CLI on the database has no live view.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from haif.admin import audit, pages
 from haif.admin.operations import DEFAULT_PAGE, MAX_PAGE, Page, Record
-from haif.exceptions import InvalidRequest, ModelNotFound, NotFound, PermissionDenied, UnsupportedOperation
+from haif.exceptions import (
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    PermissionDenied,
+    UnsupportedOperation,
+)
 
 if TYPE_CHECKING:
     from haif.admin.audit import Actor
@@ -28,8 +33,6 @@ if TYPE_CHECKING:
 # Dead letters page by position (the Redis stream and the table merged, newest first).
 MAX_DLQ_OFFSET = 10_000
 NO_LIVE_VIEW = "this needs a running deployment: set HAIF_URL and HAIF_TOKEN (or --url, --token)"
-# A replay: (the dead letter's JSON) -> {"job_id", "state", "executed"}; the Gateway's own.
-Replay = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def model_config(config: HaifConfig, name: str) -> ModelConfig:
@@ -75,14 +78,12 @@ class FleetOperations:
         actor: Actor,
         dlq: DeadLetterQueue | None = None,
         live: Callable[[], RoutingTable] | None = None,
-        replay: Replay | None = None,
     ) -> None:
         self._db = db
         self._config = config
         self.actor = actor
         self._dlq = dlq
         self._live = live
-        self._replay = replay
 
     def _require_admin(self) -> None:
         if self.actor.role != "admin":
@@ -230,11 +231,14 @@ class FleetOperations:
         return entry.model_dump(mode="json")
 
     def replay_dead_letter(self, entry_id: str, keep: bool = False) -> Record:
+        """A replay runs the request again: only a Gateway can (the admin API does it as
+        ``get_dead_letter``, the Gateway's replay, then ``replayed``)."""
+        raise UnsupportedOperation(NO_LIVE_VIEW)
+
+    def replayed(self, entry_id: str, result: dict[str, Any], keep: bool) -> Record:
+        """Record a done replay of ``entry_id`` (``result``: the Gateway's answer); the entry
+        leaves the queue unless ``keep``."""
         self._require_admin()
-        if self._replay is None:
-            raise UnsupportedOperation(NO_LIVE_VIEW)
-        entry = self.get_dead_letter(entry_id)
-        result = self._replay(entry)
         if not keep:
             self._queue().remove(entry_id)
         outcome = {"id": entry_id, **{k: result[k] for k in ("job_id", "state", "executed")}}
@@ -257,7 +261,3 @@ class FleetOperations:
             audit.record(session, self.actor, "dlq.purge_all", "dead_letters", None, {"purged": count})
         return {"purged": count}
 
-
-def run_coroutine(loop: asyncio.AbstractEventLoop, make: Callable[[], Any], timeout_s: float) -> Any:
-    """Run ``make()`` (a coroutine) on ``loop`` from a worker thread and wait for it."""
-    return asyncio.run_coroutine_threadsafe(make(), loop).result(timeout_s)

@@ -18,7 +18,6 @@ from haif.admin.tenancy import TenancyOperations
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from haif.admin.fleet import Replay
     from haif.config import HaifConfig
     from haif.dlq import DeadLetterQueue
     from haif.orchestrator.table import RoutingTable
@@ -39,10 +38,9 @@ class AdminService(TenancyOperations, FleetOperations):
         actor: Actor,
         dlq: DeadLetterQueue | None = None,
         live: Callable[[], RoutingTable] | None = None,
-        replay: Replay | None = None,
     ) -> None:
         TenancyOperations.__init__(self, db, config, actor)
-        FleetOperations.__init__(self, db, config, actor, dlq, live, replay)
+        FleetOperations.__init__(self, db, config, actor, dlq, live)
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from haif import __version__
 from haif.bridge.errors import install_error_handlers
 from haif.bridge.middleware import EdgeMiddleware, MetricsMiddleware
-from haif.bridge.routers import chat, completions, embeddings, health, jobs, models
+from haif.bridge.routers import admin, chat, completions, embeddings, health, jobs, models
 from haif.bridge.serving import BridgeService
 from haif.telemetry.metrics import BridgeMetrics, MetricsReader, MetricsTarget, ProcessMetrics
 
@@ -32,7 +32,7 @@ def build_app(config: HaifConfig, pipeline: Pipeline, process: ProcessMetrics | 
     process = process or ProcessMetrics.start(target, "gateway")
     metrics = BridgeMetrics(process, (m.name for m in config.models))
     app.state.service = BridgeService(config, pipeline, metrics, MetricsReader(target))
-    for module in (health, models, completions, chat, embeddings, jobs):
+    for module in (health, models, completions, chat, embeddings, jobs, admin):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=config.limits.max_body_bytes)

@@ -62,7 +62,8 @@ def run(config: HaifConfig, ready_timeout_s: float = 900.0) -> int:
             if model.get("state") != "ready":
                 print(f"WARNING: model {name} is {model.get('state')}: {model.get('error')}", flush=True)
         print(f"URL: {url}", flush=True)
-        print(f"API key: {config.auth.dev_api_key}", flush=True)
+        if config.auth.dev_api_key:  # auth.dev_key: a production start prints no secret
+            print(f"API key: {config.auth.dev_api_key}", flush=True)
         while not stop.wait(1.0):
             pass
         print("stopping HAIF ...", flush=True)

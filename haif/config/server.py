@@ -119,19 +119,41 @@ class AuthConfig(ConfigModel):
     backend: Literal["database", "static"] = Field(
         "database",
         description="database: tenants and API tokens in the metadata store; "
-        "static: only dev_api_key, no quotas, jobs or usage (benchmark baseline).",
+        "static: only the development key (dev_key), no quotas, jobs or usage (benchmark baseline).",
+    )
+    dev_key: bool = Field(
+        False,
+        description="Mint the development key (admin and inference scopes, tenant dev_tenant) and print it "
+        "at start (`API key:`). configs/local.yaml turns it on; off by default, so a production start "
+        "mints and prints no secret: its first admin token comes from `haif admin bootstrap`.",
     )
     dev_api_key: str | None = Field(
         None,
         min_length=16,
         max_length=256,
-        description="Development API key of the `default` tenant; generated into state_dir when unset.",
+        description="The development key's value; generated once into state_dir when unset. Giving one "
+        "turns dev_key on (an explicit dev_key: false beside it is an error).",
     )
     dev_tenant: str = Field("default", description="Tenant the development key belongs to.")
     token_cache_ttl_s: float = Field(
         5.0, ge=0, le=3600,
         description="How long a token lookup is cached: a revoked token stops working within this time.",
     )
+    change_poll_s: float = Field(
+        0.25, gt=0, le=10,
+        description="How often each Orchestrator replica reads the last auth change (a revoked token, a "
+        "suspended tenant) and, when new, sends it to every Gateway replica with the routing table: a "
+        "change made through the admin API reaches them at once, one made on the database within this.",
+    )
     token_cache_max_entries: int = Field(
         10_000, ge=1, le=10_000_000, description="Token lookups (good and bad) kept per Gateway replica."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dev_key_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("dev_api_key") is not None:
+            if data.get("dev_key", True) in (False, "false", "False", "0", 0):
+                raise ValueError("auth.dev_api_key is set but auth.dev_key is false: drop one")
+            data = {**data, "dev_key": True}
+        return data

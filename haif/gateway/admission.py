@@ -220,6 +220,7 @@ class Admission:
             job_id=new_id(_ID_PREFIX[item.kind]),
             tenant_id=principal.tenant_id,
             token_id=principal.token_id,
+            caller=principal.caller,
             kind=item.kind,
             model=resolved.served,  # BASE:ADAPTER: usage records carry the adapter
             version=resolved.version or model.version,

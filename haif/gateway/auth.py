@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
     from haif.store.db import Database
     from haif.store.tokens import TokenInfo
+
+logger = logging.getLogger("haif.gateway")
 
 AUTH_FAILED_MESSAGE = "invalid or missing API key"
 MAX_KEY_CHARS = 512
@@ -189,6 +192,33 @@ def _find(db: Database, prefix: str) -> TokenInfo | None:
 
     with db.connect() as conn:
         return find_token(conn, prefix)
+
+
+class Forgetful(Protocol):
+    def forget(self) -> None: ...
+
+
+class CredentialCaches:
+    """A Gateway replica's cached credentials (tokens, peers, JWT tenants), dropped together
+    when the auth epoch the routing table carries moves (``haif.admin.audit.auth_changed``)."""
+
+    def __init__(self, *caches: Forgetful | None) -> None:
+        self._caches = [c for c in caches if c is not None]
+        self.epoch: int | None = None
+
+    def add(self, cache: Forgetful) -> None:
+        self._caches.append(cache)
+
+    def observe(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            if self.epoch is not None:
+                logger.info("auth epoch %d: cached credentials dropped", epoch)
+            self.epoch = epoch
+            self.forget()
+
+    def forget(self) -> None:
+        for cache in self._caches:
+            cache.forget()
 
 
 PEER_REFUSED_MESSAGE = "this peer's public key is not mapped to a tenant (haif p2p peers add)"

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 
 from haif.exceptions import ConfigError
 from haif.gateway.admission import Admission
-from haif.gateway.auth import Authenticator, DatabaseAuthenticator, PeerAuthenticator, StaticKeyAuthenticator
+from haif.gateway.auth import (
+    Authenticator,
+    CredentialCaches,
+    DatabaseAuthenticator,
+    PeerAuthenticator,
+    StaticKeyAuthenticator,
+)
 from haif.gateway.metrics import GatewayMetrics
 from haif.orchestrator.router import Router
 from haif.orchestrator.table import TableClient
@@ -31,6 +37,7 @@ if TYPE_CHECKING:
     from haif.dlq import DeadLetterQueue
     from haif.gateway.lease import QuotaLeases
     from haif.gateway.ratelimit import RedisRateLimiter
+    from haif.orchestrator.table import RoutingTable
     from haif.store.db import Database
 
 logger = logging.getLogger("haif.gateway")
@@ -53,16 +60,22 @@ class GatewayParts:
     metrics: ProcessMetrics | None = None
     routing_metrics: OrchestratorMetrics | None = None
     p2p: DeploymentHandle | None = None  # the P2P shim, for its state in /readyz
+    caches: CredentialCaches = field(default_factory=lambda: CredentialCaches())
+    auth_changed: Callable[[], Awaitable[None]] | None = None  # Pipeline.auth_changed
 
 
 def default_authenticator(config: HaifConfig) -> Authenticator:
     """The static backend's authenticator: the development key only.
 
     Raises:
-        ConfigError: ``auth.dev_api_key`` is unset (``haif serve`` generates it before deploying).
+        ConfigError: ``auth.dev_key`` is off, or the key is unset (``haif serve`` generates it
+            before deploying).
     """
-    if not config.auth.dev_api_key:
-        raise ConfigError("auth.backend is static but auth.dev_api_key is unset: it is the only key served")
+    if not config.auth.dev_key or not config.auth.dev_api_key:
+        raise ConfigError(
+            "auth.backend is static but auth.dev_api_key is unset (auth.dev_key: true mints it): "
+            "it is the only key served"
+        )
     return StaticKeyAuthenticator(config.auth.dev_api_key, config.auth.dev_tenant)
 
 
@@ -102,7 +115,11 @@ def compose(
         report = {"gateway": gateway, "queued": router.queued(), "outcomes": metrics.take_outcomes()}
         return orchestrator.listen.remote(version, refresh_s, report)
 
-    table = TableClient(listen, router.update, refresh_s)
+    def on_table(table: RoutingTable) -> None:
+        router.update(table)
+        parts.caches.observe(table.auth_epoch)
+
+    table = TableClient(listen, on_table, refresh_s)
     if config.auth.backend == "static":
         peers = _peers(config, None)
         admission = Admission(
@@ -114,6 +131,12 @@ def compose(
     parts.table, parts.metrics, parts.routing_metrics = table, process, OrchestratorMetrics(process)
     parts.p2p = p2p
     parts.background.append(table.run)
+
+    async def auth_changed() -> None:
+        parts.caches.forget()
+        await orchestrator.auth_changed.remote()  # publishes the new epoch to every replica
+
+    parts.auth_changed = auth_changed
     return parts
 
 
@@ -165,6 +188,7 @@ def _tenancy(config: HaifConfig, metrics: GatewayMetrics, router: Router) -> Gat
 
         background.append(UsageExporter(db, config.usage).run)
     auth = DatabaseAuthenticator(db, config.auth.token_cache_ttl_s, config.auth.token_cache_max_entries)
+    peers = _peers(config, db)
     admission = Admission(
         config,
         auth,
@@ -174,11 +198,12 @@ def _tenancy(config: HaifConfig, metrics: GatewayMetrics, router: Router) -> Gat
         replica=replica_id(),
         metrics=metrics,
         settlements=settlements,
-        peers=_peers(config, db),
+        peers=peers,
         versions=router.version_of,
     )
     return GatewayParts(
-        admission, router, background=background, db=db, dlq=dlq, limiter=limiter, leases=leases
+        admission, router, background=background, db=db, dlq=dlq, limiter=limiter, leases=leases,
+        caches=CredentialCaches(auth, peers),
     )
 
 

@@ -250,6 +250,13 @@ class Pipeline:
             await self._generate(ticket)
         return {"job_id": ticket.job_id, "executed": executed, "state": "succeeded"}
 
+    async def auth_changed(self) -> None:
+        """What authenticates changed (a revoked token, a suspended tenant): this replica's
+        cached credentials go now, the other replicas' with the Orchestrator's next table,
+        which it publishes at once."""
+        if self.parts.auth_changed is not None:
+            await self.parts.auth_changed()
+
     # --- the tenant's own records ----------------------------------------------------------
 
     async def job(self, job_id: str, ctx: RequestContext) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class OrchestratorParts:
     canary: CanaryControl
     autoscaler: AutoscaleControl
     drains: DrainControl
+    store: ControlStore | None = None  # the auth epoch's source (rollouts read their own)
 
     @classmethod
     def of(
@@ -57,6 +58,7 @@ class OrchestratorParts:
             canary=CanaryControl(fleet, store, judge, metrics),
             autoscaler=AutoscaleControl(fleet, config.resilience, metrics),
             drains=DrainControl(fleet, store, config.resilience, config.rollouts.poll_s),
+            store=store,
         )
 
 

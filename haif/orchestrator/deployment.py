@@ -89,7 +89,7 @@ class Orchestrator:
         self._ensure_loop()
 
     def _control_period_s(self) -> float:
-        periods = [self._config.rollouts.poll_s]
+        periods = [self._config.rollouts.poll_s, self._config.auth.change_poll_s]
         autoscale_s = self._parts.autoscaler.period_s()
         if autoscale_s is not None:
             periods.append(autoscale_s)
@@ -97,8 +97,8 @@ class Orchestrator:
 
     async def _run(self) -> None:
         """One loop, two cadences: a health round every ``health_check_period_s`` (at once
-        when a Gateway reports a worker dead), a control round every ``rollouts.poll_s``
-        and autoscaler's ``metrics_interval_s``. The loop only schedules: each round runs
+        when a Gateway reports a worker dead), a control round every ``rollouts.poll_s``,
+        ``auth.change_poll_s`` (the auth epoch) and autoscaler's ``metrics_interval_s``. The loop only schedules: each round runs
         as a task of its own, so a slow one (a hung worker's probe, a store read during an
         outage) never delays the other kind; a kind never overlaps itself. A round that
         fails is logged; the next runs."""
@@ -140,6 +140,7 @@ class Orchestrator:
 
     async def _control_round(self, poll: bool) -> None:
         parts, leader = self._parts, self._fleet.leader
+        await self._read_auth_epoch()
         if poll and await parts.rollouts.poll() and leader:
             await parts.drains.take_requests()
         # Every replica judges the canaries on the reports it gets (a Gateway's long-poll
@@ -169,6 +170,18 @@ class Orchestrator:
             self._parts.autoscaler.take_queued(gateway, dict(report.get("queued") or {}))
             self._parts.canary.take_outcomes(report.get("outcomes") or {})
         return await self._fleet.host.listen(version, min(max(timeout_s, 0.0), MAX_LISTEN_S))
+
+    async def auth_changed(self) -> int:
+        """A Gateway changed what authenticates (a revocation, a suspension): publish the
+        new auth epoch now, not at the next control round. Answers the epoch published."""
+        await self._read_auth_epoch()
+        return self._fleet.auth_epoch
+
+    async def _read_auth_epoch(self) -> None:
+        store = self._parts.store
+        epoch = await asyncio.to_thread(store.read_auth_epoch) if store is not None else None
+        if epoch is not None and self._fleet.observe_auth_epoch(epoch):
+            self._fleet.publish()
 
     def demand(self, model: str) -> None:
         """A Gateway holds requests for ``model``, which has no worker (scaled to zero):

@@ -97,6 +97,7 @@ class FleetState:
         self.namespace = config.ray.namespace
         self.leader = leader
         self.host = host or TableHost()
+        self.auth_epoch = 0  # the last auth change seen (haif.admin.audit.auth_changed)
         self._worker = worker
         self._metrics_target = metrics_target
         self._settling: set[asyncio.Task[None]] = set()
@@ -148,7 +149,15 @@ class FleetState:
         return out
 
     def publish(self) -> None:
-        self.host.publish(RoutingTable.of({name: f.routes() for name, f in self.fleets.items()}))
+        models = {name: f.routes() for name, f in self.fleets.items()}
+        self.host.publish(RoutingTable.of(models, self.auth_epoch))
+
+    def observe_auth_epoch(self, epoch: int) -> bool:
+        """Carry auth change ``epoch`` to the Gateways (never backwards); whether it is new."""
+        if epoch <= self.auth_epoch:
+            return False
+        self.auth_epoch = epoch
+        return True
 
     # --- a version's slots -----------------------------------------------------------------
 

@@ -108,11 +108,16 @@ class RoutingTable:
     models: dict[str, ModelRoutes] = field(default_factory=dict)
     version: str = ""
     published_at: float = 0.0  # time.time() of the Orchestrator that published it
+    # The last auth change (a revoked token, a suspended tenant: ``auth_changes``): a new
+    # one is a new version, so every Gateway's long-poll returns at once and the replica
+    # drops its cached credentials (haif.gateway.auth).
+    auth_epoch: int = 0
 
     @classmethod
-    def of(cls, models: dict[str, ModelRoutes]) -> RoutingTable:
-        digest = hashlib.sha256(repr(sorted(m.facts() for m in models.values())).encode()).hexdigest()
-        return cls(models=models, version=digest[:16], published_at=time.time())
+    def of(cls, models: dict[str, ModelRoutes], auth_epoch: int = 0) -> RoutingTable:
+        facts = (sorted(m.facts() for m in models.values()), auth_epoch)
+        digest = hashlib.sha256(repr(facts).encode()).hexdigest()
+        return cls(models=models, version=digest[:16], published_at=time.time(), auth_epoch=auth_epoch)
 
 
 class TableHost:

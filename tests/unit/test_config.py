@@ -50,6 +50,7 @@ def test_local_config_validates() -> None:
     # Relative paths resolve against the directory the process starts in (the tests run from the root).
     assert Path(config.base_dir) == ROOT.resolve()
     assert config.state_path() == ROOT.resolve() / ".haif"
+    assert config.auth.dev_key  # `make serve` prints `API key:`
 
 
 def test_production_example_validates() -> None:
@@ -66,6 +67,8 @@ def test_production_example_validates() -> None:
     assert config.rollouts.max_error_rate == 0.05
     # Absolute state dir stays absolute.
     assert config.state_path() == Path("/var/lib/haif")
+    # A production start mints no development key (and so prints none).
+    assert not config.auth.dev_key and config.auth.dev_api_key is None
 
 
 def test_integration_config_validates() -> None:
@@ -262,11 +265,27 @@ def test_static_auth_without_a_key_is_a_config_error() -> None:
     assert info.value.status_code == 500
 
 
-def test_tenancy_without_the_dev_key_is_a_config_error() -> None:
+def test_tenancy_with_dev_key_on_but_no_key_is_a_config_error() -> None:
     from haif.bootstrap import ensure_tenancy
 
     with pytest.raises(ConfigError, match=r"auth\.dev_api_key is unset"):
-        ensure_tenancy(HaifConfig())
+        ensure_tenancy(HaifConfig(auth={"dev_key": True}))
+
+
+def test_no_dev_key_unless_the_config_asks(tmp_path: Path) -> None:
+    """Off by default: no key minted, no file written; a given dev_api_key turns it on, and
+    an explicit dev_key: false beside one is refused."""
+    from haif.bootstrap import ensure_dev_key
+
+    config = HaifConfig(server={"state_dir": str(tmp_path / "state")})
+    assert not config.auth.dev_key
+    assert ensure_dev_key(config).auth.dev_api_key is None
+    assert not (tmp_path / "state").exists()
+    on = HaifConfig(server={"state_dir": str(tmp_path / "state")}, auth={"dev_key": True})
+    assert ensure_dev_key(on).auth.dev_api_key
+    assert HaifConfig(auth={"dev_api_key": "a-long-enough-secret-key"}).auth.dev_key
+    with pytest.raises(ValueError, match="dev_key is false"):
+        HaifConfig(auth={"dev_api_key": "a-long-enough-secret-key", "dev_key": False})
 
 
 def test_redis_users_without_redis_url_are_config_errors() -> None:

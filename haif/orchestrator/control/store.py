@@ -57,6 +57,16 @@ class ControlStore:
         self._down = False
         return rows
 
+    def read_auth_epoch(self) -> int | None:
+        """The last auth change's id (0: none yet); None when the store does not answer."""
+        from haif.admin.audit import auth_epoch
+
+        try:
+            with self._db.connect() as conn:
+                return auth_epoch(conn)
+        except Exception:  # the rollouts' read says the store is down, once per outage
+            return None
+
     def rollback(self, model: str, version: str, reason: str, generation: int) -> bool:
         """Record an automatic rollback, unless the rollout changed since ``generation``
         (that change wins). Whether it was recorded."""
