@@ -22,7 +22,7 @@ Records:
 - dead letter: summary ``{"id", "tenant", "model", "error", "error_type", "error_code",
   "attempts", "trace_id", "dead_at"}``; ``get_dead_letter`` the whole entry, body included
 - job: ``{"id", "tenant", "kind", "model", "version", "state", "caller", "prompt_tokens",
-  "completion_tokens", "worker", "error", "created_at", "started_at", "finished_at"}``
+  "completion_tokens", "worker", "gateway", "error", "created_at", "started_at", "finished_at"}``
 - usage: the ``haif usage export`` row (:data:`haif.store.usage.EXPORT_FIELDS`)
 - peer: ``{"public_key", "tenant", "created_at", "source": "store" | "config"}``
 - audit: ``{"id", "at", "actor", "action", "target", "before", "after", "request_id",

@@ -163,10 +163,11 @@ class TenancyOperations:
                     raise InvalidRequest("suspended must be true or false")
                 if changes["suspended"] != (tenant.suspended_at is not None):
                     tenant.suspended_at = datetime.now(UTC) if changes["suspended"] else None
-                    self._auth_changed(session, f"tenant:{name}")
             session.flush()
             session.expire_all()
             after = tenant_record(*self._tenant(session, name))
+            if after != before:  # cached principals carry the limits and the suspension
+                self._auth_changed(session, f"tenant:{name}")
             action = "tenant.update"
             if set(changes) == {"suspended"}:
                 action = "tenant.suspend" if changes["suspended"] else "tenant.resume"
@@ -319,6 +320,7 @@ class TenancyOperations:
         with self._db.session() as session:
             row = PeerRepository(session).add(public_key, TenantRepository(session).get(tenant))
             after = _peer_record(row, tenant)
+            self._auth_changed(session, f"peer:{row.public_key}")  # its refusal may be cached
             audit.record(session, self.actor, "peer.add", f"peer:{row.public_key}", None, after)
         return after
 
@@ -357,6 +359,7 @@ def _job_record(job: Job, tenant: str) -> Record:
         "prompt_tokens": job.prompt_tokens,
         "completion_tokens": job.completion_tokens,
         "worker": job.worker,
+        "gateway": job.gateway,
         "error": job.error,
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),

@@ -75,6 +75,8 @@ def test_revocation_and_suspension_move_the_auth_epoch(admin: AdminService) -> N
     again = AdminService(admin._db, admin._config, ADMIN)
     again.update_tenant("acme", {"suspended": True})  # no change: no new epoch
     assert again.auth_epoch is None
+    again.update_tenant("acme", {"max_concurrent": 2})  # cached principals carry the limits
+    assert again.auth_epoch > admin.auth_epoch
 
 
 def test_pages_follow_the_keyset_and_refuse_a_forged_cursor(admin: AdminService) -> None:

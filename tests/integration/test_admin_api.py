@@ -1,0 +1,171 @@
+"""The admin API end to end on the shared deployment: two Gateway replicas, PostgreSQL.
+
+``auth.token_cache_ttl_s`` is 30 s in the integration config, so a revocation, a suspension
+or a resumption seen by both replicas within a second can only have come by the auth
+epoch the routing table carries, not by a cache running out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.support.deployment import Deployment
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+BURST = 16  # concurrent requests: Serve spreads them over both Gateway replicas
+NOTICE_S = 1.0  # revocation and suspension reach every replica within this
+SLACK_S = 1.0  # a loaded two-core machine's scheduling on top of it
+
+
+def admin(haif: Deployment) -> httpx.Client:
+    return httpx.Client(base_url=haif.url, headers=haif.headers(), timeout=60)
+
+
+def new_tenant(c: httpx.Client, **fields: object) -> str:
+    name = f"adm-{uuid.uuid4().hex[:10]}"
+    resp = c.post("/admin/v1/tenants", json={"name": name, **fields})
+    assert resp.status_code == 201, resp.text
+    return name
+
+
+def new_token(c: httpx.Client, tenant: str, scopes: list[str] | None = None) -> dict:
+    resp = c.post("/admin/v1/tokens", json={"tenant": tenant, "scopes": scopes or ["inference"]})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def burst(url: str, token: str) -> list[int]:
+    async def go() -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            calls = [
+                c.post("/v1/completions", headers={"Authorization": f"Bearer {token}"},
+                       json={"model": "echo", "prompt": "hi", "max_tokens": 2})
+                for _ in range(BURST)
+            ]
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+    return asyncio.run(go())
+
+
+def warm_both_replicas(c: httpx.Client, url: str, tenant: str, token: str) -> None:
+    """Until both Gateway replicas have served (and so cached) the token."""
+    def both() -> bool:
+        assert set(burst(url, token)) == {200}
+        jobs = c.get("/admin/v1/jobs", params={"tenant": tenant, "limit": 1000}).json()["data"]
+        return len({j["gateway"] for j in jobs}) == 2
+
+    wait_for(both, 60, 0.0, "both Gateway replicas to serve the token")
+
+
+def refused_everywhere_within(url: str, token: str, status: int, since: float) -> float:
+    """Seconds from ``since`` until a whole burst is refused with ``status``."""
+    wait_for(lambda: set(burst(url, token)) == {status}, NOTICE_S + SLACK_S + 10, 0.0,
+             f"every replica to answer {status}")
+    return time.monotonic() - since
+
+
+def test_a_token_made_over_http_serves_then_revocation_reaches_both_replicas_at_once(haif: Deployment) -> None:
+    with admin(haif) as c:
+        tenant = new_tenant(c, max_concurrent=100, priority="high")
+        token = new_token(c, tenant)
+        warm_both_replicas(c, haif.url, tenant, token["token"])
+        start = time.monotonic()
+        assert c.delete(f"/admin/v1/tokens/{token['id']}").json()["state"] == "revoked"
+        took = refused_everywhere_within(haif.url, token["token"], 401, start)
+        assert took < NOTICE_S + SLACK_S, took
+        assert set(burst(haif.url, token["token"])) == {401}  # and it stays refused on both
+        jobs = c.get("/admin/v1/jobs", params={"tenant": tenant}).json()["data"]
+        assert {j["caller"] for j in jobs} == {f"token:{token['id']}"}  # jobs name the caller
+        audit = c.get("/admin/v1/audit", params={"target": f"token:{token['id']}"}).json()["data"]
+        assert [r["action"] for r in audit] == ["token.revoke", "token.create"]
+        assert all(r["request_id"] and r["client"] and r["actor"].startswith("token:") for r in audit)
+        assert token["token"] not in str(audit)
+
+
+def test_a_suspended_tenant_is_refused_within_a_second_and_serves_again_once_resumed(haif: Deployment) -> None:
+    with admin(haif) as c:
+        tenant = new_tenant(c)
+        token = new_token(c, tenant)["token"]
+        warm_both_replicas(c, haif.url, tenant, token)
+        start = time.monotonic()
+        assert c.patch(f"/admin/v1/tenants/{tenant}", json={"suspended": True}).json()["suspended"] is True
+        assert refused_everywhere_within(haif.url, token, 403, start) < NOTICE_S + SLACK_S
+        resp = httpx.post(f"{haif.url}/v1/completions", headers={"Authorization": f"Bearer {token}"},
+                          json={"model": "echo", "prompt": "hi"}, timeout=60)
+        assert "suspended" in resp.json()["error"]["message"]
+        start = time.monotonic()
+        c.patch(f"/admin/v1/tenants/{tenant}", json={"suspended": False})
+        wait_for(lambda: set(burst(haif.url, token)) == {200}, NOTICE_S + SLACK_S + 10, 0.0, "service again")
+        assert time.monotonic() - start < NOTICE_S + SLACK_S
+        actions = [r["action"] for r in c.get("/admin/v1/audit", params={"target": f"tenant:{tenant}"}).json()["data"]]
+        assert actions == ["tenant.resume", "tenant.suspend", "tenant.create"]
+
+
+def test_a_tenant_admin_acts_on_its_own_tenant_only(haif: Deployment) -> None:
+    with admin(haif) as c:
+        mine, theirs = new_tenant(c), new_tenant(c)
+        other = new_token(c, theirs)
+        boss = new_token(c, mine, ["tenant_admin"])["token"]
+    with httpx.Client(base_url=haif.url, headers={"Authorization": f"Bearer {boss}"}, timeout=60) as t:
+        for method, path, kwargs in (
+            ("GET", "/admin/v1/tokens", {"params": {"tenant": theirs}}),
+            ("GET", "/admin/v1/usage", {"params": {"tenant": theirs}}),
+            ("GET", "/admin/v1/jobs", {"params": {"tenant": theirs}}),
+            ("POST", "/admin/v1/tokens", {"json": {"tenant": theirs}}),
+            ("POST", "/admin/v1/tokens", {"json": {"tenant": mine, "scopes": ["admin"]}}),
+            ("GET", "/admin/v1/tenants", {}),
+            ("GET", "/admin/v1/audit", {}),
+            ("GET", "/admin/v1/workers", {}),
+            ("PATCH", f"/admin/v1/tenants/{mine}", {"json": {"suspended": True}}),
+        ):
+            resp = t.request(method, path, **kwargs)
+            assert resp.status_code == 403, (method, path, resp.text)
+            assert resp.json()["error"]["type"] == "permission_error"
+        assert t.delete(f"/admin/v1/tokens/{other['id']}").status_code == 404  # as if absent
+        made = t.post("/admin/v1/tokens", json={"tenant": mine})
+        assert made.status_code == 201
+        assert {tok["tenant"] for tok in t.get("/admin/v1/tokens").json()["data"]} == {mine}
+        assert t.get("/admin/v1/usage").status_code == 200
+    # A plain inference key is not an admin at all.
+    plain = made.json()["token"]
+    resp = httpx.get(f"{haif.url}/admin/v1/tokens", headers={"Authorization": f"Bearer {plain}"}, timeout=60)
+    assert resp.status_code == 403
+    assert httpx.get(f"{haif.url}/admin/v1/tokens", timeout=60).status_code == 401
+
+
+def test_fleet_views_pages_and_the_usage_export(haif: Deployment) -> None:
+    with admin(haif) as c:
+        models = {m["model"]: m for m in c.get("/admin/v1/models").json()["data"]}
+        assert models["echo"]["versions"]["1"]["workers"].get("ready", 0) >= 1
+        workers = c.get("/admin/v1/workers", params={"model": "echo"}).json()["data"]
+        assert workers and all(w["model"] == "echo" for w in workers)
+        assert c.post("/admin/v1/workers/no%2Fsuch%23worker/drain").status_code == 404
+        assert c.get("/admin/v1/rollouts/echo").json()["weights"] == {"1": 100}
+        assert c.get("/admin/v1/rollouts/nope").status_code == 404
+        tenant = new_tenant(c)
+        ids = [new_token(c, tenant)["id"] for _ in range(5)]
+        seen, cursor = [], None
+        while True:
+            page = c.get("/admin/v1/tokens", params={"tenant": tenant, "limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+            seen += [t["id"] for t in page["data"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == ids
+        assert c.get("/admin/v1/tokens", params={"cursor": "forged"}).status_code == 400
+        token = new_token(c, tenant)["token"]
+        assert set(burst(haif.url, token)) == {200}
+        wait_for(lambda: len(c.get("/admin/v1/usage", params={"tenant": tenant}).json()["data"]) == BURST,
+                 30, 0.2, "the usage records")
+        lines = c.get("/admin/v1/usage", params={"tenant": tenant, "format": "ndjson"})
+        assert lines.headers["content-type"].startswith("application/x-ndjson")
+        assert len(lines.text.splitlines()) == BURST
+        assert c.get("/admin/v1/dlq", params={"limit": 5}).status_code == 200
+        assert "/admin/v1/tenants" in c.get("/openapi.json").json()["paths"]
