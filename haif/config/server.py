@@ -179,12 +179,13 @@ class OidcIssuer(ConfigModel):
     )
     refetch_cooldown_s: float = Field(
         10.0, ge=0.1, le=3600,
-        description="Least time between two fetches of the keys for a token of an unknown `kid`.",
+        description="Least time between two fetches of the keys (for an unknown `kid`, a refresh, or "
+        "a retry of an unreachable issuer): a flood of random kids makes a bounded number of fetches.",
     )
     max_stale_s: float = Field(
         300.0, ge=0, le=86_400,
-        description="While the issuer is unreachable, its last keys serve this long past their last "
-        "fetch; then its tokens are refused with 503.",
+        description="While the issuer is unreachable, its last keys serve until this long after their "
+        "last successful fetch; then its tokens are refused with 503 (never accepted unchecked).",
     )
     fetch_timeout_s: float = Field(
         5.0, gt=0, le=60, description="Timeout of one fetch of the discovery document or the keys."
