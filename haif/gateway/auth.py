@@ -1,8 +1,11 @@
 """Authentication: API key → Principal.
 
 ``DatabaseAuthenticator`` finds tokens in the metadata store and caches each answer
-(good or bad) for ``auth.token_cache_ttl_s``: a revoked token stops working within
-that time, and a burst of requests with one token costs one lookup. The cache is
+(good or bad) for ``auth.token_cache_ttl_s``, and a burst of requests with one token
+costs one lookup. A revoked token or a suspended tenant does not wait out the cache: each
+such change bumps the auth epoch (a row of ``auth_changes``), the routing table carries
+the epoch to every Gateway replica, and a replica that sees a new epoch drops its cached
+answers (:meth:`DatabaseAuthenticator.forget`); the TTL bounds the rest (a changed quota). The cache is
 keyed by the token's hash, never the token. ``StaticKeyAuthenticator`` accepts the
 development key alone (``auth.backend: static``, no tenancy).
 
@@ -21,7 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from haif.envelope import Principal
-from haif.exceptions import AuthenticationFailed
+from haif.exceptions import AuthenticationFailed, PermissionDenied
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,6 +52,10 @@ def _refuse() -> AuthenticationFailed:
     return AuthenticationFailed(AUTH_FAILED_MESSAGE)
 
 
+def suspended(tenant: str) -> PermissionDenied:
+    return PermissionDenied(f"tenant {tenant!r} is suspended")
+
+
 class StaticKeyAuthenticator:
     """Accepts exactly one key (the development key of the config), compared in constant time."""
 
@@ -69,6 +76,7 @@ class _Entry:
     fresh_until: float  # monotonic
     principal: Principal | None  # None: refused
     expires_at: float | None  # the token's own expiry, wall clock
+    suspended: bool = False  # the principal's tenant is suspended (403, not 401)
 
 
 def principal_of(
@@ -112,6 +120,7 @@ class DatabaseAuthenticator:
         self._clock = clock
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._pending: dict[str, asyncio.Future[_Entry]] = {}
+        self._generation = 0  # bumped by forget(): a lookup begun before it is not cached
         self.lookups = 0  # database round trips, for tests and metrics
 
     async def authenticate(self, api_key: str | None) -> Principal:
@@ -130,7 +139,15 @@ class DatabaseAuthenticator:
             entry.expires_at is not None and entry.expires_at <= time.time()
         ):
             raise _refuse()
+        if entry.suspended:
+            raise suspended(entry.principal.tenant)
         return entry.principal
+
+    def forget(self) -> None:
+        """Drop every cached answer (an auth change: the next request of each key looks it up)."""
+        self._generation += 1
+        self._cache.clear()
+        self._pending.clear()  # a lookup in flight may have read the old row
 
     async def _lookup(self, digest: str, prefix: str, api_key: str) -> _Entry:
         pending = self._pending.get(digest)
@@ -138,12 +155,16 @@ class DatabaseAuthenticator:
             return await asyncio.shield(pending)
         future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
         self._pending[digest] = future
+        generation = self._generation
         try:
             info = await self._db.run(_find, self._db, prefix)
             self.lookups += 1
             principal, expires_at = principal_of(info, api_key, datetime.now(UTC))
-            entry = _Entry(self._clock() + self._ttl_s, principal, expires_at)
-            self._remember(digest, entry)
+            entry = _Entry(
+                self._clock() + self._ttl_s, principal, expires_at, info is not None and info.suspended
+            )
+            if generation == self._generation:
+                self._remember(digest, entry)
             future.set_result(entry)
             return entry
         except BaseException as exc:
@@ -151,7 +172,8 @@ class DatabaseAuthenticator:
             future.exception()  # retrieved: waiters re-raise it, nobody logs "never retrieved"
             raise
         finally:
-            del self._pending[digest]
+            if self._pending.get(digest) is future:
+                del self._pending[digest]
 
     def _remember(self, digest: str, entry: _Entry) -> None:
         if self._ttl_s <= 0:
@@ -196,13 +218,18 @@ class PeerAuthenticator:
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self.lookups = 0
 
+    def forget(self) -> None:
+        """Drop every cached answer (a peer removed, a tenant suspended: see the auth epoch)."""
+        self._cache.clear()
+
     async def authenticate(self, peer_key: str) -> Principal:
         key = peer_key.strip().lower()
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise AuthenticationFailed(PEER_REFUSED_MESSAGE)
         entry = self._cache.get(key)
         if entry is None or entry.fresh_until <= self._clock():
-            entry = _Entry(self._clock() + self._ttl_s, await self._find(key), None)
+            principal, is_suspended = await self._find(key)
+            entry = _Entry(self._clock() + self._ttl_s, principal, None, is_suspended)
             if self._ttl_s > 0:
                 self._cache[key] = entry
                 self._cache.move_to_end(key)
@@ -210,26 +237,29 @@ class PeerAuthenticator:
                     self._cache.popitem(last=False)
         if entry.principal is None:
             raise AuthenticationFailed(PEER_REFUSED_MESSAGE)
+        if entry.suspended:
+            raise suspended(entry.principal.tenant)
         return entry.principal
 
-    async def _find(self, key: str) -> Principal | None:
+    async def _find(self, key: str) -> tuple[Principal | None, bool]:
         from haif.store.quotas import QuotaLimits
 
         if self._db is not None:
             info = await self._db.run(_find_peer, self._db, key)
             self.lookups += 1
             if info is not None:
-                return Principal(tenant=info.tenant, tenant_id=info.tenant_id, limits=QuotaLimits(*info.limits))
+                principal = Principal(tenant=info.tenant, tenant_id=info.tenant_id, limits=QuotaLimits(*info.limits))
+                return principal, info.suspended
         tenant = self._config_peers.get(key)
         if tenant is None:
-            return None
+            return None, False
         if self._db is None:
-            return Principal(tenant=tenant)  # no metadata store: no quotas to apply
+            return Principal(tenant=tenant), False  # no metadata store: no quotas to apply
         found = await self._db.run(_find_tenant, self._db, tenant)
         if found is None:
-            return None  # p2p.peers names a tenant the store does not have
-        tenant_id, limits = found
-        return Principal(tenant=tenant, tenant_id=tenant_id, limits=QuotaLimits(*limits))
+            return None, False  # p2p.peers names a tenant the store does not have
+        tenant_id, limits, is_suspended = found
+        return Principal(tenant=tenant, tenant_id=tenant_id, limits=QuotaLimits(*limits)), is_suspended
 
 
 def _find_peer(db: Database, key: str):  # noqa: ANN202
@@ -239,7 +269,7 @@ def _find_peer(db: Database, key: str):  # noqa: ANN202
         return find_peer(conn, key)
 
 
-def _find_tenant(db: Database, name: str) -> tuple[int, tuple[int | None, ...]] | None:
+def _find_tenant(db: Database, name: str) -> tuple[int, tuple[int | None, ...], bool] | None:
     from sqlalchemy import select
 
     from haif.store.models import Quota, Tenant
@@ -247,8 +277,8 @@ def _find_tenant(db: Database, name: str) -> tuple[int, tuple[int | None, ...]] 
     with db.connect() as conn:
         row = conn.execute(
             select(Tenant.id, Quota.requests_per_minute, Quota.tokens_per_minute, Quota.tokens_per_day,
-                   Quota.max_concurrent)
+                   Quota.max_concurrent, Tenant.suspended_at)
             .outerjoin(Quota, Quota.tenant_id == Tenant.id)
             .where(Tenant.name == name)
         ).one_or_none()
-    return None if row is None else (row[0], tuple(row[1:]))
+    return None if row is None else (row[0], tuple(row[1:5]), row[5] is not None)

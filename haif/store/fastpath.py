@@ -183,6 +183,7 @@ _JOB_FIELDS = (
     "gateway",
     "region",
     "end_user",
+    "caller",
     "created_at",
 )
 
@@ -202,6 +203,7 @@ def _reserve_pg() -> Any:
         bindparam("b_gateway", type_=String()),
         bindparam("b_region", type_=String()),
         bindparam("b_user", type_=String()),
+        bindparam("b_caller", type_=String()),
         _NOW,
     )
     return (
@@ -229,6 +231,7 @@ def _job_values(reserved_tokens: Any) -> dict[str, Any]:
         "gateway": bindparam("b_gateway", type_=String()),
         "region": bindparam("b_region", type_=String()),
         "end_user": bindparam("b_user", type_=String()),
+        "caller": bindparam("b_caller", type_=String()),
         "created_at": _NOW,
     }
 
@@ -267,6 +270,7 @@ def _params(req: JobRequest, now: datetime) -> dict[str, Any]:
         "b_gateway": req.gateway,
         "b_region": req.region,
         "b_user": req.user,
+        "b_caller": req.caller,
     }
 
 
@@ -281,6 +285,7 @@ def _job_params(req: JobRequest, now: datetime) -> dict[str, Any]:
         "b_gateway": req.gateway,
         "b_region": req.region,
         "b_user": req.user,
+        "b_caller": req.caller,
         "b_now": now,
     }
 
@@ -301,6 +306,7 @@ def _job_row(
         "gateway": req.gateway,
         "region": req.region,
         "end_user": req.user,
+        "caller": req.caller,
         "created_at": now,
     }
 

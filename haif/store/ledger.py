@@ -52,6 +52,7 @@ class JobRequest:
     gateway: str | None = None
     region: str | None = None
     user: str | None = None  # the request's `user` (its end user), recorded on the job
+    caller: str | None = None  # who authenticated: ``token:ID`` or ``oidc:ISSUER#SUB``
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ def reserve(conn: Connection, req: JobRequest, now: datetime) -> Reservation | E
         "gateway": req.gateway,
         "region": req.region,
         "end_user": req.user,
+        "caller": req.caller,
         "created_at": now,
     }
     job_id = req.job_id
@@ -262,6 +264,7 @@ def _take_over_or_existing(
             holds_slot=values["holds_slot"],
             gateway=values["gateway"],
             end_user=values["end_user"],
+            caller=values["caller"],
             created_at=now,
             started_at=None,
             finished_at=None,

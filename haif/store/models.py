@@ -105,6 +105,9 @@ OPEN_STATES = (JobState.RESERVED.value, JobState.RUNNING.value)
 RETRYABLE_STATES = (JobState.FAILED.value, JobState.DEAD_LETTERED.value)
 
 
+CALLER_CHARS = 600  # oidc:<issuer>#<sub>
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -115,6 +118,8 @@ class Tenant(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
+    suspended_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # None: active
 
 
 class ApiToken(Base):
@@ -196,6 +201,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default="1")
     gateway: Mapped[str | None] = mapped_column(String(128))  # the Gateway replica that admitted it
     end_user: Mapped[str | None] = mapped_column(String(256))  # the request's `user`, as the client named them
+    caller: Mapped[str | None] = mapped_column(String(CALLER_CHARS))  # token:ID or oidc:ISSUER#SUB
     error: Mapped[str | None] = mapped_column(String(1024))
     response: Mapped[str | None] = mapped_column(Text)  # JSON, kept for Idempotency-Key replays
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)  # reserved at
@@ -301,3 +307,31 @@ class WorkerDrain(Base):
     requested_at: Mapped[datetime] = mapped_column(UtcDateTime)
     done_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     outcome: Mapped[str | None] = mapped_column(Text)
+
+
+class AuditRow(Base):
+    """One admin action: who did what to which target, the change (never a secret)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_at", "at"), Index("ix_audit_log_action", "action"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime)
+    actor: Mapped[str] = mapped_column(String(CALLER_CHARS))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(512))
+    before: Mapped[dict | None] = mapped_column(JSON)
+    after: Mapped[dict | None] = mapped_column(JSON)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    client: Mapped[str | None] = mapped_column(String(128))
+
+
+class AuthChange(Base):
+    """A change that must reach every Gateway's credential cache now (a revoked token, a
+    suspended tenant): its id is the auth epoch the routing table carries to the replicas."""
+
+    __tablename__ = "auth_changes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime)
+    what: Mapped[str] = mapped_column(String(256))

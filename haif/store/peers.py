@@ -31,6 +31,7 @@ class PeerInfo:
     tenant_id: int
     tenant: str
     limits: tuple[int | None, int | None, int | None, int | None]
+    suspended: bool = False
 
 
 def find_peer(conn: Connection, public_key: str) -> PeerInfo | None:
@@ -44,6 +45,7 @@ def find_peer(conn: Connection, public_key: str) -> PeerInfo | None:
             Quota.tokens_per_minute,
             Quota.tokens_per_day,
             Quota.max_concurrent,
+            Tenant.suspended_at,
         )
         .join(Tenant, Tenant.id == P2PPeer.tenant_id)
         .outerjoin(Quota, Quota.tenant_id == P2PPeer.tenant_id)
@@ -51,7 +53,8 @@ def find_peer(conn: Connection, public_key: str) -> PeerInfo | None:
     ).one_or_none()
     if row is None:
         return None
-    return PeerInfo(public_key=row[0], tenant_id=row[1], tenant=row[2], limits=(row[3], row[4], row[5], row[6]))
+    return PeerInfo(public_key=row[0], tenant_id=row[1], tenant=row[2], limits=(row[3], row[4], row[5], row[6]),
+                    suspended=row[7] is not None)
 
 
 class PeerRepository:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 TOKEN_SCHEME = "haif_"
 PREFIX_CHARS = 12
-SCOPES = frozenset({"inference", "admin"})
+SCOPES = frozenset({"inference", "admin", "tenant_admin"})
 DEFAULT_SCOPES = ("inference",)
 MAX_TOKEN_CHARS = 512
 MIN_FOREIGN_KEY_CHARS = 16
@@ -96,6 +96,7 @@ class TokenInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     limits: tuple[int | None, int | None, int | None, int | None]
+    suspended: bool = False  # the tenant is suspended: its tokens are refused (403)
 
 
 def find_token(conn: Connection, prefix: str) -> TokenInfo | None:
@@ -114,6 +115,7 @@ def find_token(conn: Connection, prefix: str) -> TokenInfo | None:
             Quota.tokens_per_minute,
             Quota.tokens_per_day,
             Quota.max_concurrent,
+            Tenant.suspended_at,
         )
         .join(Tenant, Tenant.id == ApiToken.tenant_id)
         .outerjoin(Quota, Quota.tenant_id == ApiToken.tenant_id)
@@ -131,6 +133,7 @@ def find_token(conn: Connection, prefix: str) -> TokenInfo | None:
         expires_at=row[6],
         revoked_at=row[7],
         limits=(row[8], row[9], row[10], row[11]),
+        suspended=row[12] is not None,
     )
 
 
@@ -201,8 +204,17 @@ class TokenRepository:
         Raises:
             NotFound: nothing matches.
         """
+        row = self.find(id_or_token)
+        if row is None:
+            raise NotFound("no such token")
+        if row.revoked_at is None:
+            row.revoked_at = datetime.now(UTC)
+        return row
+
+    def find(self, id_or_token: str) -> ApiToken | None:
+        """The token of a numeric id, a prefix, or the token itself."""
         row: ApiToken | None = None
-        if id_or_token.isdigit():
+        if id_or_token.isdigit() and len(id_or_token) <= 12:
             row = self.session.get(ApiToken, int(id_or_token))
         if row is None:
             row = self.by_token(id_or_token)
@@ -210,8 +222,4 @@ class TokenRepository:
             row = self.session.scalars(
                 select(ApiToken).where(ApiToken.prefix == id_or_token)
             ).one_or_none()
-        if row is None:
-            raise NotFound("no such token")
-        if row.revoked_at is None:
-            row.revoked_at = datetime.now(UTC)
         return row

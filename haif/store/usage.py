@@ -37,7 +37,7 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _export_row(r: Any) -> dict[str, Any]:
+def export_row(r: Any) -> dict[str, Any]:
     return {
         "tenant": r.tenant,
         "model": r.model,
@@ -83,7 +83,7 @@ def export_rows(
         )
         rows = conn.execute(stmt).all()
         for r in rows:
-            yield _export_row(r)
+            yield export_row(r)
         if len(rows) < page:
             return
         last = rows[-1].id
@@ -93,7 +93,7 @@ def tenant_usage(
     conn: Connection, tenant_id: int, since: datetime | None, limit: int
 ) -> list[dict[str, Any]]:
     stmt = _rows_query(since, tenant_id).order_by(UsageRecord.id.desc()).limit(limit)
-    return [_export_row(r) for r in conn.execute(stmt).all()]
+    return [export_row(r) for r in conn.execute(stmt).all()]
 
 
 # What a tenant sees of its own jobs (GET /v1/jobs and /v1/jobs/{id}).
@@ -196,7 +196,7 @@ def claim_batch(
     rows = conn.execute(
         _rows_query(None, None).where(UsageRecord.batch_id == batch_id).order_by(UsageRecord.id)
     ).all()
-    return batch_id, [_export_row(r) for r in rows]
+    return batch_id, [export_row(r) for r in rows]
 
 
 def record_attempt(
