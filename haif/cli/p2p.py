@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from haif.config import HaifConfig
 
 READYZ_TIMEOUT_S = 3.0
+_LEGACY_SOURCE = {"store": "database"}
 KeyArgument = Annotated[str, typer.Argument(help="The peer's Noise public key (64 hex characters).")]
 
 
@@ -103,6 +104,8 @@ def peers_list(
     (source `config`)."""
     with operations(config, url, token, profile) as ops:
         records = collect(lambda cursor, size: ops.list_peers(tenant=tenant, cursor=cursor, limit=size), limit)
+    # The API says "store"; this command has always printed "database" for the same peers.
+    records = [{**r, "source": _LEGACY_SOURCE.get(r["source"], r["source"])} for r in records]
     if json_out:
         echo_json_lines(records)
         return

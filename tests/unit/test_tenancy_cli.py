@@ -133,9 +133,9 @@ def test_parse_since() -> None:
 
 def test_db_commands(cfg: Path) -> None:
     assert "current: base" in run(cfg, "db", "current")
-    assert "revision 0006" in run(cfg, "db", "upgrade")
+    assert "revision 0007" in run(cfg, "db", "upgrade")
     assert "revision 0001" in run(cfg, "db", "downgrade", "0001")
-    assert "revision 0006" in run(cfg, "db", "upgrade")
+    assert "revision 0007" in run(cfg, "db", "upgrade")
 
 
 def test_bootstrap_creates_default_tenant_and_a_dev_key_kept_across_restarts(
