@@ -77,7 +77,7 @@ def error_from_response(response: httpx.Response) -> HaifError:
         message = f"{message}: {response.text[:200]}"
     base = _BY_STATUS.get(status, ServiceError)
     cls = next(
-        (c for c in _subclasses(base) if c.code == code and c.status_code == status), base
+        (c for c in (base, *_subclasses(base)) if c.code == code and c.status_code == status), base
     )
     if issubclass(cls, RateLimited):
         return cls(message, retry_after_s=_retry_after(response))
