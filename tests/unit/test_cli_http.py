@@ -330,3 +330,25 @@ def test_admin_bootstrap_prints_an_admin_token_last(tmp_path: Path) -> None:
     audit = [json.loads(line) for line in cli("audit", "list", "--json", "--config", str(cfg)).splitlines()]
     assert [a["action"] for a in audit][-2:] == ["token.create", "tenant.create"]
     assert all(a["actor"].startswith("cli:") for a in audit)
+
+
+def test_rollout_and_replay_over_the_admin_api(tmp_path: Path) -> None:
+    rollout = {"model": "echo", "config_version": "a", "stable_version": "a", "canary_version": "b",
+               "canary_weight": 10, "weights": {"a": 90, "b": 10}, "canary_status": "ready", "reason": None,
+               "auto_rollbacks": 0, "generation": 2, "updated_at": "2030-01-01T00:00:00+00:00"}
+    promoted = {**rollout, "stable_version": "b", "canary_version": None, "weights": {"b": 100}, "generation": 3}
+    routes = {
+        ("GET", "/admin/v1/rollouts/echo"): (200, rollout),
+        ("POST", "/admin/v1/rollouts/echo/promote"): (200, promoted),
+        ("POST", "/admin/v1/dlq/cmpl-1/replay"): (200, {"id": "cmpl-1", "job_id": "cmpl-1", "state": "done",
+                                                       "executed": True}),
+    }
+    with AdminStub(routes) as stub:
+        env = {"HAIF_URL": stub.url, "HAIF_TOKEN": "t"}
+        no_config = ["--config", str(tmp_path / "absent.yaml")]
+        out = cli("rollout", "promote", "echo", *no_config, env=env)
+        assert "promoted echo: version b at 100% (generation 3)" in out and "drains version a's workers" in out
+        out = cli("dlq", "replay", "cmpl-1", "--keep", *no_config, env=env)
+        assert "replayed cmpl-1: job cmpl-1 done (executed)" in out
+        assert stub.seen[-1][1] == "/admin/v1/dlq/cmpl-1/replay?keep=true"
+        assert "no route" in cli("rollout", "status", "nope", *no_config, code=1, env=env)
