@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = Path(str(item.fspath)).resolve().relative_to(ROOT / "tests").parts[0]
         if tier in _TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(autouse=True)
+def _no_admin_api_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The operator commands run on the database unless a test names an admin API: neither
+    the caller's HAIF_URL / HAIF_TOKEN nor a profile in their ~/.config/haif applies."""
+    for name in ("HAIF_URL", "HAIF_TOKEN", "HAIF_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))

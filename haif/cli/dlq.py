@@ -1,12 +1,13 @@
 """`haif dlq`: list, show, replay and purge dead letters (jobs that failed finally).
 
-``list``, ``show`` and ``purge`` read the DLQ of the config directly: the Redis stream
-when ``redis.url`` is set, and the metadata store's table (the embedded default, and
-where entries went while Redis was down). ``replay`` submits an entry again through
-the running deployment: it joins the Ray cluster named by ``--address``,
-``RAY_ADDRESS`` or ``ray.address`` and calls the Gateway's ``replay_dead_letter``, which
-admits it as its tenant under its original Idempotency-Key (a replay twice executes
-once). A successful replay removes the entry (``--keep`` keeps it).
+Over a deployment's admin API (``HAIF_URL``, ``HAIF_TOKEN``, a profile) every command asks
+the deployment. Without one, ``list``, ``show`` and ``purge`` read the DLQ of the config
+directly: the Redis stream when ``redis.url`` is set, and the metadata store's table (the
+embedded default, and where entries went while Redis was down); ``replay`` joins the Ray
+cluster named by ``--address``, ``RAY_ADDRESS`` or ``ray.address`` and calls the Gateway's
+``replay_dead_letter``. Either way the Gateway admits the entry as its tenant under its
+original Idempotency-Key (a replay twice executes once), and a successful replay removes
+the entry (``--keep`` keeps it).
 
 Exit codes: 0 done; 1 not found, the replay failed, or a store is down; 2 usage or
 config error (and an entry that cannot be replayed).
@@ -21,7 +22,21 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from haif.cli._common import EXIT_FAILED, EXIT_USAGE, ConfigOption, errors_to_exit, load
+from haif.cli._common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    ConfigOption,
+    ProfileOption,
+    TokenOption,
+    UrlOption,
+    collect,
+    echo_json_lines,
+    errors_to_exit,
+    load,
+    operations,
+    print_table,
+    remote_or_exit,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -71,42 +86,45 @@ def list_(
         Optional[str],  # noqa: UP045 - typer needs Optional here
         typer.Option("--tenant", help="Only this tenant's."),
     ] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Only this model's.")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """The newest dead letters first (without their bodies: see `show`)."""
-    cfg = load(config)
-    with _queue(cfg) as dlq:
-        entries = dlq.newest(limit, tenant)
-    if as_json:
-        for e in entries:
-            typer.echo(json.dumps(e.summary()))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("id", "tenant", "model", "error", "attempts", "trace id", "dead at")
-    for e in entries:
-        table.add_row(
-            e.id,
-            e.tenant,
-            e.model,
-            f"{e.error_type} ({e.error_code}): {e.error}",
-            str(e.attempts),
-            e.trace_id or "",
-            e.dead_at.isoformat(timespec="seconds"),
+    with operations(config, url, token, profile) as ops:
+        entries = collect(
+            lambda cursor, size: ops.list_dead_letters(tenant=tenant, model=model, cursor=cursor, limit=size),
+            limit,
         )
-    Console().print(table)
+    if as_json:
+        echo_json_lines(entries)
+        return
+    print_table(
+        ("id", "tenant", "model", "error", "attempts", "trace id", "dead at"),
+        (
+            (e["id"], e["tenant"], e["model"], f"{e['error_type']} ({e['error_code']}): {e['error']}",
+             e["attempts"], e.get("trace_id") or "", e["dead_at"])
+            for e in entries
+        ),
+    )
     typer.echo(f"{len(entries)} dead letter(s)")
 
 
 @dlq_app.command("show")
-def show(entry_id: IdArgument, config: ConfigOption = None) -> None:
+def show(
+    entry_id: IdArgument,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
+) -> None:
     """One dead letter, body included, as JSON."""
-    cfg = load(config)
-    with _queue(cfg) as dlq:
-        entry = _find(dlq, entry_id)
-    typer.echo(entry.model_dump_json(indent=2))
+    with operations(config, url, token, profile) as ops:
+        entry = ops.get_dead_letter(entry_id)
+    typer.echo(json.dumps(entry, indent=2))
 
 
 @dlq_app.command("replay")
@@ -122,10 +140,18 @@ def replay(
         bool, typer.Option("--keep", help="Keep the entry after a successful replay.")
     ] = False,
     config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Submit a dead letter again through the running deployment (its original Idempotency-Key)."""
     from haif.exceptions import HaifError, InvalidRequest
 
+    if remote_or_exit(url, token, profile) is not None:
+        with operations(config, url, token, profile) as ops:
+            result = ops.replay_dead_letter(entry_id, keep=keep)
+        _replayed(entry_id, result)
+        return
     cfg = load(config)
     address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
     if not address:
@@ -143,10 +169,14 @@ def replay(
         except HaifError as exc:
             typer.echo(f"error: the replay of {entry_id} failed: {exc.message}", err=True)
             raise typer.Exit(EXIT_FAILED) from None
-        how = "executed" if result["executed"] else "already replayed: its stored answer stands"
-        typer.echo(f"replayed {entry_id}: job {result['job_id']} {result['state']} ({how})")
+        _replayed(entry_id, result)
         if not keep:
             dlq.remove(entry_id)
+
+
+def _replayed(entry_id: str, result: dict) -> None:
+    how = "executed" if result["executed"] else "already replayed: its stored answer stands"
+    typer.echo(f"replayed {entry_id}: job {result['job_id']} {result['state']} ({how})")
 
 
 def _call_gateway(cfg: HaifConfig, address: str, entry: DeadLetter) -> dict:
@@ -182,17 +212,17 @@ def purge(
     ] = None,
     all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
     config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Remove one dead letter, or all of them (--all)."""
     if (entry_id is None) == (not all_):
         typer.echo("error: give an entry id or --all (not both)", err=True)
         raise typer.Exit(EXIT_USAGE)
-    cfg = load(config)
-    with _queue(cfg) as dlq:
+    with operations(config, url, token, profile) as ops:
         if all_:
-            typer.echo(f"purged {dlq.remove_all()} dead letter(s)")
+            typer.echo(f"purged {ops.purge_dead_letters()['purged']} dead letter(s)")
             return
-        if not dlq.remove(entry_id):
-            typer.echo(f"error: no dead letter {entry_id!r}", err=True)
-            raise typer.Exit(EXIT_FAILED)
-        typer.echo(f"purged {entry_id}")
+        ops.purge_dead_letter(entry_id)
+    typer.echo(f"purged {entry_id}")

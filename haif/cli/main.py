@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from haif.cli import db, dlq, p2p, rollout, tenancy, workers
+from haif.cli import admin, audit, db, dlq, jobs, p2p, rollout, tenancy, workers
 from haif.cli._common import ConfigOption, load
 from haif.cli.models import keys_app, models_app
 
@@ -25,6 +25,9 @@ app.add_typer(dlq.dlq_app, name="dlq")
 app.add_typer(p2p.p2p_app, name="p2p")
 app.add_typer(rollout.rollout_app, name="rollout")
 app.add_typer(workers.workers_app, name="workers")
+app.add_typer(jobs.jobs_app, name="jobs")
+app.add_typer(audit.audit_app, name="audit")
+app.add_typer(admin.admin_app, name="admin")
 
 
 @app.command()

@@ -1,8 +1,9 @@
 """`haif p2p`: the P2P shim's key, and the peers (Noise public keys) mapped to tenants.
 
 `haif p2p info` reads (or creates) the key seed in state_dir and needs no deployment;
-`haif p2p peers ...` talk to the metadata store of the config, like `haif tokens`: a
-change reaches running shims within ``auth.token_cache_ttl_s``.
+`haif p2p peers ...` run like `haif tokens`: over a deployment's admin API (``HAIF_URL``,
+``HAIF_TOKEN``, a profile), else on the metadata store of the config; a change reaches
+running shims within ``auth.token_cache_ttl_s``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,20 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from haif.cli._common import ConfigOption, db_session, errors_to_exit, load
+from haif.cli._common import (
+    ConfigOption,
+    JsonOption,
+    LimitOption,
+    ProfileOption,
+    TokenOption,
+    UrlOption,
+    collect,
+    echo_json_lines,
+    errors_to_exit,
+    load,
+    operations,
+    print_table,
+)
 
 p2p_app = typer.Typer(help="The P2P shim (Hyperswarm RPC): its key and its peers.", no_args_is_help=True)
 peers_app = typer.Typer(help="P2P peers: Noise public keys mapped to tenants.", no_args_is_help=True)
@@ -22,6 +36,7 @@ if TYPE_CHECKING:
     from haif.config import HaifConfig
 
 READYZ_TIMEOUT_S = 3.0
+_LEGACY_SOURCE = {"store": "database"}
 KeyArgument = Annotated[str, typer.Argument(help="The peer's Noise public key (64 hex characters).")]
 
 
@@ -65,67 +80,54 @@ def peers_add(
     public_key: KeyArgument,
     tenant: Annotated[str, typer.Option("--tenant", help="The tenant the peer acts as.")],
     config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Map a peer's public key to a tenant: its requests are served, billed and limited as the tenant's."""
-    from haif.store.peers import PeerRepository
-    from haif.store.tenants import TenantRepository
-
-    with db_session(config) as session:
-        owner = TenantRepository(session).get(tenant)
-        row = PeerRepository(session).add(public_key, owner)
-        typer.echo(f"peer {row.public_key} -> tenant {owner.name}")
+    with operations(config, url, token, profile) as ops:
+        row = ops.add_peer(public_key, tenant)
+    typer.echo(f"peer {row['public_key']} -> tenant {row['tenant']}")
 
 
 @peers_app.command("list")
 def peers_list(
     tenant: Annotated[Optional[str], typer.Option("--tenant", help="Only this tenant's.")] = None,  # noqa: UP045
     config: ConfigOption = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    json_out: JsonOption = False,
+    limit: LimitOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
-    """List peers: those added here (source `database`) and those of `p2p.peers` (source `config`)."""
-    import json
-
-    from haif.store.peers import PeerRepository
-    from haif.store.tenants import TenantRepository
-
-    cfg = load(config)
-    with db_session(config) as session:
-        owner = TenantRepository(session).get(tenant) if tenant else None
-        records = [
-            {
-                "public_key": peer.public_key,
-                "tenant": name,
-                "source": "database",
-                "created_at": peer.created_at.isoformat(timespec="seconds"),
-            }
-            for peer, name in PeerRepository(session).list(owner)
-        ]
-    records += [
-        {"public_key": key, "tenant": name, "source": "config", "created_at": None}
-        for key, name in sorted(cfg.p2p.peers.items())
-        if tenant is None or name == tenant
-    ]
+    """List peers: those added with `peers add` (source `database`) and those of `p2p.peers`
+    (source `config`)."""
+    with operations(config, url, token, profile) as ops:
+        records = collect(lambda cursor, size: ops.list_peers(tenant=tenant, cursor=cursor, limit=size), limit)
+    # The API says "store"; this command has always printed "database" for the same peers.
+    records = [{**r, "source": _LEGACY_SOURCE.get(r["source"], r["source"])} for r in records]
     if json_out:
-        for record in records:
-            typer.echo(json.dumps(record))
+        echo_json_lines(records)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("public key", "tenant", "source", "created")
-    for r in records:
-        table.add_row(r["public_key"], r["tenant"], r["source"], r["created_at"] or "")
-    Console(width=200).print(table)
+    print_table(
+        ("public key", "tenant", "source", "created"),
+        ((r["public_key"], r["tenant"], r["source"], r.get("created_at") or "") for r in records),
+        width=200,
+    )
 
 
 @peers_app.command("remove")
-def peers_remove(public_key: KeyArgument, config: ConfigOption = None) -> None:
+def peers_remove(
+    public_key: KeyArgument,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
+) -> None:
     """Remove a peer added with `haif p2p peers add` (shims refuse it within auth.token_cache_ttl_s)."""
-    from haif.store.peers import PeerRepository
-
-    with db_session(config) as session:
-        row = PeerRepository(session).remove(public_key)
-        typer.echo(f"removed peer {row.public_key}")
+    with operations(config, url, token, profile) as ops:
+        row = ops.remove_peer(public_key)
+    typer.echo(f"removed peer {row['public_key']}")
 
 
 @p2p_app.command("worker")

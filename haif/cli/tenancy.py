@@ -1,7 +1,8 @@
 """`haif tenants`, `haif tokens`, `haif quotas`, `haif usage`: the tenancy side of the operator CLI.
 
-They talk to the metadata store of the config (``database.url``) directly, not to a
-running deployment. A change to a token or a quota reaches running Gateways within
+They run over a deployment's admin API when given its URL and a token (``HAIF_URL``,
+``HAIF_TOKEN``, a profile), else on the metadata store of the config (``database.url``).
+A change to a token, a quota or a tenant reaches running Gateways within
 ``auth.token_cache_ttl_s``.
 """
 
@@ -10,15 +11,27 @@ from __future__ import annotations
 import re
 import sys
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from haif.cli._common import ConfigOption, db_session
+from haif.cli._common import (
+    ConfigOption,
+    JsonOption,
+    LimitOption,
+    ProfileOption,
+    TokenOption,
+    UrlOption,
+    collect,
+    echo_json_lines,
+    operations,
+    print_table,
+)
 
 if TYPE_CHECKING:
-    from haif.store.quotas import QuotaLimits
+    from haif.admin.operations import Record
 
 tenants_app = typer.Typer(help="Tenants and their quotas.", no_args_is_help=True)
 tokens_app = typer.Typer(
@@ -66,11 +79,41 @@ def _fmt(value: int | None) -> str:
     return "unlimited" if value is None else str(value)
 
 
-def _describe(limits: QuotaLimits) -> str:
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in limits.as_dict().items())
+class Priority(str, Enum):
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+
+PriorityOption = Annotated[
+    Optional[Priority],  # noqa: UP045
+    typer.Option("--priority", help="Its requests' priority when workers are busy."),
+]
+QUOTAS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent")
+
+
+def _describe(tenant: Record) -> str:
+    """The tenant's limits (and priority, when the record has one), ``key=value, ...``."""
+    text = ", ".join(f"{k}={_fmt(tenant.get(k))}" for k in QUOTAS)
+    return f"{text}, priority={tenant['priority']}" if tenant.get("priority") else text
+
 
 
 # --- tenants ---------------------------------------------------------------------------------
+
+NameArgument = Annotated[str, typer.Argument(help="Tenant name.")]
+
+
+def _quota_changes(
+    requests_per_minute: str | None, tokens_per_minute: str | None, tokens_per_day: str | None,
+    max_concurrent: str | None,
+) -> dict[str, int | None]:
+    return _changes(
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        tokens_per_day=tokens_per_day,
+        max_concurrent=max_concurrent,
+    )
 
 
 @tenants_app.command("create")
@@ -80,61 +123,134 @@ def tenants_create(
     tokens_per_minute: TpmOption = None,
     tokens_per_day: TpdOption = None,
     max_concurrent: ConcOption = None,
+    priority: PriorityOption = None,
     config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
-    """Create a tenant (limits not given are unlimited)."""
-    from haif.store.quotas import QuotaLimits
-    from haif.store.tenants import TenantRepository
-
-    limits = QuotaLimits(
-        **_changes(
-            requests_per_minute=requests_per_minute,
-            tokens_per_minute=tokens_per_minute,
-            tokens_per_day=tokens_per_day,
-            max_concurrent=max_concurrent,
-        )
-    )
-    with db_session(config) as session:
-        tenant = TenantRepository(session).create(name, limits)
-        typer.echo(f"created tenant {tenant.name} (id {tenant.id}): {_describe(limits)}")
+    """Create a tenant (limits not given are unlimited; priority normal unless given)."""
+    limits = _quota_changes(requests_per_minute, tokens_per_minute, tokens_per_day, max_concurrent)
+    with operations(config, url, token, profile) as ops:
+        tenant = ops.create_tenant(name, limits, priority.value if priority else None)
+    typer.echo(f"created tenant {tenant['name']} (id {tenant['id']}): {_describe(tenant)}")
 
 
 @tenants_app.command("list")
 def tenants_list(
     config: ConfigOption = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    json_out: JsonOption = False,
+    limit: LimitOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
-    """List tenants with their limits."""
+    """List tenants with their limits, priority and whether they are suspended."""
+    with operations(config, url, token, profile) as ops:
+        tenants = collect(lambda cursor, size: ops.list_tenants(cursor=cursor, limit=size), limit)
+    if json_out:
+        # The shape `haif tenants list --json` has always had; `tenants show` has the rest.
+        echo_json_lines({"id": t["id"], "name": t["name"], **{k: t.get(k) for k in QUOTAS}} for t in tenants)
+        return
+    print_table(
+        ("id", "name", "requests/min", "tokens/min", "tokens/day", "concurrent", "priority", "suspended",
+         "created"),
+        (
+            (t["id"], t["name"], *(_fmt(t.get(k)) for k in QUOTAS), t.get("priority") or "normal",
+             "yes" if t.get("suspended") else "no", t.get("created_at"))
+            for t in tenants
+        ),
+    )
+
+
+@tenants_app.command("show")
+def tenants_show(
+    name: NameArgument,
+    config: ConfigOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """One tenant: its limits, priority, whether it is suspended, when it was created."""
     import json
 
-    from haif.store.quotas import QuotaLimits
-    from haif.store.tenants import TenantRepository
+    with operations(config, url, token, profile) as ops:
+        tenant = ops.get_tenant(name)
+    if json_out:
+        typer.echo(json.dumps(tenant, indent=2))
+        return
+    for key, value in tenant.items():
+        shown = _fmt(value) if key in QUOTAS else value
+        typer.echo(f"{key.replace('_', ' ')}: {'' if shown is None else shown}")
 
-    with db_session(config) as session:
-        rows = TenantRepository(session).list()
-        if json_out:
-            for tenant, quota in rows:
-                limits = QuotaLimits.from_row(quota) if quota else QuotaLimits()
-                typer.echo(json.dumps({"id": tenant.id, "name": tenant.name, **limits.as_dict()}))
-            return
-        from rich.console import Console
-        from rich.table import Table
 
-        table = Table(
-            "id", "name", "requests/min", "tokens/min", "tokens/day", "concurrent", "created"
-        )
-        for tenant, quota in rows:
-            limits = QuotaLimits.from_row(quota) if quota else QuotaLimits()
-            table.add_row(
-                str(tenant.id),
-                tenant.name,
-                *(_fmt(v) for v in limits.as_dict().values()),
-                tenant.created_at.isoformat(timespec="seconds"),
-            )
-        Console().print(table)
+@tenants_app.command("update")
+def tenants_update(
+    name: NameArgument,
+    requests_per_minute: RpmOption = None,
+    tokens_per_minute: TpmOption = None,
+    tokens_per_day: TpdOption = None,
+    max_concurrent: ConcOption = None,
+    priority: PriorityOption = None,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Change a tenant's limits or priority; what is not given keeps its value."""
+    changes: dict[str, Any] = dict(
+        _quota_changes(requests_per_minute, tokens_per_minute, tokens_per_day, max_concurrent)
+    )
+    if priority is not None:
+        changes["priority"] = priority.value
+    if not changes:
+        raise typer.BadParameter("give at least one limit or --priority to change")
+    with operations(config, url, token, profile) as ops:
+        tenant = ops.update_tenant(name, changes)
+    typer.echo(f"tenant {tenant['name']}: {_describe(tenant)}")
+
+
+@tenants_app.command("suspend")
+def tenants_suspend(
+    name: NameArgument,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Suspend a tenant: its requests are refused (403) until `resume`; nothing is deleted."""
+    with operations(config, url, token, profile) as ops:
+        ops.update_tenant(name, {"suspended": True})
+    typer.echo(f"suspended tenant {name}: Gateways refuse its requests within auth.token_cache_ttl_s")
+
+
+@tenants_app.command("resume")
+def tenants_resume(
+    name: NameArgument,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Resume a suspended tenant: its tokens work again."""
+    with operations(config, url, token, profile) as ops:
+        ops.update_tenant(name, {"suspended": False})
+    typer.echo(f"resumed tenant {name}")
 
 
 # --- tokens ----------------------------------------------------------------------------------
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """Repeated and comma-separated values, in order, without repeats (None: none given)."""
+    out = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+    return list(dict.fromkeys(out)) or None
+
+
+def _scopes(value: object) -> str:
+    """A token's scopes as they have always printed: space-separated."""
+    return " ".join(value) if isinstance(value, list) else str(value)
 
 
 @tokens_app.command("create")
@@ -160,84 +276,54 @@ def tokens_create(
     ] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="A label for listings.")] = None,  # noqa: UP045
     config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Create a token; it is printed once, as the last line, and stored only as a hash."""
-    from haif.store.tenants import TenantRepository
-    from haif.store.tokens import TokenRepository, parse_scopes
-
-    allowed = sorted({m.strip() for v in models or [] for m in v.split(",") if m.strip()}) or None
-    with db_session(config) as session:
-        owner = TenantRepository(session).get(tenant)
-        row, token = TokenRepository(session).create(
-            owner,
-            scopes=parse_scopes(scopes),
-            allowed_models=allowed,
-            expires_in_s=expires_in,
-            name=name,
-        )
-        expires = row.expires_at.isoformat(timespec="seconds") if row.expires_at else "never"
-        typer.echo(
-            f"token {row.id} (prefix {row.prefix}) for tenant {tenant}: scopes={row.scopes}, "
-            f"models={','.join(allowed) if allowed else 'all'}, expires={expires}"
-        )
-        typer.echo("store it now: it is not shown again", err=True)
-    typer.echo(token)
+    allowed = sorted(_split(models) or []) or None
+    with operations(config, url, token, profile) as ops:
+        row = ops.create_token(tenant, scopes=_split(scopes), models=allowed, expires_in_s=expires_in, name=name)
+    typer.echo(
+        f"token {row['id']} (prefix {row['prefix']}) for tenant {row.get('tenant', tenant)}: "
+        f"scopes={_scopes(row['scopes'])}, models={','.join(row['models']) if row.get('models') else 'all'}, "
+        f"expires={row.get('expires_at') or 'never'}"
+    )
+    typer.echo("store it now: it is not shown again", err=True)
+    typer.echo(row["token"])
 
 
 @tokens_app.command("list")
 def tokens_list(
     tenant: Annotated[Optional[str], typer.Option("--tenant", help="Only this tenant's.")] = None,  # noqa: UP045
+    state: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--state", help="Only tokens in this state: active, expired or revoked."),
+    ] = None,
     config: ConfigOption = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    json_out: JsonOption = False,
+    limit: LimitOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """List tokens: ids and prefixes, never secrets."""
-    import json
-
-    from haif.store.tenants import TenantRepository
-    from haif.store.tokens import TokenRepository
-
-    with db_session(config) as session:
-        owner = TenantRepository(session).get(tenant) if tenant else None
-        rows = TokenRepository(session).list(owner)
-        now = datetime.now(UTC)
-        records = [
-            {
-                "id": t.id,
-                "prefix": t.prefix,
-                "tenant": tenant_name,
-                "name": t.name,
-                "scopes": t.scopes,
-                "models": t.allowed_models,
-                "created_at": t.created_at.isoformat(timespec="seconds"),
-                "expires_at": t.expires_at.isoformat(timespec="seconds") if t.expires_at else None,
-                "state": "revoked"
-                if t.revoked_at
-                else "expired"
-                if t.expires_at and t.expires_at <= now
-                else "active",
-            }
-            for t, tenant_name in rows
-        ]
-    if json_out:
-        for record in records:
-            typer.echo(json.dumps(record))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("id", "prefix", "tenant", "name", "scopes", "models", "expires", "state")
-    for r in records:
-        table.add_row(
-            str(r["id"]),
-            r["prefix"],
-            r["tenant"],
-            r["name"] or "",
-            r["scopes"],
-            ",".join(r["models"]) if r["models"] else "all",
-            r["expires_at"] or "never",
-            r["state"],
+    with operations(config, url, token, profile) as ops:
+        records = collect(
+            lambda cursor, size: ops.list_tokens(tenant=tenant, state=state, cursor=cursor, limit=size), limit
         )
-    Console().print(table)
+    records = [{**r, "scopes": _scopes(r["scopes"])} for r in records]
+    if json_out:
+        echo_json_lines(records)
+        return
+    print_table(
+        ("id", "prefix", "tenant", "name", "scopes", "models", "expires", "state"),
+        (
+            (r["id"], r["prefix"], r["tenant"], r.get("name") or "", r["scopes"],
+             ",".join(r["models"]) if r.get("models") else "all", r.get("expires_at") or "never", r["state"])
+            for r in records
+        ),
+    )
 
 
 @tokens_app.command("revoke")
@@ -246,13 +332,14 @@ def tokens_revoke(
         str, typer.Argument(help="The token's id (or prefix), or the token itself.")
     ],
     config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Revoke a token (Gateways stop accepting it within auth.token_cache_ttl_s)."""
-    from haif.store.tokens import TokenRepository
-
-    with db_session(config) as session:
-        row = TokenRepository(session).revoke(id_or_token)
-        typer.echo(f"revoked token {row.id} (prefix {row.prefix})")
+    with operations(config, url, token, profile) as ops:
+        row = ops.revoke_token(id_or_token)
+    typer.echo(f"revoked token {row['id']} (prefix {row['prefix']})")
 
 
 # --- quotas ----------------------------------------------------------------------------------
@@ -266,22 +353,17 @@ def quotas_set(
     tokens_per_day: TpdOption = None,
     max_concurrent: ConcOption = None,
     config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Change a tenant's limits; those not given keep their values."""
-    from haif.store.quotas import QuotaLimits
-    from haif.store.tenants import TenantRepository
-
-    changes = _changes(
-        requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute,
-        tokens_per_day=tokens_per_day,
-        max_concurrent=max_concurrent,
-    )
+    changes = _quota_changes(requests_per_minute, tokens_per_minute, tokens_per_day, max_concurrent)
     if not changes:
         raise typer.BadParameter("give at least one limit to set")
-    with db_session(config) as session:
-        quota = TenantRepository(session).set_limits(tenant, changes)
-        typer.echo(f"tenant {tenant}: {_describe(QuotaLimits.from_row(quota))}")
+    with operations(config, url, token, profile) as ops:
+        row = ops.update_tenant(tenant, dict(changes))
+    typer.echo(f"tenant {tenant}: {', '.join(f'{k}={_fmt(row.get(k))}' for k in QUOTAS)}")
 
 
 # --- usage -----------------------------------------------------------------------------------
@@ -297,7 +379,7 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     if match:
         return now - timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
     try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value.strip())
     except ValueError:
         raise typer.BadParameter(
             f"--since {value!r}: use an ISO 8601 time or an age like 24h or 7d"
@@ -317,29 +399,37 @@ def usage_export(
     tenant: Annotated[Optional[str], typer.Option("--tenant", help="Only this tenant's.")] = None,  # noqa: UP045
     out: Annotated[
         Path | None, typer.Option("--out", help="Write here instead of stdout.")
-    ] = None,  # noqa: UP045
+    ] = None,
     config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Export one row per served job: tenant, model, version, job id, tokens, times."""
     import csv
     import json
+    from itertools import chain
 
-    from haif.store.tenants import TenantRepository
-    from haif.store.usage import EXPORT_FIELDS, export_rows
+    from haif.admin.client import iter_pages
+    from haif.admin.operations import MAX_PAGE
+    from haif.store.usage import EXPORT_FIELDS
 
     if fmt not in ("jsonl", "csv"):
         raise typer.BadParameter("--format must be jsonl or csv")
     start = parse_since(since) if since else None
-    with db_session(config) as session:
-        tenant_id = TenantRepository(session).get(tenant).id if tenant else None
+    with operations(config, url, token, profile) as ops:
+        rows = iter_pages(
+            lambda cursor: ops.list_usage(tenant=tenant, since=start, cursor=cursor, limit=MAX_PAGE)
+        )
+        first = next(rows, None)  # an unknown tenant fails here, before a file is written
         stream = out.open("w", encoding="utf-8", newline="") if out else sys.stdout
         try:
-            if fmt == "csv":
-                writer = csv.DictWriter(stream, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+            writer = csv.DictWriter(stream, fieldnames=EXPORT_FIELDS, lineterminator="\n") if fmt == "csv" else None
+            if writer is not None:
                 writer.writeheader()
-            for row in export_rows(session.connection(), start, tenant_id):
-                if fmt == "csv":
-                    writer.writerow(row)
+            for row in chain([] if first is None else [first], rows):
+                if writer is not None:
+                    writer.writerow({k: row.get(k) for k in EXPORT_FIELDS})
                 else:
                     stream.write(json.dumps(row) + "\n")
         finally:
