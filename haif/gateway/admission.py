@@ -139,7 +139,7 @@ class Admission:
     async def authenticate(self, ctx: RequestContext, scope: str | None = "inference") -> Principal:
         with tracing.span("gateway.auth") as span:
             try:
-                if ctx.peer_key is not None:  # a P2P caller: its Noise key, not an API key
+                if ctx.peer_key is not None and ctx.api_key is None:  # a P2P caller by its Noise key
                     if self._peers is None:
                         raise AuthenticationFailed("P2P callers are not served here (p2p.enabled is off)")
                     principal = await self._peers.authenticate(ctx.peer_key)

@@ -18,10 +18,12 @@ from haif.exceptions import ConfigError
 from haif.gateway.admission import Admission
 from haif.gateway.auth import (
     Authenticator,
+    CallerAuthenticator,
     CredentialCaches,
     DatabaseAuthenticator,
     PeerAuthenticator,
     StaticKeyAuthenticator,
+    TenantDirectory,
 )
 from haif.gateway.metrics import GatewayMetrics
 from haif.orchestrator.router import Router
@@ -187,11 +189,17 @@ def _tenancy(config: HaifConfig, metrics: GatewayMetrics, router: Router) -> Gat
         from haif.gateway.usage_export import UsageExporter
 
         background.append(UsageExporter(db, config.usage).run)
-    auth = DatabaseAuthenticator(db, config.auth.token_cache_ttl_s, config.auth.token_cache_max_entries)
+    keys = DatabaseAuthenticator(db, config.auth.token_cache_ttl_s, config.auth.token_cache_max_entries)
+    tenants = TenantDirectory(db, config.auth.token_cache_ttl_s, config.auth.token_cache_max_entries)
+    oidc = None
+    if config.auth.oidc:
+        from haif.gateway.oidc import OidcAuthenticator
+
+        oidc = OidcAuthenticator(list(config.auth.oidc), tenants)
     peers = _peers(config, db)
     admission = Admission(
         config,
-        auth,
+        CallerAuthenticator(keys, oidc),
         db=db,
         quotas=quotas,
         upkeep=upkeep,
@@ -203,7 +211,7 @@ def _tenancy(config: HaifConfig, metrics: GatewayMetrics, router: Router) -> Gat
     )
     return GatewayParts(
         admission, router, background=background, db=db, dlq=dlq, limiter=limiter, leases=leases,
-        caches=CredentialCaches(auth, peers),
+        caches=CredentialCaches(keys, tenants, peers),
     )
 
 

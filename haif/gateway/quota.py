@@ -21,7 +21,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 from haif.exceptions import StoreUnavailable
-
 from haif.store import fastpath
 from haif.store.quotas import QuotaLimits
 

@@ -40,8 +40,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("haif.p2p")
 
 ENVELOPE_FIELD = "haif"
-ENVELOPE_KEYS = frozenset({"idempotency_key", "traceparent", "request_id", "timeout_s"})
+ENVELOPE_KEYS = frozenset({"idempotency_key", "traceparent", "request_id", "timeout_s", "token"})
 MAX_ENVELOPE_STRING_CHARS = 512
+# ``haif.token``: a HAIF key or a JWT of an issuer in auth.oidc; the caller is then who the
+# token names, not the tenant its Noise key is mapped to.
+MAX_TOKEN_CHARS = 8 * 1024
 
 _BODIES: dict[str, tuple[Kind, type[Any]]] = {
     "haif.completions": ("completion", CompletionRequest),
@@ -144,9 +147,12 @@ class GatewayInbound:
                     f"{server.min_request_timeout_s:g} and {longest:g}"
                 )
             timeout_s = float(timeout)
+        token = envelope.get("token")
+        if token is not None and (not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS):
+            raise InvalidRequest(f"'{ENVELOPE_FIELD}.token' must be a string of at most {MAX_TOKEN_CHARS} characters")
         return RequestContext.new(
             timeout_s=timeout_s,
-            api_key=None,
+            api_key=token,
             request_id=strings["request_id"],
             traceparent=strings["traceparent"],
             idempotency_key=strings["idempotency_key"],

@@ -22,6 +22,7 @@ from tests.support import services
 from tests.support.artifacts import ArtifactSetup, MotoS3, build_artifact_setup
 from tests.support.deployment import CONFIG, Deployment, deployment_from_output, submit_job
 from tests.support.net import free_port, http_up
+from tests.support.oidc_provider import AUDIENCE, OidcProvider
 from tests.support.otlp import OtlpReceiver
 from tests.support.waiting import wait_for
 from tests.support.webhook import WebhookReceiver
@@ -159,6 +160,15 @@ def testnet() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def oidc_issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
+    """A real OpenID provider (the npm oidc-provider) the deployment trusts (auth.oidc)."""
+    server = OidcProvider(tmp_path_factory.mktemp("oidc-issuer"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def haif(
     ray_cluster: str,
     store_env: dict[str, str],
@@ -166,13 +176,16 @@ def haif(
     artifact_setup: ArtifactSetup,
     telemetry_env: dict[str, str],
     testnet: list[str],
+    oidc_issuer: OidcProvider,
 ) -> Deployment:
     # A free port, so that test sessions (and a running `make serve`) never collide.
     port = free_port()
     # The P2P shim on the local testnet, as `HAIF_P2P__ENABLED=true HAIF_P2P__BOOTSTRAP=...` does.
     p2p_env = {"HAIF_P2P__ENABLED": "true", "HAIF_P2P__BOOTSTRAP": json.dumps(testnet)}
+    # JWTs of the test's OpenID provider beside HAIF's keys, as an operator sets it.
+    oidc = [{"issuer": oidc_issuer.issuer, "audience": AUDIENCE, "tenant_claim": "haif_tenant"}]
     env = {"HAIF_SERVER__PORT": str(port), "HAIF_USAGE__WEBHOOK_URL": webhook.url, **store_env,
-           **artifact_setup.env, **telemetry_env, **p2p_env}
+           **artifact_setup.env, **telemetry_env, **p2p_env, "HAIF_AUTH__OIDC": json.dumps(oidc)}
     out = submit_job(ray_cluster, "python", "serve_app.py", "--config", CONFIG, env=env)
     return deployment_from_output(out, ray_cluster)
 

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.support.deployment import Deployment
+from tests.support.oidc_provider import AUDIENCE, OidcProvider
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -169,3 +170,32 @@ def test_fleet_views_pages_and_the_usage_export(haif: Deployment) -> None:
         assert len(lines.text.splitlines()) == BURST
         assert c.get("/admin/v1/dlq", params={"limit": 5}).status_code == 200
         assert "/admin/v1/tenants" in c.get("/openapi.json").json()["paths"]
+
+
+def test_a_jwt_of_the_trusted_issuer_serves_administers_and_follows_suspension(
+    haif: Deployment, oidc_issuer: OidcProvider
+) -> None:
+    """The real provider's client-credentials JWTs, beside HAIF keys: inference, the admin
+    API, the caller on the job, a suspension within a second; another audience is refused."""
+    with admin(haif) as c:
+        resp = c.post("/admin/v1/tenants", json={"name": "globex"})  # provider.js: client tenant-b
+        assert resp.status_code in (201, 409), resp.text
+        c.patch("/admin/v1/tenants/globex", json={"suspended": False})
+        jwt_token = oidc_issuer.token("tenant-b", AUDIENCE, "haif:inference haif:admin")
+        assert set(burst(haif.url, jwt_token)) == {200}
+        jobs = c.get("/admin/v1/jobs", params={"tenant": "globex", "limit": 1}).json()["data"]
+        assert jobs[0]["caller"] == f"oidc:{oidc_issuer.issuer}#tenant-b"
+        as_jwt = {"Authorization": f"Bearer {jwt_token}"}
+        assert httpx.get(f"{haif.url}/admin/v1/tenants", headers=as_jwt, timeout=60).status_code == 200
+        wrong = oidc_issuer.token("tenant-b", "https://elsewhere.test/api")
+        assert set(burst(haif.url, wrong)) == {401}
+        unknown = oidc_issuer.token("unknown", AUDIENCE)  # a tenant HAIF does not have
+        assert set(burst(haif.url, unknown)) == {403}
+        start = time.monotonic()
+        c.patch("/admin/v1/tenants/globex", json={"suspended": True})
+        try:
+            assert refused_everywhere_within(haif.url, jwt_token, 403, start) < NOTICE_S + SLACK_S
+        finally:
+            c.patch("/admin/v1/tenants/globex", json={"suspended": False})
+        audit = c.get("/admin/v1/audit", params={"action": "tenant.create", "target": "tenant:globex"}).json()
+        assert audit["data"]

@@ -31,6 +31,8 @@ NODE = shutil.which("node") or "node"
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 SCOPES = "haif:inference haif:admin haif:tenant_admin"
+# The resource (audience) the integration deployment's auth.oidc names.
+AUDIENCE = "https://haif.test/api"
 # The provider's clients and the haif_tenant claim each one's tokens carry (provider.js).
 CLIENT_TENANTS = {
     "tenant-a": "acme", "tenant-b": "globex", "suspended": "frozen", "unknown": "nobody", "no-tenant": None,
