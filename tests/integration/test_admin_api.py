@@ -8,13 +8,14 @@ epoch the routing table carries, not by a cache running out.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
 import httpx
 import pytest
 
-from tests.support.deployment import Deployment
+from tests.support.deployment import Deployment, haif_cli
 from tests.support.oidc_provider import AUDIENCE, OidcProvider
 from tests.support.waiting import wait_for
 
@@ -199,3 +200,57 @@ def test_a_jwt_of_the_trusted_issuer_serves_administers_and_follows_suspension(
             c.patch("/admin/v1/tenants/globex", json={"suspended": False})
         audit = c.get("/admin/v1/audit", params={"action": "tenant.create", "target": "tenant:globex"}).json()
         assert audit["data"]
+
+
+def test_the_cli_over_http_needs_no_database(haif: Deployment, store_env: dict) -> None:
+    """Every operator command with HAIF_URL and HAIF_TOKEN alone: the database the config
+    names is unreachable, and each change still leaves its audit row (actor: the token)."""
+    with admin(haif) as c:
+        ops = new_token(c, new_tenant(c), ["admin"])
+    env = {
+        "HAIF_URL": haif.url, "HAIF_TOKEN": ops["token"],
+        "HAIF_DATABASE__URL": "postgresql+psycopg://nobody@127.0.0.1:1/none",  # nothing listens
+        "HAIF_REDIS__URL": "redis://127.0.0.1:1/0",
+    }
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    haif_cli(env, "tenants", "create", tenant, "--requests-per-minute", "100", "--priority", "low")
+    assert tenant in haif_cli(env, "tenants", "list")
+    assert '"priority": "low"' in haif_cli(env, "tenants", "show", tenant, "--json")
+    haif_cli(env, "quotas", "set", "--tenant", tenant, "--tokens-per-day", "5000")
+    token = haif_cli(env, "tokens", "create", "--tenant", tenant).strip().splitlines()[-1]
+    assert set(burst(haif.url, token)) == {200}
+    listed = [json.loads(line) for line in haif_cli(env, "tokens", "list", "--tenant", tenant, "--json").splitlines()]
+    assert len(listed) == 1 and token not in str(listed)
+    haif_cli(env, "tenants", "suspend", tenant)
+    wait_for(lambda: set(burst(haif.url, token)) == {403}, NOTICE_S + SLACK_S + 10, 0.0, "the suspension")
+    haif_cli(env, "tenants", "resume", tenant)
+    haif_cli(env, "tokens", "revoke", token)
+    wait_for(lambda: set(burst(haif.url, token)) == {401}, NOTICE_S + SLACK_S + 10, 0.0, "the revocation")
+    rows = [json.loads(line) for line in haif_cli(env, "usage", "export", "--tenant", tenant).splitlines()]
+    assert len(rows) == BURST and {r["tenant"] for r in rows} == {tenant}
+    assert "echo" in haif_cli(env, "rollout", "list")
+    assert "echo/" in haif_cli(env, "workers", "list", "--model", "echo")
+    haif_cli(env, "dlq", "list")
+    haif_cli(env, "jobs", "list", "--tenant", tenant)
+    key = "ab" * 32
+    haif_cli(env, "p2p", "peers", "add", key, "--tenant", tenant)
+    assert key in haif_cli(env, "p2p", "peers", "list")
+    haif_cli(env, "p2p", "peers", "remove", key)
+    audit = [json.loads(line) for line in haif_cli(env, "audit", "list", "--actor", f"token:{ops['id']}", "--json").splitlines()]
+    assert {"tenant.create", "tenant.update", "tenant.suspend", "tenant.resume", "token.create", "token.revoke",
+            "peer.add", "peer.remove"} <= {r["action"] for r in audit}
+    # The database is not reachable from here: the same command without HAIF_URL fails.
+    direct = {k: v for k, v in env.items() if k not in ("HAIF_URL", "HAIF_TOKEN")}
+    with pytest.raises(AssertionError, match="failed"):
+        haif_cli(direct, "tenants", "list")
+
+
+def test_admin_bootstrap_prints_a_working_admin_token_once(haif: Deployment, store_env: dict) -> None:
+    tenant = f"ops-{uuid.uuid4().hex[:8]}"
+    out = haif_cli(store_env, "admin", "bootstrap", "--tenant", tenant)
+    token = out.strip().splitlines()[-1]
+    resp = httpx.get(f"{haif.url}/admin/v1/tenants/{tenant}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert resp.status_code == 200 and resp.json()["name"] == tenant
+    with admin(haif) as c:
+        actions = [r["action"] for r in c.get("/admin/v1/audit", params={"target": f"tenant:{tenant}"}).json()["data"]]
+    assert actions == ["tenant.create"]
