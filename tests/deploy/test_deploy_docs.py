@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -233,3 +234,58 @@ def test_make_serve_is_what_the_serve_tests_run() -> None:
     assert recipe and recipe["cmd"] == "exec $(BIN)/haif serve --config configs/local.yaml", recipe
     test = (ROOT / "tests" / "integration" / "test_p2p_serve.py").read_text(encoding="utf-8")
     assert '"serve", "--config", "configs/local.yaml"' in test
+
+
+def test_a_production_start_mints_and_prints_no_key(cluster: Cluster, deployed: Deployed, tmp_path: Path) -> None:
+    """``configs/production.example.yaml`` on PostgreSQL: the deployment starts, prints
+    ``URL:`` and no key, mints none (no token row, no key file), and its first admin token
+    comes from ``haif admin bootstrap``. Overridden: only what names the production
+    machines (hosts, paths, regions' node resources, the billing and OTLP endpoints)."""
+    from tests.support.services import fresh_database, postgres_server
+
+    state = tmp_path / "state"
+    with postgres_server() as server, fresh_database(server, "haif_prod") as db_url:
+        env = {
+            "HAIF_DATABASE__URL": db_url,
+            "HAIF_REDIS__URL": "null",
+            "HAIF_SERVER__HOST": "127.0.0.1",
+            "HAIF_SERVER__STATE_DIR": str(state),
+            "HAIF_SERVER__CONTROL_RESOURCE": "null",
+            "HAIF_SERVER__GATEWAY_REPLICAS": "1",
+            "HAIF_REGIONS": json.dumps([{"name": "eu-west"}]),
+            "HAIF_SHARDING__HOME_REGIONS": "{}",
+            "HAIF_USAGE__WEBHOOK_URL": "null",
+            "HAIF_TELEMETRY__OTLP_ENDPOINT": "null",
+            "HAIF_ARTIFACTS__REPLICAS": json.dumps([str(tmp_path / "artifacts")]),
+            "HAIF_ARTIFACTS__WRITE_QUORUM": "1",
+            "HAIF_ARTIFACTS__CACHE_DIR": str(tmp_path / "cache"),
+            "HAIF_ARTIFACTS__TRUSTED_KEYS": "[]",
+        }
+        # The job's environment comes from its runtime env, as docs/deploy.md's block gives it.
+        runtime_env = json.dumps({"env_vars": {"HAIF_BASE_DIR": str(cluster.repo), **env}})
+        script = (
+            f"ray job submit --working-dir . --runtime-env-json {shlex.quote(runtime_env)} "
+            "-- python serve_app.py --config configs/production.example.yaml\n"
+        )
+        proc = cluster.submit(script)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-6000:]
+        assert re.search(r"^URL: http://127\.0\.0\.1:\d+$", out, re.MULTILINE), out[-6000:]
+        assert "API key:" not in out and "haif_" not in out, out[-6000:]
+        assert not (state / "dev_api_key").exists()
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT count(*) FROM api_tokens")).scalar_one() == 0
+        finally:
+            engine.dispose()
+        boot = cluster.run(
+            "haif admin bootstrap --tenant ops --config configs/production.example.yaml\n", env=env, timeout_s=120
+        )
+        assert boot.returncode == 0, boot.stdout + boot.stderr
+        token = boot.stdout.strip().splitlines()[-1]
+        url = f"http://127.0.0.1:{cluster.env['HAIF_SERVER__PORT']}"
+        resp = httpx.get(f"{url}/admin/v1/tenants/ops", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert resp.status_code == 200, resp.text
