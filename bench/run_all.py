@@ -17,7 +17,7 @@ from bench.common import RESULTS_DIR, Row, print_table
 
 SUITE = [
     "overhead", "p2p", "engine", "torch_batching", "structured", "structured_vllm", "lora", "embeddings", "artifacts", "rollout",
-    "chaos",
+    "chaos", "admin",
 ]
 
 
