@@ -87,7 +87,7 @@ class Priority(str, Enum):
 
 PriorityOption = Annotated[
     Optional[Priority],  # noqa: UP045
-    typer.Option("--priority", help="Its requests' priority when workers are busy."),
+    typer.Option("--priority", help="high, normal or low: stored with the tenant (scheduling by it is not done yet)."),
 ]
 QUOTAS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent")
 

@@ -234,7 +234,9 @@ class AuthConfig(ConfigModel):
     dev_tenant: str = Field("default", description="Tenant the development key belongs to.")
     token_cache_ttl_s: float = Field(
         5.0, ge=0, le=3600,
-        description="How long a token lookup is cached: a revoked token stops working within this time.",
+        description="How long a credential (a token lookup, a verified JWT, a JWT's tenant) is cached. "
+        "Revocations, suspensions and quota changes made through the admin API or the CLI do not wait "
+        "for it (the auth epoch drops every replica's cache); only edits of the database by hand do.",
     )
     change_poll_s: float = Field(
         0.25, gt=0, le=10,

@@ -195,7 +195,10 @@ def _tenancy(config: HaifConfig, metrics: GatewayMetrics, router: Router) -> Gat
     if config.auth.oidc:
         from haif.gateway.oidc import OidcAuthenticator
 
-        oidc = OidcAuthenticator(list(config.auth.oidc), tenants)
+        oidc = OidcAuthenticator(
+            list(config.auth.oidc), tenants,
+            cache_s=config.auth.token_cache_ttl_s, max_entries=config.auth.token_cache_max_entries,
+        )
     peers = _peers(config, db)
     admission = Admission(
         config,
@@ -211,7 +214,7 @@ def _tenancy(config: HaifConfig, metrics: GatewayMetrics, router: Router) -> Gat
     )
     return GatewayParts(
         admission, router, background=background, db=db, dlq=dlq, limiter=limiter, leases=leases,
-        caches=CredentialCaches(keys, tenants, peers),
+        caches=CredentialCaches(keys, tenants, oidc, peers),
     )
 
 

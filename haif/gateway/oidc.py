@@ -22,6 +22,12 @@ costs a bounded number of fetches, and a key rotated at the issuer is picked up 
 restart. An unreachable issuer: its last good keys serve until ``max_stale_s`` after their
 last successful fetch, then its tokens get ``IdentityProviderUnavailable`` (503), never an
 unverified pass.
+
+With ``cache_s`` (the Gateway passes ``auth.token_cache_ttl_s``) a verified token's
+principal is kept, at most until its ``exp``, so a bearer sending one JWT on every request
+pays the checks once; the auth epoch (a suspension, a quota change) drops them all. A
+key retired at the issuer stops verifying new tokens at once and tokens already verified
+with it within ``cache_s``.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
@@ -254,10 +262,24 @@ class OidcAuthenticator:
         issuers: list[OidcIssuer],
         tenants: TenantLookup,
         clock: Callable[[], float] = time.monotonic,
+        cache_s: float = 0.0,
+        max_entries: int = 10_000,
     ) -> None:
         self._issuers = {config.issuer: config for config in issuers}
         self._keysets = {config.issuer: _KeySet(config, clock) for config in issuers}
         self._tenants = tenants
+        self._clock = clock
+        # Verified tokens → principal, for ``cache_s`` (at most until the token's ``exp``):
+        # a bearer sending one JWT on every request pays its checks once. Dropped whole when
+        # the auth epoch moves (``forget``): a suspension or a quota change applies at once.
+        self._cache_s = cache_s
+        self._max_entries = max_entries
+        self._verified: OrderedDict[str, tuple[float, float, Principal]] = OrderedDict()
+        self._generation = 0
+
+    def forget(self) -> None:
+        self._generation += 1
+        self._verified.clear()
 
     @property
     def fetches(self) -> int:
@@ -272,6 +294,21 @@ class OidcAuthenticator:
             PermissionDenied: it names no tenant, or one HAIF does not know or has suspended.
             IdentityProviderUnavailable: the issuer's keys cannot be had.
         """
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest() if self._cache_s > 0 else ""
+        hit = self._verified.get(digest) if digest else None
+        if hit is not None and hit[0] > self._clock() and hit[1] > time.time():
+            return hit[2]
+        generation = self._generation
+        principal, expires_at = await self._verify(token)
+        if digest and generation == self._generation:
+            self._verified[digest] = (self._clock() + self._cache_s, expires_at, principal)
+            self._verified.move_to_end(digest)
+            while len(self._verified) > self._max_entries:
+                self._verified.popitem(last=False)
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
+        """The principal of a token not seen (or no longer cached), and its ``exp``."""
         config, header = self._issuer_of(token)
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in config.algorithms:
@@ -293,7 +330,7 @@ class OidcAuthenticator:
             raise _refuse("token of %s: %s", config.issuer, exc) from None
         if not isinstance(claims.get("sub"), str) or not claims["sub"]:
             raise _refuse("token of %s has an empty sub", config.issuer)
-        return await self._principal(config, claims)
+        return await self._principal(config, claims), float(claims["exp"])
 
     def _issuer_of(self, token: str) -> tuple[OidcIssuer, dict[str, Any]]:
         """The configured issuer the unverified ``iss`` names, and the token's header."""

@@ -52,6 +52,16 @@ class Tenants:
         return self.rows.get(name)
 
 
+class CountingTenants(Tenants):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def __call__(self, name: str, create: bool) -> TenantRecord | None:
+        self.calls += 1
+        return await super().__call__(name, create)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -263,6 +273,23 @@ async def test_a_token_without_the_tenant_claim_is_a_403(provider: OidcProvider)
     with pytest.raises(PermissionDenied, match="names no tenant") as refused:
         await auth.authenticate(provider.token("no-tenant", AUDIENCE))
     assert refused.value.status_code == 403
+
+
+async def test_a_verified_token_is_cached_until_the_auth_epoch_moves(provider: OidcProvider) -> None:
+    """With cache_s, one bearer's checks and tenant lookup happen once; forget() (a new
+    auth epoch: a suspension, a quota change) makes the next request check again."""
+    tenants = CountingTenants()
+    auth = OidcAuthenticator([issuer_of(provider)], tenants, cache_s=60)
+    token = provider.token("tenant-a", AUDIENCE)
+    first = await auth.authenticate(token)
+    assert await auth.authenticate(token) is first and tenants.calls == 1
+    tenants.rows["acme"] = tenants.rows["acme"]._replace(suspended=True)
+    assert await auth.authenticate(token) is first  # cached ...
+    auth.forget()  # ... until the routing table brings the new epoch
+    with pytest.raises(PermissionDenied, match="suspended"):
+        await auth.authenticate(token)
+    with pytest.raises(AuthenticationFailed):  # refusals are never cached as a pass
+        await auth.authenticate(tampered(token))
 
 
 async def test_a_suspended_tenant_is_a_403(provider: OidcProvider) -> None:
