@@ -165,6 +165,12 @@ class _KeySet:
     def _fresh(self, now: float) -> bool:
         return self._fetched_at is not None and now - self._fetched_at < self._config.jwks_cache_s
 
+    def usable_until(self) -> float:
+        """When the keys last fetched stop being usable (the stale bound); -inf: none."""
+        if self._fetched_at is None:
+            return float("-inf")
+        return self._fetched_at + max(self._config.jwks_cache_s, self._config.max_stale_s)
+
     def _usable(self, now: float) -> bool:
         if self._fetched_at is None:
             return False
@@ -301,7 +307,10 @@ class OidcAuthenticator:
         generation = self._generation
         principal, expires_at = await self._verify(token)
         if digest and generation == self._generation:
-            self._verified[digest] = (self._clock() + self._cache_s, expires_at, principal)
+            # Never past the issuer's stale bound: its keys unusable, its tokens get the 503.
+            keyset = self._keysets[principal.issuer]
+            fresh_until = min(self._clock() + self._cache_s, keyset.usable_until())
+            self._verified[digest] = (fresh_until, expires_at, principal)
             self._verified.move_to_end(digest)
             while len(self._verified) > self._max_entries:
                 self._verified.popitem(last=False)
