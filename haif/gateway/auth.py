@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from haif.envelope import Principal
 from haif.exceptions import AuthenticationFailed, PermissionDenied
@@ -285,7 +285,7 @@ class PeerAuthenticator:
             return None, False
         if self._db is None:
             return Principal(tenant=tenant), False  # no metadata store: no quotas to apply
-        found = await self._db.run(_find_tenant, self._db, tenant)
+        found = await self._db.run(find_tenant, self._db, tenant)
         if found is None:
             return None, False  # p2p.peers names a tenant the store does not have
         tenant_id, limits, is_suspended = found
@@ -299,7 +299,7 @@ def _find_peer(db: Database, key: str):  # noqa: ANN202
         return find_peer(conn, key)
 
 
-def _find_tenant(db: Database, name: str) -> tuple[int, tuple[int | None, ...], bool] | None:
+def find_tenant(db: Database, name: str) -> tuple[int, tuple[int | None, ...], bool] | None:
     from sqlalchemy import select
 
     from haif.store.models import Quota, Tenant
@@ -312,81 +312,4 @@ def _find_tenant(db: Database, name: str) -> tuple[int, tuple[int | None, ...], 
             .where(Tenant.name == name)
         ).one_or_none()
     return None if row is None else (row[0], tuple(row[1:5]), row[5] is not None)
-
-
-class TenantDirectory:
-    """Tenants by name for JWT callers (``haif.gateway.oidc.TenantLookup``): id, limits and
-    suspension from the metadata store, cached like tokens (answers and misses) and dropped
-    with them when the auth epoch moves; ``create`` makes a missing tenant with unlimited
-    quotas (an issuer with ``create_tenants``)."""
-
-    def __init__(self, db: Database, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._db = db
-        self._ttl_s = ttl_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._cache: OrderedDict[str, tuple[float, Any]] = OrderedDict()
-        self._generation = 0
-
-    def forget(self) -> None:
-        self._generation += 1
-        self._cache.clear()
-
-    async def __call__(self, name: str, create: bool) -> Any:
-        from haif.gateway.oidc import TenantRecord
-        from haif.store.quotas import QuotaLimits
-
-        hit = self._cache.get(name)
-        if hit is not None and hit[0] > self._clock() and (hit[1] is not None or not create):
-            return hit[1]
-        generation = self._generation
-        found = await self._db.run(_find_or_create_tenant, self._db, name, create)
-        record = None if found is None else TenantRecord(found[0], QuotaLimits(*found[1]), found[2])
-        if self._ttl_s > 0 and generation == self._generation:
-            self._cache[name] = (self._clock() + self._ttl_s, record)
-            self._cache.move_to_end(name)
-            while len(self._cache) > self._max_entries:
-                self._cache.popitem(last=False)
-        return record
-
-
-def _find_or_create_tenant(db: Database, name: str, create: bool) -> tuple[int, tuple[int | None, ...], bool] | None:
-    found = _find_tenant(db, name)
-    if found is not None or not create:
-        return found
-    from haif.exceptions import Conflict, InvalidRequest
-    from haif.store.tenants import TenantRepository
-
-    try:
-        with db.session() as session:
-            TenantRepository(session).create(name)
-    except Conflict:
-        pass  # another replica made it first
-    except InvalidRequest:
-        return None  # not a name HAIF can give a tenant
-    else:
-        logger.info("tenant %r created for its first JWT caller", name)
-    return _find_tenant(db, name)
-
-
-class CallerAuthenticator:
-    """A bearer token → Principal: a JWT of an issuer in ``auth.oidc`` goes to ``oidc``,
-    anything else is a HAIF API key (``keys``)."""
-
-    def __init__(self, keys: Authenticator, oidc: Any | None) -> None:
-        from haif.gateway.oidc import looks_like_jwt  # oidc names this module: not at its top
-
-        self._keys = keys
-        self._oidc = oidc
-        self._is_jwt = looks_like_jwt
-
-    def forget(self) -> None:
-        forget = getattr(self._keys, "forget", None)
-        if forget is not None:
-            forget()
-
-    async def authenticate(self, api_key: str | None) -> Principal:
-        if self._oidc is not None and api_key and self._is_jwt(api_key):
-            return await self._oidc.authenticate(api_key)
-        return await self._keys.authenticate(api_key)
 

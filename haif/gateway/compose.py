@@ -18,13 +18,12 @@ from haif.exceptions import ConfigError
 from haif.gateway.admission import Admission
 from haif.gateway.auth import (
     Authenticator,
-    CallerAuthenticator,
     CredentialCaches,
     DatabaseAuthenticator,
     PeerAuthenticator,
     StaticKeyAuthenticator,
-    TenantDirectory,
 )
+from haif.gateway.identity import CallerAuthenticator, TenantDirectory
 from haif.gateway.metrics import GatewayMetrics
 from haif.orchestrator.router import Router
 from haif.orchestrator.table import TableClient

@@ -146,3 +146,31 @@ async def test_a_suspended_tenant_is_refused_and_the_epoch_drops_cached_answers(
     caches.observe(admin.auth_epoch)
     with pytest.raises(AuthenticationFailed):
         await auth.authenticate(token)
+
+
+async def test_jwt_tenants_come_from_the_store_created_only_where_allowed(sqlite_db: Database) -> None:
+    from haif.gateway.identity import CallerAuthenticator, TenantDirectory
+
+    directory = TenantDirectory(sqlite_db, ttl_s=3600, max_entries=100)
+    assert await directory("newco", False) is None
+    made = await directory("newco", True)  # an issuer with create_tenants
+    assert made is not None and not made.suspended and made.limits.as_dict()["max_concurrent"] is None
+    assert await directory("not a name!", True) is None  # refused, not raised
+    service = AdminService(sqlite_db, sqlite_config(Path("/nonexistent")), ADMIN)
+    await asyncio.to_thread(service.update_tenant, "newco", {"suspended": True})
+    assert not (await directory("newco", False)).suspended  # cached ...
+    directory.forget()  # ... until the auth epoch moves
+    assert (await directory("newco", False)).suspended
+
+    class Jwts:
+        async def authenticate(self, token: str) -> str:
+            return "jwt"
+
+    class Keys:
+        async def authenticate(self, token: str | None) -> str:
+            return "key"
+
+    caller = CallerAuthenticator(Keys(), Jwts())  # type: ignore[arg-type]
+    assert await caller.authenticate("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln") == "jwt"
+    assert await caller.authenticate("haif_abc_def") == "key"
+    assert await CallerAuthenticator(Keys(), None).authenticate("eyJhbGciOiJSUzI1NiJ9.e30.c2ln") == "key"  # type: ignore[arg-type]
