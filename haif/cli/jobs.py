@@ -28,7 +28,7 @@ Filter = Optional[str]  # noqa: UP045 - typer needs Optional here
 def list_(
     tenant: Annotated[Filter, typer.Option("--tenant", help="Only this tenant's.")] = None,
     state: Annotated[
-        Filter, typer.Option("--state", help="Only jobs in this state (queued, running, done, failed, ...).")
+        Filter, typer.Option("--state", help="Only jobs in this state (reserved, running, succeeded, failed, dead_lettered).")
     ] = None,
     model: Annotated[Filter, typer.Option("--model", help="Only this model's.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most rows shown.")] = DEFAULT_ROWS,

@@ -3,7 +3,8 @@
 `haif p2p info` reads (or creates) the key seed in state_dir and needs no deployment;
 `haif p2p peers ...` run like `haif tokens`: over a deployment's admin API (``HAIF_URL``,
 ``HAIF_TOKEN``, a profile), else on the metadata store of the config; a change reaches
-running shims within ``auth.token_cache_ttl_s``.
+every Gateway replica by the auth epoch (at once over the admin API, within
+``auth.change_poll_s`` from the database).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def peers_remove(
     token: TokenOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Remove a peer added with `haif p2p peers add` (shims refuse it within auth.token_cache_ttl_s)."""
+    """Remove a peer added with `haif p2p peers add` (refused everywhere within a second)."""
     with operations(config, url, token, profile) as ops:
         row = ops.remove_peer(public_key)
     typer.echo(f"removed peer {row['public_key']}")

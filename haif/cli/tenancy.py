@@ -2,8 +2,8 @@
 
 They run over a deployment's admin API when given its URL and a token (``HAIF_URL``,
 ``HAIF_TOKEN``, a profile), else on the metadata store of the config (``database.url``).
-A change to a token, a quota or a tenant reaches running Gateways within
-``auth.token_cache_ttl_s``.
+A change to a token, a quota or a tenant reaches every running Gateway replica by the auth
+epoch: at once over the admin API, within ``auth.change_poll_s`` from the database.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def tenants_suspend(
     """Suspend a tenant: its requests are refused (403) until `resume`; nothing is deleted."""
     with operations(config, url, token, profile) as ops:
         ops.update_tenant(name, {"suspended": True})
-    typer.echo(f"suspended tenant {name}: Gateways refuse its requests within auth.token_cache_ttl_s")
+    typer.echo(f"suspended tenant {name}: every Gateway replica refuses its requests (403) within a second")
 
 
 @tenants_app.command("resume")
@@ -336,7 +336,7 @@ def tokens_revoke(
     token: TokenOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Revoke a token (Gateways stop accepting it within auth.token_cache_ttl_s)."""
+    """Revoke a token: every Gateway replica refuses it within a second."""
     with operations(config, url, token, profile) as ops:
         row = ops.revoke_token(id_or_token)
     typer.echo(f"revoked token {row['id']} (prefix {row['prefix']})")
