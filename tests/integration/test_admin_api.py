@@ -214,7 +214,7 @@ def test_the_cli_over_http_needs_no_database(haif: Deployment, store_env: dict) 
     }
     tenant = f"cli-{uuid.uuid4().hex[:8]}"
     haif_cli(env, "tenants", "create", tenant, "--requests-per-minute", "100", "--priority", "low")
-    assert tenant in haif_cli(env, "tenants", "list")
+    assert tenant in haif_cli(env, "tenants", "list", "--json")
     assert '"priority": "low"' in haif_cli(env, "tenants", "show", tenant, "--json")
     haif_cli(env, "quotas", "set", "--tenant", tenant, "--tokens-per-day", "5000")
     token = haif_cli(env, "tokens", "create", "--tenant", tenant).strip().splitlines()[-1]

@@ -49,7 +49,7 @@ def test_migrations_on_an_empty_database_and_from_the_previous_revision(pg_serve
                 )
             )
         migrate.upgrade(engine)
-        assert migrate.current(engine) == migrate.head() == "0006"
+        assert migrate.current(engine) == migrate.head() == "0007"
         with engine.connect() as conn:
             assert conn.execute(text("SELECT requests_per_minute FROM quotas")).scalar() == 7
             diff = compare_metadata(
@@ -64,7 +64,7 @@ def test_migrations_on_an_empty_database_and_from_the_previous_revision(pg_serve
         migrate.downgrade(engine, "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         migrate.upgrade(engine)  # and back up from nothing
-        assert migrate.current(engine) == "0006"
+        assert migrate.current(engine) == "0007"
         engine.dispose()
 
 
@@ -97,7 +97,7 @@ def test_db_cli_upgrade_downgrade_current(pg_server: str) -> None:
         env = {"HAIF_DATABASE__URL": url}
         assert "current: base" in haif_cli(env, "db", "current")
         assert "revision 0001" in haif_cli(env, "db", "upgrade", "0001")
-        assert "revision 0006" in haif_cli(env, "db", "upgrade")
+        assert "revision 0007" in haif_cli(env, "db", "upgrade")
         assert "revision base" in haif_cli(env, "db", "downgrade", "base")
 
 
