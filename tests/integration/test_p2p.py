@@ -23,6 +23,7 @@ from sqlalchemy import create_engine, select
 
 from haif.store.models import Job, Tenant, UsageRecord
 from tests.support.deployment import CONFIG, ROOT, Deployment, haif_cli
+from tests.support.oidc_provider import AUDIENCE, OidcProvider
 from tests.support.p2p import node_public_key, run_peer
 from tests.support.waiting import wait_for
 
@@ -112,6 +113,31 @@ def test_a_peer_gets_an_adapter_named_as_http_names_it(
 def test_an_unmapped_key_is_unauthorized(testnet: list[str], shim: dict) -> None:
     (result,) = run_peer(testnet, shim["public_key"], [{"method": "haif.models", "value": {}}])["results"]
     assert result["error"]["cause"]["code"] == "UNAUTHORIZED", result
+
+
+def test_a_peer_may_present_a_token_in_the_envelope(
+    testnet: list[str], shim: dict, haif: Deployment, oidc_issuer: OidcProvider
+) -> None:
+    """A key mapped to no tenant, with `haif.token`: a HAIF key or a JWT of the trusted
+    issuer, the caller is who the token names; a bad token is UNAUTHORIZED."""
+    headers = haif.headers()
+    tenant = f"p2ptok-{uuid.uuid4().hex[:8]}"
+    assert httpx.post(f"{haif.url}/admin/v1/tenants", json={"name": tenant}, headers=headers, timeout=60).status_code == 201
+    key = httpx.post(f"{haif.url}/admin/v1/tokens", json={"tenant": tenant}, headers=headers, timeout=60).json()
+    made = httpx.post(f"{haif.url}/admin/v1/tenants", json={"name": "globex"}, headers=headers, timeout=60)
+    assert made.status_code in (201, 409), made.text
+    jwt = oidc_issuer.token("tenant-b", AUDIENCE)  # provider.js: tenant globex
+    request = {"model": "echo", "prompt": "hi", "max_tokens": 2}
+    with_key, with_jwt, with_bad = run_peer(testnet, shim["public_key"], [
+        {"method": "haif.completions", "value": {**request, "haif": {"token": key["token"]}}},
+        {"method": "haif.completions", "value": {**request, "haif": {"token": jwt}}},
+        {"method": "haif.completions", "value": {**request, "haif": {"token": key["token"] + "x"}}},
+    ])["results"]
+    assert with_key["value"]["choices"][0]["text"], with_key
+    assert with_jwt["value"]["choices"][0]["text"], with_jwt
+    assert with_bad["error"]["cause"]["code"] == "UNAUTHORIZED", with_bad
+    jobs = httpx.get(f"{haif.url}/admin/v1/jobs", params={"tenant": tenant}, headers=headers, timeout=60).json()
+    assert [j["caller"] for j in jobs["data"]] == [f"token:{key['id']}"]
 
 
 def test_haif_errors_arrive_with_their_codes(testnet: list[str], shim: dict, peer: dict) -> None:
