@@ -42,6 +42,7 @@ class UsageRecord(_Response):
     completion_tokens: int
     started_at: str
     finished_at: str
+    caller: str | None = None  # who authenticated: token:ID, or oidc:ISSUER#SUB for a JWT
 
 
 class UsageList(_Response):

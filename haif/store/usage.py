@@ -30,6 +30,7 @@ EXPORT_FIELDS = (
     "completion_tokens",
     "started_at",
     "finished_at",
+    "caller",  # who authenticated: token:ID, or oidc:ISSUER#SUB for a JWT (None before 0007)
 )
 
 
@@ -47,6 +48,7 @@ def export_row(r: Any) -> dict[str, Any]:
         "completion_tokens": r.completion_tokens,
         "started_at": _iso(r.started_at),
         "finished_at": _iso(r.finished_at),
+        "caller": r.caller,
     }
 
 
@@ -61,7 +63,8 @@ def _rows_query(since: datetime | None, tenant_id: int | None) -> Any:
         UsageRecord.started_at,
         UsageRecord.finished_at,
         UsageRecord.id,
-    ).join(Tenant, Tenant.id == UsageRecord.tenant_id)
+        Job.caller,
+    ).join(Tenant, Tenant.id == UsageRecord.tenant_id).outerjoin(Job, Job.id == UsageRecord.job_id)
     if since is not None:
         stmt = stmt.where(UsageRecord.finished_at >= since)
     if tenant_id is not None:

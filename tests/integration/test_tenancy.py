@@ -488,7 +488,9 @@ def test_usage_export_cli_jsonl_and_csv(haif: Deployment, store_env: dict, db) -
         "completion_tokens",
         "started_at",
         "finished_at",
+        "caller",
     }
+    assert rows[0]["caller"].startswith("token:")  # who authenticated: this token
     assert (
         rows[0]["tenant"] == tenant
         and rows[0]["prompt_tokens"] == 3

@@ -118,7 +118,7 @@ def test_usage_export_formats(cfg: Path) -> None:
     run(cfg, "tenants", "create", "acme")
     assert run(cfg, "usage", "export") == ""
     assert run(cfg, "usage", "export", "--format", "csv").strip() == (
-        "tenant,model,version,job_id,prompt_tokens,completion_tokens,started_at,finished_at"
+        "tenant,model,version,job_id,prompt_tokens,completion_tokens,started_at,finished_at,caller"
     )
     run(cfg, "usage", "export", "--format", "xml", code=2)
     run(cfg, "usage", "export", "--since", "last tuesday", code=2)
