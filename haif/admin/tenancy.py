@@ -228,12 +228,14 @@ class TenancyOperations:
             rows = session.execute(stmt.order_by(ApiToken.id).limit(limit + 1)).all()
             return pages.page(rows, limit, lambda r: token_record(r[0], r[1], now), lambda r: (r[0].id,))
 
-    def revoke_token(self, id_or_token: str) -> Record:
+    def revoke_token(self, id_or_token: str, *, secret_ok: bool = True) -> Record:
+        """By id, prefix, or (``secret_ok``: the CLI on the database) the token itself; the
+        admin API passes ``secret_ok=False``: a secret never travels in a URL."""
         from haif.store.tokens import TokenRepository
 
         with self._db.session() as session:
             repo = TokenRepository(session)
-            row = repo.find(id_or_token)
+            row = repo.find(id_or_token, secret_ok=secret_ok)
             if row is None:
                 raise NotFound("no such token")
             tenant = session.get(Tenant, row.tenant_id)

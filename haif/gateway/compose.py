@@ -9,6 +9,7 @@ A test builds ``GatewayParts`` itself, with fakes where it wants them, and passe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,8 +31,6 @@ from haif.orchestrator.table import TableClient
 from haif.telemetry.metrics import MetricsTarget, OrchestratorMetrics, ProcessMetrics
 
 if TYPE_CHECKING:
-    import asyncio
-
     from ray.serve.handle import DeploymentHandle
 
     from haif.config import HaifConfig
@@ -63,6 +62,10 @@ class GatewayParts:
     p2p: DeploymentHandle | None = None  # the P2P shim, for its state in /readyz
     caches: CredentialCaches = field(default_factory=lambda: CredentialCaches())
     auth_changed: Callable[[], Awaitable[None]] | None = None  # Pipeline.auth_changed
+
+
+# The admin API waits this long for the Orchestrator to publish an auth change.
+AUTH_NOTICE_TIMEOUT_S = 5.0
 
 
 def default_authenticator(config: HaifConfig) -> Authenticator:
@@ -135,7 +138,13 @@ def compose(
 
     async def auth_changed() -> None:
         parts.caches.forget()
-        await orchestrator.auth_changed.remote()  # publishes the new epoch to every replica
+        try:  # publishes the new epoch to every replica now
+            await asyncio.wait_for(orchestrator.auth_changed.remote(), AUTH_NOTICE_TIMEOUT_S)
+        except Exception as exc:  # the change is stored: its control round carries it instead
+            logger.warning(
+                "auth change: the Orchestrator did not answer (%s); the other Gateway replicas see "
+                "it at its next read of the store (auth.change_poll_s)", type(exc).__name__,
+            )
 
     parts.auth_changed = auth_changed
     return parts

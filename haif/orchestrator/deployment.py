@@ -98,10 +98,10 @@ class Orchestrator:
     async def _run(self) -> None:
         """One loop, two cadences: a health round every ``health_check_period_s`` (at once
         when a Gateway reports a worker dead), a control round every ``rollouts.poll_s``,
-        ``auth.change_poll_s`` (the auth epoch) and autoscaler's ``metrics_interval_s``. The loop only schedules: each round runs
-        as a task of its own, so a slow one (a hung worker's probe, a store read during an
-        outage) never delays the other kind; a kind never overlaps itself. A round that
-        fails is logged; the next runs."""
+        ``auth.change_poll_s`` (the auth epoch) and autoscaler's ``metrics_interval_s``. The
+        loop only schedules: each round runs as a task of its own, so a slow one (a hung
+        worker's probe, a store read during an outage) never delays the other kind; a kind
+        never overlaps itself. A round that fails is logged; the next runs."""
         health_s, control_s = self._config.resilience.health_check_period_s, self._control_period_s()
         next_health, next_control = time.monotonic() + health_s, time.monotonic() + control_s
         last_poll = float("-inf")

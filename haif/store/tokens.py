@@ -211,12 +211,12 @@ class TokenRepository:
             row.revoked_at = datetime.now(UTC)
         return row
 
-    def find(self, id_or_token: str) -> ApiToken | None:
-        """The token of a numeric id, a prefix, or the token itself."""
+    def find(self, id_or_token: str, *, secret_ok: bool = True) -> ApiToken | None:
+        """The token of a numeric id, a prefix, or (``secret_ok``) the token itself."""
         row: ApiToken | None = None
         if id_or_token.isdigit() and len(id_or_token) <= 12:
             row = self.session.get(ApiToken, int(id_or_token))
-        if row is None:
+        if row is None and secret_ok:
             row = self.by_token(id_or_token)
         if row is None:
             row = self.session.scalars(

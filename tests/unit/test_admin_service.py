@@ -174,3 +174,13 @@ async def test_jwt_tenants_come_from_the_store_created_only_where_allowed(sqlite
     assert await caller.authenticate("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln") == "jwt"
     assert await caller.authenticate("haif_abc_def") == "key"
     assert await CallerAuthenticator(Keys(), None).authenticate("eyJhbGciOiJSUzI1NiJ9.e30.c2ln") == "key"  # type: ignore[arg-type]
+
+
+def test_the_admin_api_revokes_by_id_or_prefix_never_by_the_secret(admin: AdminService) -> None:
+    admin.create_tenant("acme", {})
+    made = admin.create_token("acme")
+    with pytest.raises(NotFound):  # DELETE /admin/v1/tokens/{the token}: a secret in a URL
+        admin.revoke_token(made["token"], secret_ok=False)
+    assert admin.revoke_token(made["prefix"], secret_ok=False)["state"] == "revoked"
+    other = admin.create_token("acme")
+    assert admin.revoke_token(other["token"])["state"] == "revoked"  # the CLI on the database

@@ -135,7 +135,7 @@ async def create_token(request: Request, body: TokenCreate) -> Response:
 
 @router.delete("/tokens/{token_id}", summary="Revoke a token (by id or prefix): refused everywhere at once")
 async def revoke_token(request: Request, token_id: Annotated[str, Path(min_length=1, max_length=64)]) -> Response:
-    return await _admin(request).answer(request, lambda s: s.revoke_token(token_id))
+    return await _admin(request).answer(request, lambda s: s.revoke_token(token_id, secret_ok=False))
 
 
 # --- models, rollouts, workers ---------------------------------------------------------------
