@@ -113,6 +113,7 @@ def test_a_tenant_admin_sees_and_changes_its_own_tenant_only(admin: AdminService
         lambda: mine.list_usage(tenant="other"),
         lambda: mine.list_jobs(tenant="other"),
         lambda: mine.list_tenants(),
+        lambda: mine.get_tenant("acme"),  # its tokens, jobs and usage: nothing else
         lambda: mine.update_tenant("acme", {"suspended": False}),
         lambda: mine.list_audit(),
         lambda: mine.list_rollouts(),
