@@ -18,11 +18,17 @@ from haif.bridge.serving import utc
 
 router = APIRouter(prefix="/admin/v1", tags=["admin"], responses=ERROR_RESPONSES)
 
+# Every text an operator sends: printable, no control characters (a NUL cannot be stored
+# in PostgreSQL, and no name HAIF gives contains one): anything else is a 422 here.
+TEXT = r"^[^\x00-\x1f\x7f]*$"
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page.")]
-Cursor = Annotated[str | None, Query(max_length=512, description="next_cursor of the page before.")]
-TenantName = Annotated[str, Path(min_length=1, max_length=64)]
-TenantFilter = Annotated[str | None, Query(min_length=1, max_length=64, description="Only this tenant's.")]
-ModelName = Annotated[str, Path(min_length=1, max_length=128)]
+Cursor = Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_=-]*$",
+                                     description="next_cursor of the page before.")]
+TenantName = Annotated[str, Path(min_length=1, max_length=64, pattern=TEXT)]
+TenantFilter = Annotated[str | None, Query(min_length=1, max_length=64, pattern=TEXT, description="Only this tenant's.")]
+ModelName = Annotated[str, Path(min_length=1, max_length=128, pattern=TEXT)]
+Filter = Annotated[str | None, Query(max_length=600, pattern=TEXT)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT)]
 Since = Annotated[datetime | None, Query(description="ISO 8601: at or after.")]
 QuotaValue = Annotated[int | None, Field(ge=0, le=2**63 - 1)]
 Priority = Literal["high", "normal", "low"]
@@ -39,7 +45,7 @@ class _Body(BaseModel):
 
 
 class TenantCreate(_Body):
-    name: str = Field(min_length=1, max_length=64)
+    name: Name
     requests_per_minute: Annotated[int | None, Field(ge=0, le=2**31 - 1)] = None
     tokens_per_minute: QuotaValue = None
     tokens_per_day: QuotaValue = None
@@ -57,21 +63,21 @@ class TenantUpdate(_Body):
 
 
 class TokenCreate(_Body):
-    tenant: str = Field(min_length=1, max_length=64)
+    tenant: Name
     scopes: list[Scope] | None = Field(None, max_length=3)
-    models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, max_length=256)
-    expires_in_s: float | None = Field(None, gt=0, le=10 * 365 * 86400)
-    name: str | None = Field(None, max_length=128)
+    models: list[Annotated[str, Field(min_length=1, max_length=256, pattern=TEXT)]] | None = Field(None, max_length=256)
+    expires_in_s: float | None = Field(None, ge=1, le=10 * 365 * 86400)
+    name: str | None = Field(None, max_length=128, pattern=TEXT)
 
 
 class RolloutSet(_Body):
-    version: str = Field(min_length=1, max_length=64)
+    version: str = Field(min_length=1, max_length=64, pattern=TEXT)
     weight: int = Field(ge=0, le=100)
 
 
 class PeerAdd(_Body):
     public_key: str = Field(min_length=64, max_length=64, pattern="^[0-9a-fA-F]{64}$")
-    tenant: str = Field(min_length=1, max_length=64)
+    tenant: Name
 
 
 def _admin(request: Request) -> AdminBridge:
@@ -134,7 +140,7 @@ async def create_token(request: Request, body: TokenCreate) -> Response:
 
 
 @router.delete("/tokens/{token_id}", summary="Revoke a token (by id or prefix): refused everywhere at once")
-async def revoke_token(request: Request, token_id: Annotated[str, Path(min_length=1, max_length=64)]) -> Response:
+async def revoke_token(request: Request, token_id: Annotated[str, Path(min_length=1, max_length=64, pattern=TEXT)]) -> Response:
     return await _admin(request).answer(request, lambda s: s.revoke_token(token_id, secret_ok=False))
 
 
@@ -172,26 +178,25 @@ async def rollback(request: Request, model: ModelName) -> Response:
 
 
 @router.get("/workers", response_model=Page, summary="Workers as this Gateway routes to them")
-async def list_workers(request: Request, model: Annotated[str | None, Query(max_length=128)] = None,
-                       state: Annotated[str | None, Query(max_length=16)] = None,
+async def list_workers(request: Request, model: Filter = None, state: Filter = None,
                        cursor: Cursor = None, limit: Limit = DEFAULT_PAGE) -> Response:
     return await _admin(request).answer(request, lambda s: s.list_workers(model, state, cursor, limit))
 
 
 @router.post("/workers/{worker_id:path}/drain", status_code=202,
              summary="Drain a worker: no new requests, it finishes its own, then stops")
-async def drain_worker(request: Request, worker_id: Annotated[str, Path(min_length=1, max_length=256)]) -> Response:
+async def drain_worker(request: Request,
+                       worker_id: Annotated[str, Path(min_length=1, max_length=256, pattern=TEXT)]) -> Response:
     return await _admin(request).answer(request, lambda s: s.drain_worker(worker_id), status_code=202)
 
 
 # --- dead letters ----------------------------------------------------------------------------
 
-EntryId = Annotated[str, Path(min_length=1, max_length=64)]
+EntryId = Annotated[str, Path(min_length=1, max_length=64, pattern=TEXT)]
 
 
 @router.get("/dlq", response_model=Page, summary="Dead letters, newest first (without bodies)")
-async def list_dead_letters(request: Request, tenant: TenantFilter = None,
-                            model: Annotated[str | None, Query(max_length=256)] = None,
+async def list_dead_letters(request: Request, tenant: TenantFilter = None, model: Filter = None,
                             cursor: Cursor = None, limit: Limit = DEFAULT_PAGE) -> Response:
     return await _admin(request).answer(request, lambda s: s.list_dead_letters(tenant, model, cursor, limit))
 
@@ -220,9 +225,7 @@ async def replay_dead_letter(request: Request, entry_id: EntryId, keep: bool = F
 
 
 @router.get("/jobs", response_model=Page, summary="Jobs of any tenant (tenant_admin: its own), newest first")
-async def list_jobs(request: Request, tenant: TenantFilter = None,
-                    state: Annotated[str | None, Query(max_length=16)] = None,
-                    model: Annotated[str | None, Query(max_length=256)] = None,
+async def list_jobs(request: Request, tenant: TenantFilter = None, state: Filter = None, model: Filter = None,
                     cursor: Cursor = None, limit: Limit = DEFAULT_PAGE) -> Response:
     return await _admin(request).answer(request, lambda s: s.list_jobs(tenant, state, model, cursor, limit))
 
@@ -259,9 +262,7 @@ async def remove_peer(request: Request, key: Annotated[str, Path(min_length=64, 
 
 
 @router.get("/audit", response_model=Page, summary="The audit log, newest first")
-async def list_audit(request: Request, action: Annotated[str | None, Query(max_length=64)] = None,
-                     actor: Annotated[str | None, Query(max_length=600)] = None,
-                     target: Annotated[str | None, Query(max_length=512)] = None,
+async def list_audit(request: Request, action: Filter = None, actor: Filter = None, target: Filter = None,
                      since: Since = None, cursor: Cursor = None, limit: Limit = DEFAULT_PAGE) -> Response:
     since = utc(since)
     return await _admin(request).answer(request, lambda s: s.list_audit(action, actor, target, since, cursor, limit))
