@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from haif.envelope import Principal
 from haif.exceptions import AuthenticationFailed, PermissionDenied
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from haif.store.tokens import TokenInfo
 
 logger = logging.getLogger("haif.gateway")
+V = TypeVar("V")
 
 AUTH_FAILED_MESSAGE = "invalid or missing API key"
 MAX_KEY_CHARS = 512
@@ -74,9 +75,47 @@ class StaticKeyAuthenticator:
         return self._principal
 
 
+MISS: Any = object()  # TtlCache.get: nothing fresh under that key
+
+
+class TtlCache(Generic[V]):
+    """A replica's cached credential answers: each kept ``ttl_s`` (or less, ``until``), at
+    most ``max_entries`` (the oldest stored goes first). ``forget`` drops them all and makes
+    every store begun before it (``generation``) a no-op, so a lookup that read the old row
+    cannot put it back. Every credential cache of the Gateway is one of these."""
+
+    def __init__(self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._items: OrderedDict[str, tuple[float, V]] = OrderedDict()
+        self.generation = 0
+
+    def get(self, key: str) -> V:
+        """The fresh value under ``key``, else ``MISS``."""
+        item = self._items.get(key)
+        if item is None or item[0] <= self._clock():
+            return MISS
+        return item[1]
+
+    def put(self, key: str, value: V, generation: int, until: float | None = None) -> None:
+        """Keep ``value``, unless ``forget`` came since ``generation`` was read (or ttl is 0);
+        ``until``: a clock time it must not outlive."""
+        if self._ttl_s <= 0 or generation != self.generation:
+            return
+        fresh_until = self._clock() + self._ttl_s
+        self._items[key] = (fresh_until if until is None else min(fresh_until, until), value)
+        self._items.move_to_end(key)
+        while len(self._items) > self._max_entries:
+            self._items.popitem(last=False)
+
+    def forget(self) -> None:
+        self.generation += 1
+        self._items.clear()
+
+
 @dataclass(frozen=True)
 class _Entry:
-    fresh_until: float  # monotonic
     principal: Principal | None  # None: refused
     expires_at: float | None  # the token's own expiry, wall clock
     suspended: bool = False  # the principal's tenant is suspended (403, not 401)
@@ -118,12 +157,8 @@ class DatabaseAuthenticator:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
-        self._ttl_s = ttl_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._cache: TtlCache[_Entry] = TtlCache(ttl_s, max_entries, clock)
         self._pending: dict[str, asyncio.Future[_Entry]] = {}
-        self._generation = 0  # bumped by forget(): a lookup begun before it is not cached
         self.lookups = 0  # database round trips, for tests and metrics
 
     async def authenticate(self, api_key: str | None) -> Principal:
@@ -136,7 +171,7 @@ class DatabaseAuthenticator:
             raise _refuse()
         digest = hash_token(api_key)
         entry = self._cache.get(digest)
-        if entry is None or entry.fresh_until <= self._clock():
+        if entry is MISS:
             entry = await self._lookup(digest, prefix, api_key)
         if entry.principal is None or (
             entry.expires_at is not None and entry.expires_at <= time.time()
@@ -148,8 +183,7 @@ class DatabaseAuthenticator:
 
     def forget(self) -> None:
         """Drop every cached answer (an auth change: the next request of each key looks it up)."""
-        self._generation += 1
-        self._cache.clear()
+        self._cache.forget()
         self._pending.clear()  # a lookup in flight may have read the old row
 
     async def _lookup(self, digest: str, prefix: str, api_key: str) -> _Entry:
@@ -158,16 +192,13 @@ class DatabaseAuthenticator:
             return await asyncio.shield(pending)
         future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
         self._pending[digest] = future
-        generation = self._generation
+        generation = self._cache.generation
         try:
             info = await self._db.run(_find, self._db, prefix)
             self.lookups += 1
             principal, expires_at = principal_of(info, api_key, datetime.now(UTC))
-            entry = _Entry(
-                self._clock() + self._ttl_s, principal, expires_at, info is not None and info.suspended
-            )
-            if generation == self._generation:
-                self._remember(digest, entry)
+            entry = _Entry(principal, expires_at, info is not None and info.suspended)
+            self._cache.put(digest, entry, generation)
             future.set_result(entry)
             return entry
         except BaseException as exc:
@@ -177,14 +208,6 @@ class DatabaseAuthenticator:
         finally:
             if self._pending.get(digest) is future:
                 del self._pending[digest]
-
-    def _remember(self, digest: str, entry: _Entry) -> None:
-        if self._ttl_s <= 0:
-            return
-        self._cache[digest] = entry
-        self._cache.move_to_end(digest)
-        while len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)
 
 
 def _find(db: Database, prefix: str) -> TokenInfo | None:
@@ -242,29 +265,23 @@ class PeerAuthenticator:
     ) -> None:
         self._config_peers = {k.lower(): tenant for k, tenant in config_peers.items()}
         self._db = db
-        self._ttl_s = ttl_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._cache: TtlCache[_Entry] = TtlCache(ttl_s, max_entries, clock)
         self.lookups = 0
 
     def forget(self) -> None:
         """Drop every cached answer (a peer removed, a tenant suspended: see the auth epoch)."""
-        self._cache.clear()
+        self._cache.forget()
 
     async def authenticate(self, peer_key: str) -> Principal:
         key = peer_key.strip().lower()
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise AuthenticationFailed(PEER_REFUSED_MESSAGE)
         entry = self._cache.get(key)
-        if entry is None or entry.fresh_until <= self._clock():
+        if entry is MISS:
+            generation = self._cache.generation
             principal, is_suspended = await self._find(key)
-            entry = _Entry(self._clock() + self._ttl_s, principal, None, is_suspended)
-            if self._ttl_s > 0:
-                self._cache[key] = entry
-                self._cache.move_to_end(key)
-                while len(self._cache) > self._max_entries:
-                    self._cache.popitem(last=False)
+            entry = _Entry(principal, None, is_suspended)
+            self._cache.put(key, entry, generation)
         if entry.principal is None:
             raise AuthenticationFailed(PEER_REFUSED_MESSAGE)
         if entry.suspended:

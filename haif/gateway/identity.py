@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from haif.gateway.auth import find_tenant
+from haif.gateway.auth import MISS, TtlCache, find_tenant
 from haif.gateway.oidc import TenantRecord, looks_like_jwt
 
 if TYPE_CHECKING:
@@ -35,30 +34,21 @@ class TenantDirectory:
 
     def __init__(self, db: Database, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
-        self._ttl_s = ttl_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._cache: OrderedDict[str, tuple[float, TenantRecord | None]] = OrderedDict()
-        self._generation = 0
+        self._cache: TtlCache[TenantRecord | None] = TtlCache(ttl_s, max_entries, clock)
 
     def forget(self) -> None:
-        self._generation += 1
-        self._cache.clear()
+        self._cache.forget()
 
     async def __call__(self, name: str, create: bool) -> TenantRecord | None:
         from haif.store.quotas import QuotaLimits
 
         hit = self._cache.get(name)
-        if hit is not None and hit[0] > self._clock() and (hit[1] is not None or not create):
-            return hit[1]
-        generation = self._generation
+        if hit is not MISS and (hit is not None or not create):  # a cached miss may be created
+            return hit
+        generation = self._cache.generation
         found = await self._db.run(_find_or_create_tenant, self._db, name, create)
         record = None if found is None else TenantRecord(found[0], QuotaLimits(*found[1]), found[2])
-        if self._ttl_s > 0 and generation == self._generation:
-            self._cache[name] = (self._clock() + self._ttl_s, record)
-            self._cache.move_to_end(name)
-            while len(self._cache) > self._max_entries:
-                self._cache.popitem(last=False)
+        self._cache.put(name, record, generation)
         return record
 
 

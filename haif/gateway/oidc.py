@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
@@ -48,7 +47,7 @@ import jwt
 
 from haif.envelope import Principal
 from haif.exceptions import AuthenticationFailed, IdentityProviderUnavailable, PermissionDenied
-from haif.gateway.auth import AUTH_FAILED_MESSAGE
+from haif.gateway.auth import AUTH_FAILED_MESSAGE, MISS, TtlCache
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -274,18 +273,15 @@ class OidcAuthenticator:
         self._issuers = {config.issuer: config for config in issuers}
         self._keysets = {config.issuer: _KeySet(config, clock) for config in issuers}
         self._tenants = tenants
-        self._clock = clock
-        # Verified tokens → principal, for ``cache_s`` (at most until the token's ``exp``):
-        # a bearer sending one JWT on every request pays its checks once. Dropped whole when
-        # the auth epoch moves (``forget``): a suspension or a quota change applies at once.
+        # Verified tokens → (their exp, principal), for ``cache_s`` (at most until the token's
+        # ``exp``): a bearer sending one JWT on every request pays its checks once. Dropped
+        # whole when the auth epoch moves (``forget``): a suspension or a quota change applies
+        # at once.
         self._cache_s = cache_s
-        self._max_entries = max_entries
-        self._verified: OrderedDict[str, tuple[float, float, Principal]] = OrderedDict()
-        self._generation = 0
+        self._verified: TtlCache[tuple[float, Principal]] = TtlCache(cache_s, max_entries, clock)
 
     def forget(self) -> None:
-        self._generation += 1
-        self._verified.clear()
+        self._verified.forget()
 
     @property
     def fetches(self) -> int:
@@ -301,19 +297,15 @@ class OidcAuthenticator:
             IdentityProviderUnavailable: the issuer's keys cannot be had.
         """
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest() if self._cache_s > 0 else ""
-        hit = self._verified.get(digest) if digest else None
-        if hit is not None and hit[0] > self._clock() and hit[1] > time.time():
-            return hit[2]
-        generation = self._generation
+        hit = self._verified.get(digest) if digest else MISS
+        if hit is not MISS and hit[0] > time.time():
+            return hit[1]
+        generation = self._verified.generation
         principal, expires_at = await self._verify(token)
-        if digest and generation == self._generation:
+        if digest:
             # Never past the issuer's stale bound: its keys unusable, its tokens get the 503.
-            keyset = self._keysets[principal.issuer]
-            fresh_until = min(self._clock() + self._cache_s, keyset.usable_until())
-            self._verified[digest] = (fresh_until, expires_at, principal)
-            self._verified.move_to_end(digest)
-            while len(self._verified) > self._max_entries:
-                self._verified.popitem(last=False)
+            until = self._keysets[principal.issuer].usable_until()
+            self._verified.put(digest, (expires_at, principal), generation, until)
         return principal
 
     async def _verify(self, token: str) -> tuple[Principal, float]:

@@ -43,7 +43,12 @@ if TYPE_CHECKING:
     from haif.envelope import EmbeddingResult, RequestContext, WorkItem
     from haif.gateway.admission import Ticket
     from haif.gateway.compose import GatewayParts
-    from haif.protocol import ChatCompletionChunk, ChatCompletionResponse, CompletionChunk, CompletionResponse
+    from haif.protocol import (
+        ChatCompletionChunk,
+        ChatCompletionResponse,
+        CompletionChunk,
+        CompletionResponse,
+    )
 
 logger = logging.getLogger("haif.gateway")
 
