@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import insert, select
 
 from haif.admin import pages
+from haif.admin.operations import iso
 from haif.store.models import AuditRow, AuthChange
 
 if TYPE_CHECKING:
@@ -92,14 +93,10 @@ def auth_epoch(session_or_conn: Any) -> int:
     return session_or_conn.execute(select(func.coalesce(func.max(AuthChange.id), 0))).scalar_one()
 
 
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="seconds")
-
-
 def as_record(row: AuditRow) -> dict[str, Any]:
     return {
         "id": row.id,
-        "at": _iso(row.at),
+        "at": iso(row.at),
         "actor": row.actor,
         "action": row.action,
         "target": row.target,

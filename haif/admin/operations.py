@@ -33,7 +33,7 @@ Times are ISO 8601 in UTC with seconds.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 Record = dict[str, Any]
@@ -42,6 +42,11 @@ Priority = Literal["high", "normal", "low"]
 QUOTA_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent")
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+
+
+def iso(value: datetime | None) -> str | None:
+    """A record's time: ISO 8601 in UTC, to the second (None stays None)."""
+    return None if value is None else value.astimezone(UTC).isoformat(timespec="seconds")
 
 
 class Operations(Protocol):

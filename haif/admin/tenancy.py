@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from haif.admin import audit, pages
-from haif.admin.operations import DEFAULT_PAGE, QUOTA_FIELDS, Page, Priority, Record
+from haif.admin.operations import DEFAULT_PAGE, QUOTA_FIELDS, Page, Priority, Record, iso
 from haif.exceptions import InvalidRequest, NotFound, PermissionDenied
 from haif.store.models import ApiToken, Job, P2PPeer, Quota, Tenant, UsageRecord
 
@@ -30,10 +30,6 @@ TOKEN_STATES = ("active", "expired", "revoked")
 TENANT_ADMIN_SCOPES = frozenset({"inference", "tenant_admin"})
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat(timespec="seconds")
-
-
 def tenant_record(tenant: Tenant, quota: Quota | None) -> Record:
     return {
         "id": tenant.id,
@@ -41,7 +37,7 @@ def tenant_record(tenant: Tenant, quota: Quota | None) -> Record:
         **{f: getattr(quota, f) if quota is not None else None for f in QUOTA_FIELDS},
         "priority": tenant.priority,
         "suspended": tenant.suspended_at is not None,
-        "created_at": _iso(tenant.created_at),
+        "created_at": iso(tenant.created_at),
     }
 
 
@@ -59,9 +55,9 @@ def token_record(token: ApiToken, tenant: str, now: datetime | None = None) -> R
         "name": token.name,
         "scopes": token.scopes.split(),
         "models": token.allowed_models,
-        "created_at": _iso(token.created_at),
-        "expires_at": _iso(token.expires_at),
-        "revoked_at": _iso(token.revoked_at),
+        "created_at": iso(token.created_at),
+        "expires_at": iso(token.expires_at),
+        "revoked_at": iso(token.revoked_at),
         "state": state,
     }
 
@@ -362,11 +358,11 @@ def _job_record(job: Job, tenant: str) -> Record:
         "worker": job.worker,
         "gateway": job.gateway,
         "error": job.error,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
     }
 
 
 def _peer_record(row: P2PPeer, tenant: str) -> Record:
-    return {"public_key": row.public_key, "tenant": tenant, "created_at": _iso(row.created_at), "source": "store"}
+    return {"public_key": row.public_key, "tenant": tenant, "created_at": iso(row.created_at), "source": "store"}
